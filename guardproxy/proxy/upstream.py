@@ -1,0 +1,189 @@
+"""Pooled HTTP client to one OpenAI-compatible upstream (httpx).
+
+One :class:`Upstream` per configured upstream holds one ``httpx.AsyncClient`` (a connection pool) for the life of the
+server. Timeouts: ``connect_timeout`` for the TCP/TLS connect, ``first_byte_timeout`` from sending the request to the
+first body byte (covers queueing and prefill upstream), ``idle_timeout`` between two body reads after that. There is
+no total timeout, so a long stream lives as long as it keeps sending (keep-alive comments count).
+
+Credentials: the upstream's own key from configuration is sent as ``Authorization: Bearer``; the client's
+``Authorization`` / ``api-key`` / ``x-api-key`` / cookies are dropped unless ``forward_client_authorization`` is set.
+Hop-by-hop headers (RFC 9110 section 7.6.1, plus those named in ``Connection``) are stripped both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+#: RFC 9110 7.6.1 hop-by-hop fields, plus fields the proxy recomputes itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade",
+})
+#: Request headers the proxy never copies from the client (credentials, and fields httpx sets itself).
+CLIENT_CREDENTIALS = frozenset({"authorization", "api-key", "x-api-key", "cookie"})
+_RECOMPUTED_REQUEST = frozenset({"host", "content-length", "accept-encoding", "expect"})
+#: Response headers dropped: the proxy decodes the body (httpx undoes gzip) and re-frames it.
+_RECOMPUTED_RESPONSE = frozenset({"content-length", "content-encoding", "date", "server"})
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or stopped answering.
+
+    Attributes:
+        kind: "connect" (connection refused / DNS / TLS), "timeout" (first byte or idle timeout) or "protocol"
+            (connection dropped mid-body, malformed HTTP).
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How to reach one upstream.
+
+    Attributes:
+        base_url: OpenAI-compatible base URL ending in ``/v1`` (e.g. ``http://127.0.0.1:8000/v1``).
+        api_key: the upstream's credential (sent as ``Authorization: Bearer``), or None.
+        connect_timeout / first_byte_timeout / idle_timeout: seconds (see module docstring).
+        forward_client_authorization: pass the client's Authorization header through (when upstream and proxy
+            share the same keys); never combined with ``api_key``.
+        max_connections: pool size.
+        headers: extra static headers sent upstream (e.g. ``OpenAI-Organization``).
+    """
+
+    base_url: str
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    forward_client_authorization: bool = False
+    max_connections: int = 256
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _connection_listed(headers: Mapping[str, str]) -> set[str]:
+    """Header names listed in any ``Connection`` field (also hop-by-hop); every occurrence and spelling counts."""
+    value = ",".join(v for k, v in headers.items() if k.lower() == "connection")
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def request_headers(client_headers: Mapping[str, str], settings: UpstreamSettings) -> dict[str, str]:
+    """Headers to send upstream for a client request: hop-by-hop and credentials stripped, upstream key added."""
+    drop = HOP_BY_HOP | _RECOMPUTED_REQUEST | _connection_listed(client_headers)
+    if not settings.forward_client_authorization:
+        drop |= CLIENT_CREDENTIALS
+    out = {k: v for k, v in client_headers.items() if k.lower() not in drop}
+    out.update(settings.headers)
+    if settings.api_key and not settings.forward_client_authorization:
+        out["Authorization"] = f"Bearer {settings.api_key}"
+    return out
+
+
+def response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
+    """Upstream response headers safe to pass to the client (hop-by-hop and framing fields stripped)."""
+    drop = HOP_BY_HOP | _RECOMPUTED_RESPONSE | _connection_listed(upstream_headers)
+    return {k: v for k, v in upstream_headers.items() if k.lower() not in drop}
+
+
+class UpstreamResponse:
+    """A streamed upstream response. Iterate :meth:`aiter_bytes`; always :meth:`aclose` (idempotent).
+
+    Attributes:
+        status: HTTP status code.
+        headers: response headers, already filtered by :func:`response_headers`.
+    """
+
+    def __init__(self, resp: httpx.Response, settings: UpstreamSettings, deadline: float):
+        self._resp = resp
+        self._settings = settings
+        self._deadline = deadline  # monotonic time by which the first body byte must arrive
+        self.status = resp.status_code
+        self.headers = response_headers(resp.headers)
+        self.content_type = resp.headers.get("content-type", "")
+        self.closed = False
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (decoded if gzip). Raises UpstreamError on timeout or a dropped connection."""
+        it = self._resp.aiter_bytes().__aiter__()
+        first = True
+        while True:
+            timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
+            try:
+                data = await asyncio.wait_for(it.__anext__(), timeout)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                await self.aclose()
+                what = "first byte" if first else "next read"
+                raise UpstreamError("timeout", f"upstream sent nothing for {timeout:.1f}s (waiting for {what})") from None
+            except httpx.HTTPError as e:
+                await self.aclose()
+                raise UpstreamError("protocol", f"upstream connection failed mid-body: {type(e).__name__}") from None
+            if data:
+                first = False
+                yield data
+
+    async def aread(self) -> bytes:
+        """The whole body (same timeouts as :meth:`aiter_bytes`)."""
+        return b"".join([b async for b in self.aiter_bytes()])
+
+    async def aclose(self) -> None:
+        """Close the response, returning or dropping its connection; idempotent."""
+        if not self.closed:
+            self.closed = True
+            await self._resp.aclose()
+
+
+class Upstream:
+    """One upstream and its pooled ``httpx.AsyncClient``."""
+
+    def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None):
+        self.settings = settings
+        self.base_url = settings.base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
+                                  pool=settings.connect_timeout),
+            limits=httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=32),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def url(self, path: str) -> str:
+        """Upstream URL for a client path below ``/v1`` (``/v1/models`` -> ``{base_url}/models``)."""
+        tail = path[3:] if path.startswith("/v1/") or path == "/v1" else path
+        return self.base_url + tail
+
+    async def send(self, method: str, path: str, *, headers: Mapping[str, str], content: bytes | None = None,
+                   params: str | None = None) -> UpstreamResponse:
+        """Send a request and return once the response headers arrived (body not read).
+
+        Args:
+            path: the client's path (``/v1/...``); query string in ``params`` (raw).
+            headers: the client's headers (filtered here with :func:`request_headers`).
+        Raises:
+            UpstreamError: connect failure or no response headers before ``first_byte_timeout``.
+        """
+        url = self.url(path) + (f"?{params}" if params else "")
+        req = self._client.build_request(method, url, headers=request_headers(headers, self.settings),
+                                         content=content)
+        deadline = time.monotonic() + self.settings.first_byte_timeout
+        try:
+            resp = await asyncio.wait_for(self._client.send(req, stream=True), self.settings.first_byte_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError("timeout", f"upstream sent no response within {self.settings.first_byte_timeout}s") from None
+        except httpx.TimeoutException as e:
+            raise UpstreamError("timeout", f"upstream timed out ({type(e).__name__})") from None
+        except httpx.HTTPError as e:
+            raise UpstreamError("connect", f"upstream unreachable ({type(e).__name__})") from None
+        return UpstreamResponse(resp, self.settings, deadline)
+
+    async def aclose(self) -> None:
+        """Close the pool."""
+        await self._client.aclose()
