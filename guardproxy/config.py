@@ -1,0 +1,626 @@
+"""Server configuration, tenants and per-tenant moderation policies (pydantic v2, loaded from YAML).
+
+``load_config(path)`` reads the server config, resolves every tenant's policy (inline ``policies:`` entries or
+``<policies_dir>/<name>.yaml``), reads upstream keys from the environment and checks every cross reference. Any
+problem raises :class:`ConfigError` whose message names the bad key path, e.g.
+``tenants[0].api_key_sha256[0]: expected 64 hex digits (sha256 of the API key)``. Unknown keys are errors
+(``extra="forbid"``) so a typo never silently falls back to a default. The full schema is in ``docs/CONFIG.md``.
+
+Labels: risk levels Safe / Unsafe / Controversial and the nine categories are those of Qwen3Guard-Stream
+(``../shared/notes/qwen3guard-stream.md``, "Labels"); policies accept both the model card's short category names and
+the technical report's long ones and canonicalize them to the short names (:data:`CATEGORIES`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labels: risk levels and categories (+ aliases)
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Risk levels of both Qwen3Guard-Stream heads, in increasing severity.
+RISK_LEVELS = ("Safe", "Controversial", "Unsafe")
+
+#: Canonical category names (short names from the Qwen3Guard model card). Jailbreak exists on the prompt head only.
+CATEGORIES = (
+    "Violent",
+    "Sexual Content",
+    "Self-Harm",
+    "Political",
+    "PII",
+    "Copyright",
+    "Illegal Acts",
+    "Unethical",
+    "Jailbreak",
+)
+PROMPT_ONLY_CATEGORIES = frozenset({"Jailbreak"})
+
+# Long names (technical report / config maps) and common spellings -> canonical short name.
+_CATEGORY_ALIASES = {
+    "violent": "Violent",
+    "violence": "Violent",
+    "sexual content": "Sexual Content",
+    "sexual content or sexual acts": "Sexual Content",
+    "sexual acts": "Sexual Content",
+    "self-harm": "Self-Harm",
+    "self harm": "Self-Harm",
+    "suicide & self-harm": "Self-Harm",
+    "suicide and self-harm": "Self-Harm",
+    "political": "Political",
+    "politically sensitive topics": "Political",
+    "pii": "PII",
+    "personally identifiable information": "PII",
+    "copyright": "Copyright",
+    "copyright violation": "Copyright",
+    "illegal acts": "Illegal Acts",
+    "non-violent illegal acts": "Illegal Acts",
+    "unethical": "Unethical",
+    "unethical acts": "Unethical",
+    "jailbreak": "Jailbreak",
+}
+
+
+def _norm_label(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def canonical_category(name: str) -> Optional[str]:
+    """Canonical category for a label or policy key, or None if unknown.
+
+    Matching is case-insensitive, ignores repeated whitespace and treats ``_`` as a space, so the model's
+    config-map label ("Sexual Content or Sexual Acts"), the model card's ("Sexual Content") and a policy key
+    ("sexual_content") all map to ``"Sexual Content"``.
+    """
+    return _CATEGORY_ALIASES.get(_norm_label(name))
+
+
+def canonical_level(name: str) -> Optional[str]:
+    """Canonical risk level ("Safe" / "Controversial" / "Unsafe") for a label, case-insensitive; None if unknown."""
+    return {lvl.casefold(): lvl for lvl in RISK_LEVELS}.get(name.strip().casefold())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------------------------------------------------
+
+PromptAction = Literal["allow", "flag", "block"]
+ResponseAction = Literal["allow", "flag", "redact", "cut"]
+
+#: Response actions ordered by severity; the decider keeps the most severe one a streak has reached.
+ACTION_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3, "cut": 3}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_override(value: Any) -> Any:
+    """A category override written as one action applies to both flagged levels."""
+    if isinstance(value, str):
+        return {"controversial": value, "unsafe": value}
+    return value
+
+
+class PromptOverride(_Strict):
+    """Per-category prompt actions; a missing level falls back to the stage's tier action."""
+
+    controversial: Optional[PromptAction] = None
+    unsafe: Optional[PromptAction] = None
+
+
+class ResponseOverride(_Strict):
+    """Per-category response actions; a missing level falls back to the stage's tier action."""
+
+    controversial: Optional[ResponseAction] = None
+    unsafe: Optional[ResponseAction] = None
+
+
+def _canonical_category_keys(value: Any, *, stage: str) -> Any:
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, override in value.items():
+        canon = canonical_category(str(key))
+        if canon is None:
+            raise ValueError(f"unknown category {key!r}; known: {', '.join(CATEGORIES)} (long names accepted too)")
+        if stage == "response" and canon in PROMPT_ONLY_CATEGORIES:
+            raise ValueError(f"category {key!r} exists on the prompt head only")
+        if canon in out:
+            raise ValueError(f"category {key!r} given twice (as {canon!r} after alias resolution)")
+        out[canon] = _split_override(override)
+    return out
+
+
+class _StageMixin:
+    def action(self, level: str, category: Optional[str]) -> str:
+        """Action for a (risk level, category) verdict: Safe -> allow; a category override beats the tier action.
+
+        Args:
+            level: risk label ("Safe" / "Controversial" / "Unsafe", any case).
+            category: the model's category label (short or long name) or None.
+        Raises:
+            ValueError: unknown risk level.
+        """
+        lvl = canonical_level(level)
+        if lvl is None:
+            raise ValueError(f"unknown risk level {level!r}; expected one of {RISK_LEVELS}")
+        if lvl == "Safe":
+            return self.safe  # type: ignore[attr-defined]
+        key = lvl.lower()
+        canon = canonical_category(category) if category else None
+        override = self.categories.get(canon) if canon else None  # type: ignore[attr-defined]
+        if override is not None and getattr(override, key) is not None:
+            return getattr(override, key)
+        return getattr(self, key)
+
+    def actions_for_level(self, level: str) -> set[str]:
+        """Every action the stage can take for a flagged level across all categories (tier + overrides)."""
+        key = level.lower()
+        acts = {getattr(self, key)}
+        for override in self.categories.values():  # type: ignore[attr-defined]
+            if getattr(override, key) is not None:
+                acts.add(getattr(override, key))
+        return acts
+
+
+class PromptPolicy(_Strict, _StageMixin):
+    """What to do with the prompt verdict (query head, read once at the last user ``<|im_end|>``)."""
+
+    safe: Literal["allow"] = "allow"
+    controversial: PromptAction = "flag"
+    unsafe: PromptAction = "block"
+    categories: dict[str, PromptOverride] = Field(default_factory=dict)
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _canon(cls, v: Any) -> Any:
+        return _canonical_category_keys(v, stage="prompt")
+
+
+class ResponsePolicy(_Strict, _StageMixin):
+    """What to do with debounced per-token response verdicts (response head)."""
+
+    safe: Literal["allow"] = "allow"
+    controversial: ResponseAction = "flag"
+    unsafe: ResponseAction = "cut"
+    categories: dict[str, ResponseOverride] = Field(default_factory=dict)
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _canon(cls, v: Any) -> Any:
+        return _canonical_category_keys(v, stage="response")
+
+
+class ModerateTargets(_Strict):
+    """Which parts of the assistant turn are fed to the guard (all by default: each one is a bypass if skipped)."""
+
+    content: bool = True
+    reasoning: bool = True
+    tool_arguments: bool = True
+
+
+class Policy(_Strict):
+    """One tenant's moderation policy (``policies/<name>.yaml``). ``Policy()`` equals ``policies/default.yaml``.
+
+    Attributes:
+        prompt / response: per-stage tier actions and per-category overrides.
+        release: ``buffered`` (text reaches the client only after it and ``hold_back`` following tokens are scored)
+            or ``async`` (text goes out at once; a verdict cuts what follows). ``redact`` requires ``buffered``.
+        hold_back: tokens that must be scored after a token before it is released (buffered mode), >= 0.
+        debounce: k, the number of consecutive tokens at or above a tier that raise a flag (Qwen's evaluation: 2).
+        controversial_as: ``controversial`` (own tier), ``unsafe`` (Qwen's *strict* setting) or ``safe``
+            (*loose*): how Controversial response tokens count in the debounce.
+        mask: replacement text for redacted spans.
+        moderate: which channels are moderated.
+        prompt_mode: ``parallel`` (upstream starts at once, output held until the prompt verdict) or ``sequential``.
+        fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)
+            when the guard is overloaded or fails.
+        annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
+    """
+
+    prompt: PromptPolicy = Field(default_factory=PromptPolicy)
+    response: ResponsePolicy = Field(default_factory=ResponsePolicy)
+    release: Literal["buffered", "async"] = "buffered"
+    hold_back: int = Field(2, ge=0, le=4096)
+    debounce: int = Field(2, ge=1, le=64)
+    controversial_as: Literal["controversial", "unsafe", "safe"] = "controversial"
+    mask: str = "[REDACTED]"
+    moderate: ModerateTargets = Field(default_factory=ModerateTargets)
+    prompt_mode: Literal["parallel", "sequential"] = "parallel"
+    fail_mode: Literal["closed", "open"] = "closed"
+    annotations: bool = False
+
+    @property
+    def k(self) -> int:
+        """Debounce length (alias of ``debounce``)."""
+        return self.debounce
+
+    @model_validator(mode="after")
+    def _redact_needs_buffered(self) -> "Policy":
+        if self.release == "async":
+            r = self.response
+            bad = [f"response.{lvl}" for lvl in ("controversial", "unsafe") if getattr(r, lvl) == "redact"]
+            bad += [
+                f"response.categories.{cat}.{lvl}"
+                for cat, o in r.categories.items()
+                for lvl in ("controversial", "unsafe")
+                if getattr(o, lvl) == "redact"
+            ]
+            if bad:
+                raise ValueError(
+                    f"{', '.join(bad)}: 'redact' needs release: buffered (async release has already sent the text)"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Server config
+# --------------------------------------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Listen(_Strict):
+    """Address the aiohttp server binds."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Limits(_Strict):
+    """Request limits. Sizes in bytes, times in seconds."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)  # client request body; larger -> HTTP 413
+    max_sse_event_bytes: int = Field(1024 * 1024, gt=0)  # one upstream SSE event; larger -> error frame
+    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)  # non-streaming upstream response body
+    client_body_timeout: float = Field(30.0, gt=0)  # reading the client's request body
+
+
+class Upstream(_Strict):
+    """One OpenAI-compatible upstream. Times in seconds; there is no total timeout on streams.
+
+    ``api_key`` or ``api_key_env`` (the variable is read when the config is loaded; unset -> ConfigError).
+    """
+
+    base_url: str
+    api_key: Optional[SecretStr] = None
+    api_key_env: Optional[str] = None
+    connect_timeout: float = Field(5.0, gt=0)
+    first_byte_timeout: float = Field(120.0, gt=0)  # request sent -> response headers
+    idle_timeout: float = Field(60.0, gt=0)  # between two reads of the body (SSE events, keep-alives)
+    forward_client_authorization: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _key(self) -> "Upstream":
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        if self.api_key_env is not None:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+            object.__setattr__(self, "api_key", SecretStr(value))
+        return self
+
+    def api_key_value(self) -> Optional[str]:
+        """The upstream API key in clear (for the ``Authorization: Bearer`` header), or None."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
+
+
+class GuardSettings(_Strict):
+    """Guard engine settings (passed to ``GuardEngine.from_pretrained``)."""
+
+    model: str = "Qwen/Qwen3Guard-Stream-0.6B"  # Hub id or local checkpoint directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_streams: int = Field(64, ge=1)
+    kv_budget_tokens: int = Field(262144, ge=1)
+    prefill_chunk: int = Field(256, ge=1)
+    max_context: Optional[int] = Field(None, ge=1)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``GuardEngine.from_pretrained`` (``auto`` -> None: the engine auto-detects)."""
+        return dict(
+            device=None if self.device == "auto" else self.device,
+            dtype=None if self.dtype == "auto" else self.dtype,
+            max_streams=self.max_streams,
+            kv_budget_tokens=self.kv_budget_tokens,
+            prefill_chunk=self.prefill_chunk,
+            max_context=self.max_context,
+        )
+
+
+class TenantConfig(_Strict):
+    """A tenant: who (hashes of its API keys), which policy, which upstream. Keys are never stored in clear."""
+
+    name: str
+    api_key_sha256: list[str] = Field(default_factory=list)
+    policy: str = "default"
+    upstream: str
+
+    @field_validator("name", "policy")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
+        return v
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex(cls, v: list[str]) -> list[str]:
+        out = []
+        for i, h in enumerate(v):
+            h = h.strip().lower()
+            if not _SHA256_RE.match(h):
+                raise ValueError(
+                    f"[{i}] expected 64 hex digits (sha256 of the API key; `python -m guardproxy.config hash-key KEY`)"
+                )
+            out.append(h)
+        return out
+
+
+class Config(_Strict):
+    """The whole server configuration. ``policies`` holds every policy tenants use (inline or loaded from files)."""
+
+    listen: Listen = Field(default_factory=Listen)
+    limits: Limits = Field(default_factory=Limits)
+    upstreams: dict[str, Upstream]
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    policies_dir: Path = Path("policies")
+    policies: dict[str, Policy] = Field(default_factory=dict)
+    allow_anonymous_tenant: Optional[str] = None
+
+    def with_overrides(
+        self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None
+    ) -> "Config":
+        """A copy with CLI overrides applied (None = keep)."""
+        listen = self.listen.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        )
+        guard = self.guard.model_copy(update={"model": guard_model} if guard_model else {})
+        return self.model_copy(update={"listen": listen, "guard": guard})
+
+    def tenant(self, name: str) -> "Tenant":
+        """The runtime :class:`Tenant` of that name. Raises KeyError if there is none."""
+        for t in self.tenants:
+            if t.name == name:
+                return Tenant(t.name, t.policy, self.policies[t.policy], t.upstream, self.upstreams[t.upstream])
+        raise KeyError(name)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and the key path, one problem per line."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        path = _loc(tuple(e["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path != "(top level)" else prefix
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the schema; check the spelling, see docs/CONFIG.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load and validate one policy file. Raises ConfigError naming the file and the bad key path."""
+    path = Path(path)
+    try:
+        return Policy.model_validate(_read_yaml(path))
+    except ValidationError as e:
+        raise ConfigError(f"{path}:\n{_format_errors(e)}") from None
+
+
+def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "config") -> Config:
+    """Validate a config mapping, load the policies its tenants name, check references. Raises ConfigError.
+
+    ``policies_dir`` is resolved against ``base_dir`` (the config file's directory). A policy named by a tenant is
+    taken from the inline ``policies:`` mapping if present there, else from ``<policies_dir>/<name>.yaml`` (or ``.yml``).
+    """
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}:\n{_format_errors(e)}") from None
+
+    problems: list[str] = []
+    pdir = cfg.policies_dir if cfg.policies_dir.is_absolute() else Path(base_dir) / cfg.policies_dir
+    policies = dict(cfg.policies)
+    seen_names: set[str] = set()
+    seen_hashes: dict[str, str] = {}
+    for i, t in enumerate(cfg.tenants):
+        where = f"tenants[{i}]"
+        if t.name in seen_names:
+            problems.append(f"{where}.name: duplicate tenant name {t.name!r}")
+        seen_names.add(t.name)
+        if t.upstream not in cfg.upstreams:
+            problems.append(f"{where}.upstream: unknown upstream {t.upstream!r} (known: {', '.join(cfg.upstreams)})")
+        for j, h in enumerate(t.api_key_sha256):
+            if h in seen_hashes:
+                problems.append(f"{where}.api_key_sha256[{j}]: key already belongs to tenant {seen_hashes[h]!r}")
+            seen_hashes.setdefault(h, t.name)
+        if t.policy not in policies:
+            candidates = [pdir / f"{t.policy}.yaml", pdir / f"{t.policy}.yml"]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                problems.append(f"{where}.policy: no policy {t.policy!r} (inline or {candidates[0]})")
+                continue
+            try:
+                policies[t.policy] = load_policy(found)
+            except ConfigError as e:
+                problems.append(f"{where}.policy: {e}")
+    if cfg.allow_anonymous_tenant is not None and cfg.allow_anonymous_tenant not in seen_names:
+        problems.append(f"allow_anonymous_tenant: no tenant named {cfg.allow_anonymous_tenant!r}")
+    if problems:
+        raise ConfigError(f"{source}:\n" + "\n".join(problems))
+    return cfg.model_copy(update={"policies_dir": pdir, "policies": policies})
+
+
+def load_config(path: str | Path) -> Config:
+    """Load ``path`` (YAML), its policies and upstream keys from the environment. Raises ConfigError."""
+    path = Path(path)
+    return config_from_dict(_read_yaml(path), base_dir=path.parent, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tenants
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hash_api_key(key: str) -> str:
+    """Lower-case hex sha256 of an API key (UTF-8): the form ``tenants[].api_key_sha256`` stores."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def extract_api_key(authorization: Optional[str]) -> Optional[str]:
+    """The key from an ``Authorization`` value (``Bearer KEY``, scheme case-insensitive) or a bare key; None if empty."""
+    if authorization is None:
+        return None
+    value = authorization.strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        value = rest.strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A resolved tenant: its own policy and upstream, nothing of any other tenant's."""
+
+    name: str
+    policy_name: str
+    policy: Policy
+    upstream_name: str
+    upstream: Upstream
+
+
+class TenantRegistry:
+    """API key -> tenant, by sha256 hash compared in constant time.
+
+    A request whose key is missing or matches no tenant gets the ``allow_anonymous_tenant`` tenant if the config
+    names one, else None (the server answers 401 in OpenAI's error shape).
+    """
+
+    def __init__(self, config: Config):
+        self._entries = [
+            (bytes.fromhex(h), config.tenant(t.name)) for t in config.tenants for h in t.api_key_sha256
+        ]
+        self.anonymous: Optional[Tenant] = (
+            config.tenant(config.allow_anonymous_tenant) if config.allow_anonymous_tenant else None
+        )
+
+    def lookup(self, authorization_or_key: Optional[str]) -> Optional[Tenant]:
+        """Tenant for an ``Authorization`` header value or bare key; see the class doc for the fallback."""
+        key = extract_api_key(authorization_or_key)
+        if key is None:
+            return self.anonymous
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for stored, tenant in self._entries:  # no early exit: time does not depend on which entry matches
+            if hmac.compare_digest(stored, digest) and found is None:
+                found = tenant
+        return found if found is not None else self.anonymous
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m guardproxy.config hash-key KEY`` | ``check CONFIG.yaml``: print a key hash / validate a config."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m guardproxy.config")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("hash-key", help="print the sha256 hex of an API key").add_argument("key")
+    sub.add_parser("check", help="validate a config file and its policies").add_argument("config")
+    args = ap.parse_args(argv)
+    if args.cmd == "hash-key":
+        print(hash_api_key(args.key))
+        return 0
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(cfg.tenants)} tenant(s), {len(cfg.upstreams)} upstream(s), policies: {', '.join(cfg.policies)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
