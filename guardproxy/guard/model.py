@@ -1,0 +1,220 @@
+"""Compact Qwen3 backbone + Qwen3Guard-Stream heads over per-stream KV caches (gpt-fast / nano-vllm style).
+
+Architecture (source: ``../shared/notes/qwen3guard-stream.md``, "Architecture"; transformers' ``modeling_qwen3``):
+embedding -> L x [RMSNorm -> GQA attention (q/k per-head RMSNorm BEFORE rotate-half RoPE) -> residual ->
+RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm = h; then at every position two head pathways,
+``pre`` (Linear H->guard_inner) -> RMSNorm -> risk head / category head, for the response and the prompt ("query").
+
+One :meth:`GuardModel.forward` runs a *packed ragged batch*: the chunks of several streams are concatenated into one
+[N] token row, so every projection / MLP matmul runs once per layer for all streams (continuous batching); only the
+attention loops over the chunks, each reading its own stream's KV cache in place (no gather copies). On CPU this beat
+padding rows to the longest chunk (padding wastes matmul rows and needs gathered, padded KV copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from guardproxy.guard.checkpoint import QUERY_HEAD, RESPONSE_HEAD
+
+
+class KVCache:
+    """One stream's keys and values: ``k``, ``v`` of shape [layers, kv_heads, capacity, head_dim].
+
+    Capacity grows by doubling (amortised O(1) copies per token) up to ``limit`` positions; memory held is at most
+    2x the positions in use. ``length`` (positions filled) is managed by the caller (the engine).
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype, device, limit: int):
+        self.shape = (layers, kv_heads, 0, head_dim)
+        self.dtype, self.device, self.limit = dtype, device, limit
+        self.k = torch.empty(self.shape, dtype=dtype, device=device)
+        self.v = torch.empty(self.shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated."""
+        return self.k.shape[2]
+
+    def ensure(self, n: int) -> None:
+        """Make room for ``n`` positions in total (keeps the first ``length``).
+
+        Raises:
+            ValueError: ``n`` exceeds ``limit`` (the engine re-anchors before this can happen).
+        """
+        if n <= self.capacity:
+            return
+        if n > self.limit:
+            raise ValueError(f"KV cache needs {n} positions, limit is {self.limit}")
+        cap = min(self.limit, max(n, 2 * self.capacity, 64))
+        L, kvh, _, hd = self.shape
+        k = torch.empty((L, kvh, cap, hd), dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        if self.length:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def clone(self) -> "KVCache":
+        """Independent copy of the first ``length`` positions (used by fork)."""
+        c = KVCache(self.shape[0], self.shape[1], self.shape[3], dtype=self.dtype, device=self.device, limit=self.limit)
+        c.ensure(max(self.length, 1))
+        c.k[:, :, : self.length] = self.k[:, :, : self.length]
+        c.v[:, :, : self.length] = self.v[:, :, : self.length]
+        c.length = self.length
+        return c
+
+
+@dataclass
+class Chunk:
+    """One stream's share of a packed forward: ``n`` tokens at positions ``start .. start+n-1`` of ``cache``."""
+
+    cache: KVCache
+    start: int
+    n: int
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' Qwen3RMSNorm: normalise in float32, cast back, then scale.
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # rotate-half RoPE; x [N, heads, hd], cos/sin [N, 1, hd]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class GuardModel:
+    """Qwen3Guard-Stream forward from a loaded state dict (no ``nn.Module`` hooks, no autograd).
+
+    Args:
+        config: validated ``config.json`` (see :func:`guardproxy.guard.checkpoint.load_config`).
+        state_dict: safetensors name -> tensor, already on ``device`` in ``dtype``.
+        max_positions: size of the RoPE table (the engine's context limit).
+    """
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], *, max_positions: int):
+        sd = state_dict
+        self.config = config
+        self.n_layers = config["num_hidden_layers"]
+        self.n_heads, self.n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+        self.head_dim = config["head_dim"]
+        self.eps = float(config["rms_norm_eps"])
+        emb = sd["model.embed_tokens.weight"]
+        self.dtype, self.device = emb.dtype, emb.device
+        self.embed = emb
+        self.layers = []
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            w = lambda n: sd.pop(p + n + ".weight")  # noqa: E731  (pop: fused copies replace the originals)
+            self.layers.append(
+                dict(
+                    ln1=w("input_layernorm"),
+                    ln2=w("post_attention_layernorm"),
+                    qkv=torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]),
+                    o=w("self_attn.o_proj"),
+                    qn=w("self_attn.q_norm"),
+                    kn=w("self_attn.k_norm"),
+                    gate_up=torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]),
+                    down=w("mlp.down_proj"),
+                )
+            )
+        self.norm = sd["model.norm.weight"]
+        # both head pathways' "pre" projections fused into one matmul: [2*inner, H]
+        self.head_pre = torch.cat([sd[RESPONSE_HEAD[0] + ".weight"], sd[QUERY_HEAD[0] + ".weight"]])
+        self.heads = {n: sd[n + ".weight"] for n in RESPONSE_HEAD[1:] + QUERY_HEAD[1:]}
+        inv = 1.0 / (float(config["rope_theta"]) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
+        emb_f = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb_f.cos().to(device=self.device, dtype=self.dtype)
+        self.sin = emb_f.sin().to(device=self.device, dtype=self.dtype)
+        self.max_positions = max_positions
+
+    def new_cache(self, limit: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for one stream (grows on demand up to ``limit``, default ``max_positions``)."""
+        return KVCache(
+            self.n_layers, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device,
+            limit=limit or self.max_positions,
+        )  # fmt: skip
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K+V one position costs across all layers."""
+        return 2 * self.n_layers * self.n_kv * self.head_dim * self.embed.element_size()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        """Run a packed batch and write its keys/values into each chunk's cache.
+
+        Args:
+            ids: [N] token ids, the chunks' tokens concatenated in ``chunks`` order (N = sum of ``n``).
+            chunks: per stream: cache, first position, token count. Each cache must have capacity >= start + n;
+                positions < start must already hold that stream's earlier keys/values.
+        Returns:
+            [N, hidden] final hidden states (after ``model.norm``). Does not change ``cache.length``.
+        """
+        N = ids.shape[0]
+        nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
+        pos = torch.cat([torch.arange(c.start, c.start + c.n) for c in chunks]).to(self.device)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        masks = []
+        for c in chunks:  # bool [g*n, S] (True = attend), causal within the chunk; None for a single decode token
+            if c.n == 1:
+                masks.append(None)
+            else:
+                S = c.start + c.n
+                m = torch.arange(S, device=self.device)[None, :] <= torch.arange(c.start, S, device=self.device)[:, None]
+                masks.append(m.repeat(g, 1))
+        x = self.embed[ids]
+        q_sz, kv_sz = nh * hd, nkv * hd
+        for li, lw in enumerate(self.layers):
+            h = _rms(x, lw["ln1"], self.eps)
+            qkv = F.linear(h, lw["qkv"])
+            q = _rms(qkv[:, :q_sz].view(N, nh, hd), lw["qn"], self.eps)
+            k = _rms(qkv[:, q_sz : q_sz + kv_sz].view(N, nkv, hd), lw["kn"], self.eps)
+            v = qkv[:, q_sz + kv_sz :].view(N, nkv, hd)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            out = torch.empty(N, nkv, g, hd, dtype=x.dtype, device=x.device)
+            q = q.view(N, nkv, g, hd)
+            off = 0
+            for c, m in zip(chunks, masks):
+                end, S = off + c.n, c.start + c.n
+                kc, vc = c.cache.k[li], c.cache.v[li]  # [kvh, cap, hd]
+                kc[:, c.start : S] = k[off:end].transpose(0, 1)
+                vc[:, c.start : S] = v[off:end].transpose(0, 1)
+                # group the g query heads sharing a KV head into rows: [kvh, g*n, hd] (no K/V repeat for GQA)
+                qs = q[off:end].permute(1, 2, 0, 3).reshape(nkv, g * c.n, hd)
+                o = F.scaled_dot_product_attention(qs, kc[:, :S], vc[:, :S], attn_mask=m)
+                out[off:end] = o.view(nkv, g, c.n, hd).permute(2, 0, 1, 3)
+                off = end
+            x = x + F.linear(out.view(N, q_sz), lw["o"])
+            gu = F.linear(_rms(x, lw["ln2"], self.eps), lw["gate_up"])
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw["down"])
+        return _rms(x, self.norm, self.eps)
+
+    @torch.inference_mode()
+    def heads_logits(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both head pathways on hidden states ``h`` [N, hidden].
+
+        Returns:
+            float32 logits: ``risk`` [N, num_risk_level], ``category`` [N, num_category] (response heads),
+            ``query_risk`` [N, num_query_risk_level], ``query_category`` [N, num_query_category] (prompt heads).
+        """
+        pre = F.linear(h, self.head_pre)
+        inner = pre.shape[-1] // 2
+        r = _rms(pre[:, :inner], self.heads[RESPONSE_HEAD[1]], self.eps)
+        qr = _rms(pre[:, inner:], self.heads[QUERY_HEAD[1]], self.eps)
+        W = self.heads
+        return {
+            "risk": F.linear(r, W[RESPONSE_HEAD[2]]).float(),
+            "category": F.linear(r, W[RESPONSE_HEAD[3]]).float(),
+            "query_risk": F.linear(qr, W[QUERY_HEAD[2]]).float(),
+            "query_category": F.linear(qr, W[QUERY_HEAD[3]]).float(),
+        }
