@@ -187,3 +187,12 @@ class Upstream:
     async def aclose(self) -> None:
         """Close the pool."""
         await self._client.aclose()
+
+
+def build_upstreams(config) -> dict[str, Upstream]:
+    """One :class:`Upstream` per entry of ``config.upstreams`` (:class:`guardproxy.config.Config`)."""
+    return {name: Upstream(UpstreamSettings(
+        base_url=u.base_url, api_key=u.api_key_value(), connect_timeout=u.connect_timeout,
+        first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
+        forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
+    )) for name, u in config.upstreams.items()}

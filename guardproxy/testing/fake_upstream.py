@@ -252,3 +252,48 @@ class FakeUpstream:
         await resp.write_eof()
         return resp
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# guardproxy in front of a fake upstream (test helpers)
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: The API key test clients use; its sha256 is the tenant's key hash in :func:`proxy_config`.
+TEST_KEY = "sk-guardproxy-test-key"
+
+
+def proxy_config(upstream_url: str, policy: dict | None = None, *, max_body_bytes: int = 1024 * 1024,
+                 upstream: dict | None = None, guard_model: str = "unused"):
+    """A validated :class:`guardproxy.config.Config`: one upstream, one tenant (key :data:`TEST_KEY`) with
+    ``policy`` (a dict in the policy-file schema; default = the default policy)."""
+    from guardproxy.config import config_from_dict, hash_api_key
+
+    return config_from_dict({
+        "limits": {"max_body_bytes": max_body_bytes},
+        "upstreams": {"up": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "idle_timeout": 5,
+                             "first_byte_timeout": 5, **(upstream or {})}},
+        "guard": {"model": guard_model},
+        "tenants": [{"name": "t", "api_key_sha256": [hash_api_key(TEST_KEY)], "policy": "p", "upstream": "up"}],
+        "policies": {"p": policy or {}},
+    })
+
+
+class RunningProxy:
+    """guardproxy served on a random loopback port: ``async with RunningProxy(config, engine) as p: p.base_url``."""
+
+    def __init__(self, config, engine):
+        self.config, self.engine = config, engine
+        self.base_url = ""
+        self.app = None
+        self._runner = None
+
+    async def __aenter__(self) -> "RunningProxy":
+        from guardproxy.proxy.server import create_app, start
+
+        self.app = create_app(self.config, self.engine)
+        self._runner, port = await start(self.app, "127.0.0.1", 0)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,102 @@
+"""Command line: ``guardproxy serve --config FILE [--host H] [--port P] [--guard-model DIR_OR_HUB_ID]`` and
+``guardproxy classify ...`` (dispatched to :mod:`guardproxy.guard.classify`).
+
+Start-up problems (a bad config, a guard model that cannot be loaded, a port in use) print one clear ``error:``
+message to stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+log = logging.getLogger("guardproxy")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the moderating proxy")
+    p.add_argument("--config", required=True, help="YAML config file (see config.example.yaml)")
+    p.add_argument("--host", default=None, help="listen address (overrides listen.host)")
+    p.add_argument("--port", type=int, default=None, help="listen port (overrides listen.port)")
+    p.add_argument("--guard-model", default=None, help="guard checkpoint: Hub id or local directory (overrides guard.model)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def load_engine(settings):
+    """Load the guard engine for ``settings`` (:class:`guardproxy.config.GuardSettings`).
+
+    Raises:
+        RuntimeError: with a one-line reason when the checkpoint cannot be found or read.
+    """
+    from guardproxy.guard.engine import GuardEngine
+
+    try:
+        return GuardEngine.from_pretrained(settings.model, **settings.engine_kwargs())
+    except Exception as e:  # typed checkpoint errors, OSError, torch errors: all fatal at start-up
+        raise RuntimeError(f"cannot load guard model {settings.model!r}: {type(e).__name__}: {e}") from None
+
+
+async def _serve(cfg, engine) -> None:
+    from guardproxy.proxy.server import create_app, start
+
+    app = create_app(cfg, engine)
+    runner, port = await start(app, cfg.listen.host, cfg.listen.port)
+    log.info("guardproxy listening on http://%s:%d/v1 (guard model %s)", cfg.listen.host, port, cfg.guard.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(args) -> int:
+    """``guardproxy serve``: load config and guard model, then serve until SIGINT/SIGTERM. Returns the exit code."""
+    from guardproxy.config import ConfigError, load_config
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config).with_overrides(host=args.host, port=args.port, guard_model=args.guard_model)
+    except ConfigError as e:
+        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    try:
+        engine = load_engine(cfg.guard)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(cfg, engine))
+    except OSError as e:  # e.g. address already in use
+        print(f"error: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``guardproxy`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "classify":
+        from guardproxy.guard import classify
+
+        return classify.main(argv[1:]) or 0
+    ap = argparse.ArgumentParser(prog="guardproxy", description="Streaming safety proxy moderated by Qwen3Guard-Stream")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _serve_parser(sub)
+    sub.add_parser("classify", help="offline classification (see `guardproxy classify --help`)")
+    args = ap.parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
