@@ -5,17 +5,20 @@ rows) saved with ``save_pretrained`` beside the real Qwen3 tokenizer (:mod:`guar
 greedy ``generation_config.json``. Its weights are random except for a hand-built *bigram script*:
 
 * every token of the script gets an orthonormal input-embedding direction ``q_t`` of norm ``SCRIPT_NORM``; the
-  generation-prompt ends (``"\\n"`` = id 198 after ``<|im_start|>assistant``, ``"\\n\\n"`` = id 271 after the
-  ``enable_thinking=False`` empty think block) share the start direction;
-* the (untied) ``lm_head`` row of the script's next token is ``q_prev`` scaled, so at a decode step whose current token
-  is a script token the final hidden state points along ``q_prev`` and the successor wins the argmax by a wide margin.
-  The random attention/MLP blocks still run and perturb the residual stream, but far too little to flip the argmax;
+  generation prompt's last token (``"\\n"`` = id 198 after ``<|im_start|>assistant``) gets the start direction;
+* the (untied) ``lm_head`` row of each script token is its predecessor's direction, so at a decode step whose current
+  token is a script token the final hidden state points along that direction and the successor wins the argmax by a
+  wide margin (logit ~8 vs. ~1). The random attention/MLP blocks still run and perturb the residual stream, far too
+  little to flip the argmax;
 * ``lm_head`` rows of every other id are zero except ordinary ASCII word tokens (small random rows), so off-script
   decode steps still emit plain words and never special or unused ids.
 
-Greedy decoding (``temperature=0``) after any Qwen3 chat prompt therefore emits exactly the script:
-``[<think>] reasoning [</think>] content <|im_end|>`` (finish_reason ``stop``), or its first ``max_tokens`` ids
-(finish_reason ``length``). That makes the upstream's text known in advance, e.g. to plant guard trigger words.
+The script has the shape of a Qwen3 thinking-mode answer: ``<think>`` reasoning ``</think>`` ``"\\n\\n"`` content
+``<|im_end|>``. Greedy decoding (``temperature=0``) after any Qwen3 chat prompt therefore emits exactly it
+(finish_reason ``stop``) or its first ``max_tokens`` ids (finish_reason ``length``); after a prompt rendered with
+``enable_thinking=False`` (ending in ``</think>\\n\\n``) it emits the content part only. ``transformers serve`` streams
+the think block as ``delta.reasoning_content`` and the rest as ``delta.content``. The texts are known in advance, so
+an end-to-end test can plant guard trigger words in them.
 
 Tied embeddings are not possible here: a script token needs one direction as input (its own) and another as output
 row (its predecessor's), so ``tie_word_embeddings=False``; on disk that is 2 x 151,936 x 64 float32 (about 78 MB).
@@ -23,6 +26,7 @@ row (its predecessor's), so ``tie_word_embeddings=False``; on disk that is 2 x 1
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,6 +36,8 @@ from pathlib import Path
 #: Default assistant text: ordinary English that contains the trigger words of the ``planted_checkpoint`` test fixture
 #: ("zebrafish" -> Unsafe, "marzipan" -> Controversial), so an end-to-end proxy test can see the guard fire.
 DEFAULT_CONTENT = "Hello there! My pet zebrafish likes marzipan cake every morning."
+#: Default reasoning (inside ``<think>...</think>``, streamed by ``transformers serve`` as ``reasoning_content``).
+DEFAULT_REASONING = "The user greets me, so I reply kindly"
 
 #: Prompt-final ids that start the script: "\n" (198) ends "<|im_start|>assistant\n"; "\n\n" (271) ends the
 #: "<think>\n\n</think>\n\n" block that the Qwen3 template adds with ``enable_thinking=False``.
@@ -91,33 +97,43 @@ def qwen3_config(**overrides) -> "transformers.Qwen3Config":  # noqa: F821
     return Qwen3Config(**kw)
 
 
-def script_ids(content: str, reasoning: str | None = None) -> list[int]:
-    """Token ids the tiny LLM emits greedily: ``[151667] + enc(reasoning) + [151668]`` (if reasoning) ``+ enc(content)
-    + [151645]``, with ``enc`` the real Qwen3 BPE (no special-token parsing).
-
-    Raises:
-        ValueError: empty content; an id repeats (a bigram script needs distinct tokens); an id is a start id
-            (198 ``"\\n"``, 271 ``"\\n\\n"``), so the texts must not contain such newlines; more than 60 ids.
-    """
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
     from tokenizers import Tokenizer
 
     from guardproxy.testing.tokenizer import tokenizer_json
 
+    return Tokenizer.from_str(tokenizer_json())
+
+
+def script_ids(content: str, reasoning: str | None = DEFAULT_REASONING) -> list[int]:
+    """Token ids the tiny LLM emits greedily after a Qwen3 chat prompt in thinking mode (prompt ending in
+    ``<|im_start|>assistant\\n``): ``[151667 <think>] + enc(reasoning) + [151668 </think>, 271 "\\n\\n"]``
+    (only if ``reasoning``) ``+ enc(content) + [151645 <|im_end|>]``, with ``enc`` the real Qwen3 BPE (no
+    special-token parsing). After an ``enable_thinking=False`` prompt (ending in ``</think>\\n\\n``) it emits the
+    part after the 271.
+
+    Raises:
+        ValueError: empty content; an id repeats (a bigram script needs distinct tokens); the texts contain newline
+            tokens 198 ``"\\n"`` or 271 ``"\\n\\n"`` (they start the script); more than 60 ids.
+    """
     if not content:
         raise ValueError("content must be non-empty")
-    tok = Tokenizer.from_str(tokenizer_json())
+    tok = _tokenizer()
 
     def enc(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if set(ids) & set(START_IDS):
+            raise ValueError(f"{text!r} contains a newline token {START_IDS}, which the script reserves")
+        return ids
 
-    ids = ([THINK_OPEN, *enc(reasoning), THINK_CLOSE] if reasoning else []) + enc(content) + [IM_END]
+    think = [THINK_OPEN, *enc(reasoning), THINK_CLOSE, START_IDS[1]] if reasoning else []
+    ids = think + enc(content) + [IM_END]
     if len(ids) > HIDDEN - 4:
         raise ValueError(f"script has {len(ids)} tokens; at most {HIDDEN - 4} fit the {HIDDEN}-dim embedding")
     if len(set(ids)) != len(ids):
         dup = sorted({tok.id_to_token(i) for i in ids if ids.count(i) > 1})
         raise ValueError(f"script tokens must be distinct (bigram model); repeated: {dup}")
-    if set(ids) & set(START_IDS):
-        raise ValueError(f"script must not contain the start ids {START_IDS} (newline tokens)")
     return ids
 
 
@@ -130,10 +146,7 @@ def build_model(config, script: list[int], seed: int = 0) -> "transformers.Qwen3
     bigram ``script`` planted in ``model.embed_tokens.weight`` and ``lm_head.weight`` (both ``[vocab, hidden]``).
     """
     import torch
-    from tokenizers import Tokenizer
     from transformers import Qwen3ForCausalLM
-
-    from guardproxy.testing.tokenizer import tokenizer_json
 
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).eval()
@@ -145,9 +158,9 @@ def build_model(config, script: list[int], seed: int = 0) -> "transformers.Qwen3
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     with torch.no_grad():
         head.zero_()
-        ordinary = torch.tensor(_ordinary_ids(Tokenizer.from_str(tokenizer_json()).get_vocab()))
+        ordinary = torch.tensor(_ordinary_ids(_tokenizer().get_vocab()))
         head[ordinary] = torch.randn(len(ordinary), d, generator=gen) * NOISE_STD
-        for s in START_IDS:
+        for s in START_IDS:  # 271 is overwritten below when it is part of the script (after </think>)
             emb[s] = q[0] * SCRIPT_NORM
         for k, tid in enumerate(script):
             emb[tid] = q[k + 1] * SCRIPT_NORM
@@ -156,7 +169,11 @@ def build_model(config, script: list[int], seed: int = 0) -> "transformers.Qwen3
 
 
 def write_tiny_llm_info(
-    out_dir: str | os.PathLike, seed: int = 0, *, content: str = DEFAULT_CONTENT, reasoning: str | None = None
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    content: str = DEFAULT_CONTENT,
+    reasoning: str | None = DEFAULT_REASONING,
 ) -> TinyLLM:
     """Write the tiny scripted Qwen3 LM into ``out_dir`` (created if needed) and describe it.
 
@@ -188,7 +205,11 @@ def write_tiny_llm_info(
 
 
 def write_tiny_llm(
-    out_dir: str | os.PathLike, seed: int = 0, *, content: str = DEFAULT_CONTENT, reasoning: str | None = None
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    content: str = DEFAULT_CONTENT,
+    reasoning: str | None = DEFAULT_REASONING,
 ) -> Path:
     """Write the tiny scripted Qwen3 LM (see :func:`write_tiny_llm_info`) and return ``out_dir`` as a Path."""
     return write_tiny_llm_info(out_dir, seed, content=content, reasoning=reasoning).path
