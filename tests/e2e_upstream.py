@@ -22,13 +22,27 @@ Fixtures (session scope, built once per pytest session):
 
 Behaviour of the upstream (transformers 5.24, observed; asserted in ``tests/test_transformers_serve.py``):
 
-* Greedy requests (``temperature=0``) get the script: first chunk ``delta.role="assistant"`` alone; then one chunk per
-  token: ``delta.reasoning_content`` for the think block, then ``delta.content`` ("\\n\\n" + content); finally a chunk
-  with ``delta: {}``, ``finish_reason`` ("stop", or "length" at ``max_tokens``) and ``usage`` (always, without
-  ``stream_options``). No ``data: [DONE]``: the stream just ends.
-* ``chat_template_kwargs={"enable_thinking": False}`` (``extra_body`` in the SDK) skips the think block.
-* ``n`` is ignored (always one choice, index 0); ``model`` must be ``up.model`` (the checkpoint path): any other
-  name gets HTTP 400.
+* Greedy requests (``temperature=0``) get the script. Chunks: first ``delta: {"role": "assistant"}`` alone; then one
+  chunk per token, ``delta.reasoning_content`` (non-standard field) for the think block and ``delta.content`` after it,
+  the ``"\\n\\n"`` after ``</think>`` riding on the first content delta (``"\\n\\nHello"``); finally ``delta: {}``
+  with ``finish_reason`` ("stop" at ``<|im_end|>``, "length" at ``max_tokens``) and ``usage`` (always, even without
+  ``stream_options``). ``<think>``, ``</think>``, ``<|im_end|>`` never appear as text. Same ``id`` (a UUID, also the
+  ``x-request-id`` header) on every chunk, ``system_fingerprint: ""``.
+* SSE framing: ``data: {json}\\n\\n`` only (LF, no comments, no ``event:``), ``text/event-stream; charset=utf-8``,
+  chunked; **no ``data: [DONE]``**: the stream just ends.
+* Non-stream: ``message.content`` without the leading ``"\\n\\n"``, ``message.reasoning_content`` (extra field).
+* ``chat_template_kwargs={"enable_thinking": False}`` (SDK: ``extra_body``): the model generates content only, but the
+  stream still carries one whitespace ``reasoning_content: "\\n\\n"`` delta and content starting with ``"\\n\\n"``
+  (the prompt's prefilled empty think block leaks through the response parser).
+* ``n`` and ``stream_options`` are ignored with a log warning (always one choice, index 0). ``model`` must be
+  ``up.model``; any other name is HTTP 400 with a FastAPI body ``{"detail": "..."}``, not ``{"error": {...}}``.
+* Startup: ~8-10 s on 2 busy CPU cores (interpreter + torch/transformers/fastapi imports; the 78 MB load is <1 s).
+
+To serve other texts (e.g. no think block), start your own server in a fixture::
+
+    llm = write_tiny_llm_info(tmp_path_factory.mktemp("llm"), content="Plain answer", reasoning=None)
+    with serve_transformers(llm, tmp_path_factory.mktemp("log") / "server.log") as up:
+        yield up
 """
 
 from __future__ import annotations

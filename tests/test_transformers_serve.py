@@ -23,7 +23,7 @@ from guardproxy.testing.tiny_llm import (
     START_IDS,
     THINK_CLOSE,
     THINK_OPEN,
-    _tokenizer,
+    qwen3_tokenizer,
     script_ids,
 )
 
@@ -33,7 +33,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def _split_script(ids: list[int]) -> tuple[str, str]:
     """(reasoning, content) texts a Qwen3 response parser should extract from generated ``ids``, decoded with the
     real tokenizer: the think block is reasoning, everything after ``</think>`` up to ``<|im_end|>`` is content."""
-    tok = _tokenizer()
+    tok = qwen3_tokenizer()
     ids = [i for i in ids if i != IM_END]
     if THINK_OPEN in ids:
         close = ids.index(THINK_CLOSE) if THINK_CLOSE in ids else len(ids)
@@ -73,7 +73,7 @@ def hf_model(tiny_llm):
     return AutoTokenizer.from_pretrained(tiny_llm.path), AutoModelForCausalLM.from_pretrained(tiny_llm.path)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=st.text(min_size=1, max_size=60), thinking=st.booleans())
 def test_greedy_generation_is_the_script_for_any_prompt(hf_model, tiny_llm, user, thinking):
     """Invariant: greedy decoding after any Qwen3 chat prompt emits the script (thinking mode) or its content part
@@ -155,12 +155,14 @@ def test_raw_sse_framing_has_no_done_sentinel(transformers_upstream):
     with httpx.stream("POST", f"{up.base_url}/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        request_id = r.headers["x-request-id"]
         raw = r.read().decode()
     assert "[DONE]" not in raw
     assert raw.endswith("\n\n") and "\r" not in raw
     events = raw[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events)
     payloads = [json.loads(e[len("data: ") :]) for e in events]
+    assert {p["id"] for p in payloads} == {request_id}
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
     assert payloads[-1]["usage"]["completion_tokens"] == 8
 
@@ -177,8 +179,8 @@ def test_non_stream_completion(client, transformers_upstream):
 
 
 def test_thinking_off_and_ignored_n(client, transformers_upstream):
-    """``enable_thinking=False`` skips the think block (the model generates content only); ``n=2`` and ``stream_options`` are ignored (one choice,
-    usage on the finish chunk anyway)."""
+    """``enable_thinking=False`` skips the think block (the model generates content only); ``n=2`` and
+    ``stream_options`` are ignored (one choice, usage on the finish chunk anyway)."""
     up = transformers_upstream
     chunks = list(
         client.chat.completions.create(
@@ -209,3 +211,24 @@ def test_unknown_model_is_http_400_not_openai_shaped(client):
         client.chat.completions.create(model="not-the-pinned-model", messages=MESSAGES, max_tokens=4)
     assert exc.value.status_code == 400
     assert "pinned" in exc.value.response.json()["detail"]
+
+
+def test_startup_timeout_fails_clearly_and_kills_the_server(tiny_llm, tmp_path, monkeypatch):
+    """A server that is not ready in time fails the test with the log tail, and its process group is gone."""
+    import subprocess
+
+    import e2e_upstream
+
+    spawned: list[subprocess.Popen] = []
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            spawned.append(self)
+
+    monkeypatch.setattr(e2e_upstream.subprocess, "Popen", RecordingPopen)
+    log = tmp_path / "server.log"
+    with pytest.raises(pytest.fail.Exception, match=r"not ready after 0 s .*log tail"):
+        with e2e_upstream.serve_transformers(tiny_llm, log, startup_timeout=0.3):
+            pass  # pragma: no cover - never reached
+    assert len(spawned) == 1 and spawned[0].returncode is not None  # reaped, not left running

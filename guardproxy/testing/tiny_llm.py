@@ -98,7 +98,8 @@ def qwen3_config(**overrides) -> "transformers.Qwen3Config":  # noqa: F821
 
 
 @functools.lru_cache(maxsize=1)
-def _tokenizer():
+def qwen3_tokenizer() -> "tokenizers.Tokenizer":  # noqa: F821
+    """The real Qwen3 ``tokenizers.Tokenizer`` (from :func:`guardproxy.testing.tokenizer.tokenizer_json`), cached."""
     from tokenizers import Tokenizer
 
     from guardproxy.testing.tokenizer import tokenizer_json
@@ -119,7 +120,7 @@ def script_ids(content: str, reasoning: str | None = DEFAULT_REASONING) -> list[
     """
     if not content:
         raise ValueError("content must be non-empty")
-    tok = _tokenizer()
+    tok = qwen3_tokenizer()
 
     def enc(text: str) -> list[int]:
         ids = tok.encode(text, add_special_tokens=False).ids
@@ -158,7 +159,7 @@ def build_model(config, script: list[int], seed: int = 0) -> "transformers.Qwen3
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     with torch.no_grad():
         head.zero_()
-        ordinary = torch.tensor(_ordinary_ids(_tokenizer().get_vocab()))
+        ordinary = torch.tensor(_ordinary_ids(qwen3_tokenizer().get_vocab()))
         head[ordinary] = torch.randn(len(ordinary), d, generator=gen) * NOISE_STD
         for s in START_IDS:  # 271 is overwritten below when it is part of the script (after </think>)
             emb[s] = q[0] * SCRIPT_NORM
