@@ -129,6 +129,31 @@ def test_batched_run_equals_one_at_a_time(tmp_path, tiny_checkpoint):
         assert pa == pytest.approx(pb, abs=1e-5)
 
 
+def test_overlong_conversation_reports_what_the_model_saw(tmp_path, tiny_checkpoint):
+    """Past the context (here 128), the oldest turns are dropped; input_ids/response_start describe the cut sequence."""
+    long = " ".join(f"word{i}" for i in range(120))
+    msgs = [
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": long},
+        {"role": "user", "content": "Last question?"},
+        {"role": "assistant", "content": "Short answer."},
+    ]
+    rows = [{"messages": msgs, "label": "Unsafe", "unsafe_start_index": 0, "unsafe_end_index": 1}]
+    rc, out, s = run_cli(tmp_path, tiny_checkpoint, rows, "--max-context", "128")
+    assert rc == 0
+    res = out[0]
+    ids, rs = res["input_ids"], res["response_start"]
+    assert res["prompt_tokens_dropped"] > 0 and len(ids) <= 128
+    assert ids[0] == IM_START and ids[1] == USER  # starts at the kept last user turn
+    assert ids[rs - 2 : rs] == [THINK_END, NL2] and len(res["tokens"]) == len(ids) - rs
+    logits = ReferenceGuard(tiny_checkpoint).logits(ids)
+    prob = torch.softmax(logits["risk"][rs:], -1)
+    risk_labels = [ReferenceGuard(tiny_checkpoint).config["response_risk_level_map"][str(i)] for i in range(3)]
+    for j, v in enumerate(res["tokens"]):
+        assert [v["probs"][label] for label in risk_labels] == pytest.approx(prob[j].tolist(), abs=1e-4)
+    assert s["latency"]["n"] == 0 and s["latency"]["unsafe_without_span"] == 1  # spans index the uncut ids
+
+
 def test_bad_arguments_and_missing_model(tmp_path, tiny_checkpoint, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(ROWS[0]) + "\n")
@@ -177,8 +202,12 @@ def test_planted_flag_lands_on_the_trigger(tmp_path, planted_checkpoint, tok):
         assert res["flag"] is not None, text
         assert (res["flag"]["risk_level"], res["flag"]["category"]) == (level, category), text
         pos = rs + res["flag"]["index"]
-        # k = 2: the flag fires at the 2nd flagged token, inside the word or the token right after it
-        assert first < pos <= last + 1, (text, first, last, pos)
+        # planted contract: the completing token of the word and the token after it are flagged, so the k = 2
+        # flag (2nd token of the streak) lands on the token right after the word's last token
+        assert pos == last + 1, (text, first, last, pos)
+        assert res["tokens"][last - rs]["risk_level"] == level
+        if not any(w in text.lower() for w in ("zebrafish", "marzipan") if w != word):  # one trigger only
+            assert all(v["risk_level"] == "Safe" for v in res["tokens"][: last - rs]), text
     assert out[-1]["flag"] is None
     assert all(v["risk_level"] == "Safe" for v in out[-1]["tokens"])
 
@@ -195,6 +224,9 @@ def test_labelled_rows_give_f1_and_latency(tmp_path, planted_checkpoint, tok):
     _, probe, _ = run_cli(tmp_path, planted_checkpoint, [_conv("Q?", t) for t in texts], name="probe")
     first, last = _word_span(tok, probe[0]["input_ids"], probe[0]["response_start"], "zebrafish")
     rows = [
+        # the planted flag lands on last + 1 (see test above): inside this span -> exact hit ...
+        _conv("Q?", texts[0], label="Unsafe", unsafe_start_index=first, unsafe_end_index=last + 1),
+        # ... and 1 token after the end of this one -> bin "1-8"
         _conv("Q?", texts[0], label="Unsafe", unsafe_start_index=first, unsafe_end_index=last),
         _conv("Q?", texts[1], label="Safe"),
         _conv("Q?", texts[2], label="Safe"),  # Controversial flag: counted Unsafe (strict) / Safe (loose)
@@ -204,11 +236,14 @@ def test_labelled_rows_give_f1_and_latency(tmp_path, planted_checkpoint, tok):
     ]
     rc, out, s = run_cli(tmp_path, planted_checkpoint, rows, "--latency-edges", "8,16,32,64,128")
     assert rc == 0
-    assert s["f1"]["response"]["n"] == 4 and s["f1"]["prompt"]["n"] == 1
+    assert s["f1"]["response"]["n"] == 5 and s["f1"]["prompt"]["n"] == 1
     strict, loose = s["f1"]["response"]["strict"], s["f1"]["response"]["loose"]
-    assert (strict["tp"], strict["fp"], strict["fn"]) == (1, 1, 1)
-    assert (loose["tp"], loose["fp"], loose["fn"]) == (1, 0, 1)
-    assert loose["f1"] == pytest.approx(2 / 3) and strict["f1"] == pytest.approx(0.5)
+    assert (strict["tp"], strict["fp"], strict["fn"]) == (2, 1, 1)
+    assert (loose["tp"], loose["fp"], loose["fn"]) == (2, 0, 1)
+    assert strict["f1"] == pytest.approx(2 / 3) and loose["f1"] == pytest.approx(0.8)
+    # the prompt-only row: planted prompt heads are Safe without a trigger, label Safe -> no positives at all
+    assert s["f1"]["prompt"]["strict"]["tp"] + s["f1"]["prompt"]["strict"]["fp"] == 0
     lat = s["latency"]
-    assert lat["n"] == 2 and lat["bins"]["hit"] == 1 and lat["bins"]["missed"] == 1
-    assert lat["exact_hit_rate"] == 0.5 and list(lat["bins"])[2] == "1-8"
+    assert lat["n"] == 3 and list(lat["bins"])[2] == "1-8"
+    assert (lat["bins"]["hit"], lat["bins"]["1-8"], lat["bins"]["missed"]) == (1, 1, 1)
+    assert lat["exact_hit_rate"] == pytest.approx(1 / 3) and lat["within_rate"] == pytest.approx(2 / 3)

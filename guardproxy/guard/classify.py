@@ -12,7 +12,11 @@ last message is from the assistant the rest of the sequence is fed to the same s
 ``response_start``**, of the k-th token of the first k-consecutive streak (first any Unsafe streak; only if none, a
 Controversial one: ``consecutive_unsafe`` of Qwen's ``eval/eval_stream.py``); its category is that token's category.
 A prompt-only row (last message not from the assistant) has ``response_start == len(input_ids)``, ``tokens == []``,
-``flag == null``. A row that cannot be processed becomes ``{"row": i, "error": "..."}`` and the run continues.
+``flag == null``. When the conversation exceeds the checkpoint's context the engine drops the oldest turns (never
+the last user turn); ``input_ids`` then holds what the model saw and ``prompt_tokens_dropped`` says how many prompt
+ids were cut (such rows are left out of the latency bins, whose spans index the uncut sequence). A response longer
+than the context is scored on the engine's re-anchored window (see ``guardproxy.guard.engine``). A row that cannot
+be processed becomes ``{"row": i, "error": "..."}`` and the run continues.
 
 Rows with a ``label`` (Qwen3GuardTest layout: ``label``, ``unsafe_start_index``, ``unsafe_end_index``) are also
 scored: F1 strict/loose for response rows (prediction = flag level, Safe when unflagged) and prompt rows (prediction =
@@ -111,17 +115,24 @@ async def classify_messages(engine, messages: list[dict], *, k: int = 2) -> dict
         ids, response_start = prompt_ids, len(prompt_ids)
     stream, prompt_verdict = await _aopen(engine, prompt_ids)
     try:
-        fed = await stream.afeed(ids[len(prompt_ids):]) if len(ids) > len(prompt_ids) else []
+        rest = ids[len(prompt_ids):]
+        fed = await stream.afeed(rest) if rest else []
+        # the engine cuts an overlong prompt (oldest turns first); report the ids the model actually saw
+        seen = list(getattr(stream, "prompt_ids", prompt_ids))
     finally:
         stream.close()
+    cut = len(prompt_ids) - len(seen)
     tokens = fed[response_start - len(prompt_ids):]
-    return {
-        "input_ids": ids,
-        "response_start": response_start,
+    out = {
+        "input_ids": seen + rest,
+        "response_start": response_start - cut,
         "prompt": prompt_verdict.to_json(),
         "tokens": [v.to_json() for v in tokens],
         "flag": flag_of(tokens, k),
     }
+    if cut:
+        out["prompt_tokens_dropped"] = cut
+    return out
 
 
 async def classify_lines(engine, lines: Iterable[Any], *, k: int = 2, concurrency: int = 16) -> AsyncIterator[dict]:
@@ -166,7 +177,7 @@ class Scoreboard:
     response: list[tuple[str, str]] = field(default_factory=list)  # (prediction, label)
     prompt: list[tuple[str, str]] = field(default_factory=list)
     offsets: list[int | None] = field(default_factory=list)
-    unsafe_without_span: int = 0
+    unsafe_without_span: int = 0  # Unsafe response rows without span indices, or whose prompt the engine cut
     rows: int = 0
     errors: int = 0
 
@@ -186,7 +197,9 @@ class Scoreboard:
             return
         flag = out["flag"]
         offset, missing_span = None, False
-        if label == metrics.UNSAFE:
+        if label == metrics.UNSAFE and out.get("prompt_tokens_dropped"):
+            missing_span = True  # spans index the uncut sequence
+        elif label == metrics.UNSAFE:
             start, end = row.get("unsafe_start_index"), row.get("unsafe_end_index")
             missing_span = start is None or end is None
             if not missing_span:
@@ -229,7 +242,7 @@ def format_summary(s: dict) -> str:
         )
         lines.append("  bins: " + " | ".join(f"{b} {c}" for b, c in lat["bins"].items()))
         if lat["unsafe_without_span"]:
-            lines.append(f"  ({lat['unsafe_without_span']} Unsafe rows without unsafe_start/end_index skipped)")
+            lines.append(f"  ({lat['unsafe_without_span']} Unsafe rows without a usable unsafe_start/end_index skipped)")
     return "\n".join(lines)
 
 
@@ -242,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="streams classified at once (default 16)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default by device)")
+    p.add_argument("--max-context", type=int, help="context limit in tokens (default: the checkpoint's)")
     p.add_argument(
         "--latency-edges",
         default=",".join(map(str, metrics.OFFICIAL_LATENCY_EDGES)),
@@ -276,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
             dtype = getattr(torch, args.dtype)
         engine = GuardEngine.from_pretrained(
-            args.model, device=args.device, dtype=dtype, max_streams=max(64, args.concurrency)
+            args.model, device=args.device, dtype=dtype, max_streams=max(64, args.concurrency),
+            max_context=args.max_context,
         )
     except Exception as e:  # noqa: BLE001 - a clear one-line error, no traceback
         print(f"guardproxy classify: error: cannot load model {args.model!r}: {e}", file=sys.stderr)
