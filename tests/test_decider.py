@@ -375,3 +375,31 @@ def test_char_shared_by_two_tokens_waits_for_the_second():
     assert d.safe_upto == 1  # token 0 is releasable, but its last char is shared with token 1
     (cut,) = d.push(Span(2, 1, 3), Verdict("Unsafe"))
     assert cut.at == 1 and d.safe_upto == 1
+
+
+def maximal_runs(levels: str, ok: set[str]) -> list[tuple[int, int]]:
+    """Oracle: (first, last) token index of every maximal run of tokens whose level is in ``ok``."""
+    out, start = [], None
+    for i, c in enumerate(levels + "S"):
+        if c in ok and start is None:
+            start = i
+        elif c not in ok and start is not None:
+            out.append((start, i - 1))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("response, ok", [
+    ({"controversial": "redact", "unsafe": "redact"}, {"C", "U"}),
+    ({"controversial": "allow", "unsafe": "redact"}, {"U"}),
+])
+@settings(max_examples=200, deadline=None)
+@given(levels=levels_st, lengths=lengths_st, k=st.integers(1, 4), hold=st.integers(0, 3))
+def test_redactions_are_exactly_the_debounced_streaks(response, ok, levels, lengths, k, hold):
+    spans = spans_for(lengths)[: len(levels)]
+    d = Decider(make_policy(response=response, debounce=k, hold_back=hold))
+    steps, final = run(d, spans, [Verdict(LEVEL[c]) for c in levels])
+    got = [(a.start, a.end) for a in all_actions(steps, final) if isinstance(a, Redact)]
+    expected = [(spans[a].start, spans[b].end) for a, b in maximal_runs(levels, ok) if b - a + 1 >= k]
+    assert got == expected
+    assert d.safe_upto == (spans[-1].end if spans else 0)
