@@ -155,8 +155,7 @@ class Releaser:
         obj = event.json() if event.kind == "data" else None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-            raw = encode_data(event.data) if event.kind == "data" else encode_event(event)
-            self._queue.append(_Entry(None, raw=raw))
+            self._queue.append(_Entry(None, raw=_raw(event)))
             step.out += self._pump()
             return step
         top = {k: v for k, v in obj.items() if k != "choices"}
@@ -169,7 +168,7 @@ class Releaser:
             if ch.cut:
                 continue
             if len(choices) == 1:
-                entry = _Entry(c, raw=encode_data(event.data), top=top, obj=choice_obj)
+                entry = _Entry(c, raw=_raw(event), top=top, obj=choice_obj)
             else:
                 sub = dict(top)
                 if j < len(choices) - 1 and sub.get("usage") is not None:
@@ -348,11 +347,16 @@ class Releaser:
 
     @staticmethod
     def _field_cut(ch: _Choice, e: _Entry, path: Path, spans: list[_Span], n: int) -> int:
-        cut = e.hold.get(path, n)
+        """Field position just past the last released moderated char (tag glue before it goes along, glue after
+        it waits for the next released char or the end of the chunk)."""
+        last = e.pos.get(path, 0)
         for s in spans:
-            if s.g + (s.end - s.start) > ch.upto:
-                return min(cut, s.start + max(0, int(ch.upto) - s.g))
-        return cut
+            released = min(s.end - s.start, max(0, int(min(ch.upto, s.g + s.end - s.start)) - s.g))
+            if released:
+                last = max(last, s.start + released)
+            if released < s.end - s.start:
+                break
+        return min(last, e.hold.get(path, n))
 
     @staticmethod
     def _render(ch: _Choice, value: str, spans: list[_Span], a: int, b: int) -> str:
@@ -367,6 +371,14 @@ class Releaser:
             pos = hi
         out.append(value[pos:b])
         return "".join(out)
+
+
+def _raw(event: Event) -> bytes:
+    """The event as relayed untouched: its data string (``data: `` with the space), or all its fields when it has
+    fields other than ``data`` (``event: error``, ``id:``, a bare ``error:``)."""
+    if event.data is not None and all(name == "data" for name, _ in event.fields):
+        return encode_data(event.data)
+    return encode_event(event)
 
 
 def _redacted(redactions: list[list], text: str, g: int) -> str:
