@@ -51,7 +51,8 @@ def split_chunks(chunks: list[dict]) -> list[Piece]:
             obj = chunks[p.span.ref]["choices"]
             src = next(c for c in obj if c.get("index", 0) == p.choice)
             assert field_text(src, p.span.path)[p.span.start : p.span.end] == p.text
-            for m, off in p.mirrors:
+            for m in p.mirrors:
+                off = m.offset
                 src_m = next(c for c in chunks[m.ref]["choices"] if c.get("index", 0) == p.choice)
                 assert field_text(src_m, m.path)[m.start : m.end] == p.text[off : off + m.end - m.start]
         pieces += got
@@ -92,13 +93,13 @@ def test_reasoning_fields_and_mirrors():
     (p,) = sp.split(chunk(reasoning="abcd", reasoning_details=[{"type": "reasoning.text", "text": "ab"},
                                                                   {"type": "reasoning.text", "text": "cd"}]))
     assert (p.kind, p.text, p.source) == ("reasoning", "abcd", "reasoning")
-    assert [(m.path, off) for m, off in p.mirrors] == [
+    assert [(m.path, m.offset) for m in p.mirrors] == [
         (("delta", "reasoning_details", 0, "text"), 0),
         (("delta", "reasoning_details", 1, "text"), 2),
     ]
     # reasoning_content and reasoning both present and equal (vLLM transition) -> one piece
     (p,) = sp.split(chunk(reasoning_content="xy", reasoning="xy"))
-    assert p.source == "reasoning_content" and [m.path for m, _ in p.mirrors] == [("delta", "reasoning")]
+    assert p.source == "reasoning_content" and [m.path for m in p.mirrors] == [("delta", "reasoning")]
     # different texts are all moderated, in order
     ps = sp.split(chunk(reasoning_content="one", reasoning="two", reasoning_details=[{"text": "three"}],
                         content="four"))

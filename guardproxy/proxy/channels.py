@@ -29,7 +29,7 @@ Tolerated shapes: ``choices: []``, a choice without ``delta``, ``delta: {}``, ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 __all__ = ["ChannelSplitter", "FieldSpan", "Kind", "Path", "Piece"]
@@ -50,13 +50,15 @@ class FieldSpan:
     """Characters ``[start, end)`` of the string at ``path`` inside the choice object of the chunk ``ref``.
 
     ``ref`` is the handle the caller passed to :meth:`ChannelSplitter.split` for that chunk (``None`` by default);
-    a pending tag prefix resolved later still points at the chunk its characters arrived in.
+    a pending tag prefix resolved later still points at the chunk its characters arrived in. ``offset`` is 0 for
+    a piece's own span; for a mirror it is the position in the piece's text where the mirror's characters start.
     """
 
     ref: Any
     path: Path
     start: int
     end: int
+    offset: int = 0  # for a mirror: where in the piece's text these characters start
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class Piece:
         text: the characters (exactly the slice of the field named by ``span``).
         span: where the characters live.
         name / tool_id: for tool pieces, the call's function name and id as known so far (else ``None``).
-        mirrors: other fields carrying copies of the text: ``(span, offset)`` where the span's characters equal
-            ``text[offset : offset + span.end - span.start]``.
+        mirrors: other fields carrying copies of the text; a mirror's characters equal
+            ``text[m.offset : m.offset + m.end - m.start]``.
         start: global char offset of ``text[0]`` in the choice's moderated text; set by the releaser, else ``None``.
     """
 
@@ -80,7 +82,7 @@ class Piece:
     span: FieldSpan
     name: str | None = None
     tool_id: str | None = None
-    mirrors: tuple[tuple[FieldSpan, int], ...] = ()
+    mirrors: tuple[FieldSpan, ...] = ()
     start: int | None = None
 
     @property
@@ -181,15 +183,15 @@ class ChannelSplitter:
         for k, text in fields:
             span = FieldSpan(ref, ("delta", k), 0, len(text))
             if primary is not None and text == primary.text:
-                primary = Piece(c, "reasoning", primary.text, primary.span, mirrors=primary.mirrors + ((span, 0),))
+                primary = Piece(c, "reasoning", primary.text, primary.span, mirrors=primary.mirrors + (span,))
                 out[-1] = primary
                 continue
             primary = Piece(c, "reasoning", text, span)
             out.append(primary)
         if items and primary is not None and "".join(t for _, t in items) == primary.text:
             offsets = [sum(len(t) for _, t in items[:n]) for n in range(len(items))]
-            mirrors = primary.mirrors + tuple(zip(detail_spans, offsets))
-            out[-1] = Piece(c, "reasoning", primary.text, primary.span, mirrors=mirrors)
+            mirrors = tuple(replace(s, offset=off) for s, off in zip(detail_spans, offsets))
+            out[-1] = Piece(c, "reasoning", primary.text, primary.span, mirrors=primary.mirrors + mirrors)
         else:
             out += [Piece(c, "reasoning", t, s) for (_, t), s in zip(items, detail_spans)]
         return out

@@ -256,9 +256,9 @@ class Releaser:
         for p in pieces:
             start = ch.length
             ch.length += len(p.text)
-            for span, offset in ((p.span, 0), *p.mirrors):
+            for span in (p.span, *p.mirrors):
                 spans = span.ref.fields.setdefault(span.path, [])
-                spans.append(_Span(span.start, span.end, start + offset))
+                spans.append(_Span(span.start, span.end, start + span.offset))
                 spans.sort(key=lambda s: s.start)
             placed.append(replace(p, start=start))
         for e in self._held.pop(c, []):
