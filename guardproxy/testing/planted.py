@@ -287,12 +287,11 @@ def planted_weights(triggers: dict[str, tuple[str, str]], tokenizer_json: str | 
     Raises:
         ValueError: see :func:`resolve_triggers`.
     """
+    trig = resolve_triggers(triggers, guard_config("tiny"))  # validate before the (slow) tokenizer build
     if tokenizer_json is None:
         from guardproxy.testing.tokenizer import tokenizer_json as _tj
 
         tokenizer_json = _tj()
-    probe = guard_config("tiny")
-    trig = resolve_triggers(triggers, probe)
     T = len(trig)
     nmax = max(t.n for t in trig)
     max_len = max(nmax - 2, 0)  # token lengths that can extend a partial match
