@@ -150,14 +150,21 @@ async def _bench_streams(engine, pairs: list[tuple[list[int], list[int]]]) -> tu
             lat.append(time.perf_counter() - t)
             assert len(out) == 1
 
+    st0 = engine.stats()
     t0 = time.perf_counter()
     await asyncio.gather(*(run(s, r) for s, (_, r) in zip(streams, pairs)))
     wall = time.perf_counter() - t0
+    st1 = engine.stats()
     rss_live = rss_bytes() - rss0
     for s in streams:
         s.close()
     stats = _stats("engine", len(pairs), lat, wall, sum(len(r) for _, r in pairs))
     stats["prefill_s"] = prefill_s
+    steps = st1.steps - st0.steps
+    # scheduler view of the decode phase: forwards run, streams packed per forward, wall time per forward
+    stats["steps"] = steps
+    stats["streams_per_step"] = (st1.batch_streams_total - st0.batch_streams_total) / max(1, steps)
+    stats["ms_per_step"] = 1e3 * wall / max(1, steps)
     return stats, prefill_s, rss_live
 
 
@@ -173,6 +180,7 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]  # the machine may be shared: numbers are only comparable at low load
     path = checkpoint(args.shape, args.seed)
     config = json.loads((path / "config.json").read_text())
     counts = sorted({int(x) for x in args.streams.split(",")})
@@ -204,6 +212,7 @@ def run(args) -> dict:
     by = {(r["mode"], r["streams"]): r for r in rows}
     eng = {str(n): by[("engine", n)]["tok_s"] for n in counts}
     result = {
+        "loadavg_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "shape": args.shape,
         "device": str(getattr(engine, "device", args.device or "auto")),
         "dtype": str(dtype).removeprefix("torch."),
@@ -244,7 +253,9 @@ def table(r: dict) -> str:
     """Markdown table of a result."""
     out = [
         f"shape {r['shape']}, device {r['device']}, {r['dtype']}, {r['threads']} threads, prompt {r['prompt_len']} "
-        f"tokens, response {r['response_len']} tokens" + (f" (reference: first {r['reference_len']})" if r["reference_len"] else ""),
+        f"tokens, response {r['response_len']} tokens" + (f" (reference: first {r['reference_len']})" if r["reference_len"] else "")
+        + f"; 1-min load average before/after: {r['loadavg_1m_before_after'][0]} / {r['loadavg_1m_before_after'][1]}"
+        f" on {os.cpu_count()} CPUs",
         "",
         "| mode | streams | tokens measured | tokens/s | p50 ms/token | p99 ms/token |",
         "|---|---:|---:|---:|---:|---:|",
@@ -254,6 +265,12 @@ def table(r: dict) -> str:
         out.append(
             f"| {name} | {row['streams']} | {row['tokens']} | {row['tok_s']:.1f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
         )
+    sched = [row for row in r["rows"] if "steps" in row]
+    if sched:
+        out.append("")
+        out.append("scheduler (decode phase): " + ", ".join(
+            f"{row['streams']} streams: {row['steps']} forwards, {row['streams_per_step']:.1f} streams/forward, "
+            f"{row['ms_per_step']:.1f} ms/forward" for row in sched))
     m = r["memory"]
     out += [
         "",
