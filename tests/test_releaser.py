@@ -63,14 +63,15 @@ class Client:
         if ch.get("finish_reason") is not None:
             acc["finish"].append(ch["finish_reason"])
 
-    def moderated(self) -> dict[int, str]:
-        """Per choice, the client-visible moderated text in order (split again with a fresh splitter)."""
+    def moderated(self, complete: bool = True) -> dict[int, str]:
+        """Per choice, the client-visible moderated text in order (split again with a fresh splitter); for an
+        incomplete stream (``complete=False``) characters that may still be a ``<think>`` tag are left out."""
         sp, out = ChannelSplitter(), {}
         for e in self.events:
             obj = e.json() if e.kind == "data" and not e.is_done else None
             for p in sp.split(obj):
                 out[p.choice] = out.get(p.choice, "") + p.text
-        for p in sp.flush():
+        for p in sp.flush() if complete else []:
             out[p.choice] = out.get(p.choice, "") + p.text
         return out
 
@@ -141,7 +142,7 @@ def run_random(name: str, size: int | None, rng: random.Random, redact: bool = F
     spans: dict[int, list[tuple[int, int]]] = {}
 
     def check():
-        seen = Client(out).moderated()
+        seen = Client(out).moderated(complete=False)
         for c, text in seen.items():
             want = apply(upstream[c], spans.get(c, []), per_char)
             assert want.startswith(text), "client text must be a prefix of the (redacted) upstream text"
@@ -388,3 +389,86 @@ def test_redact_clips_to_unreleased_text_and_masks():
     rel.redact(0, 5, 7, "<X>")  # overlaps [4, 6): merged into [4, 7) with the newest mask
     client = Client(out + rel.finish())
     assert client.choices[0]["content"] == "0123<X>7##"
+
+
+# -- synthetic streams: n > 1, inline <think>, tool calls, usage, keep-alives -------------------------------------
+_txt = st.text(st.sampled_from(list("ab <>/thinké🙂\n")), max_size=12)
+
+
+@st.composite
+def synthetic_stream(draw):
+    """Random interleaving of 1-3 choices, each: optional '<think>..</think>' content, reasoning field, tool args."""
+    n = draw(st.integers(1, 3))
+    per_choice = []
+    for c in range(n):
+        parts = []
+        if draw(st.booleans()):
+            body = draw(st.sampled_from(["", " "])) + "<think>" + draw(_txt).replace("</think>", "") + "</think>"
+            parts.append(("content", body + draw(_txt)))
+        else:
+            parts.append(("reasoning_content", draw(_txt)))
+            parts.append(("content", draw(_txt)))
+        for t in range(draw(st.integers(0, 2))):
+            parts.append((("tool", t + 1), draw(_txt)))
+        deltas = []
+        for kind, text in parts:
+            cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=4))))
+            for a, b in zip([0, *cuts], [*cuts, len(text)]):
+                if kind in ("content", "reasoning_content"):
+                    deltas.append({kind: text[a:b]})
+                else:
+                    fn = {"arguments": text[a:b]} | ({"name": f"f{kind[1]}"} if a == 0 else {})
+                    deltas.append({"tool_calls": [{"index": kind[1], "function": fn} | ({"id": f"id{kind[1]}"} if a == 0 else {})]})
+        deltas.append(None)  # finish
+        per_choice.append(deltas)
+    events, heads = [], [0] * n
+    while any(h < len(d) for h, d in zip(heads, per_choice)):
+        c = draw(st.sampled_from([i for i in range(n) if heads[i] < len(per_choice[i])]))
+        delta = per_choice[c][heads[c]]
+        heads[c] += 1
+        choice = {"index": c, "delta": delta or {}, "finish_reason": None if delta is not None else "stop"}
+        events.append(_ev({"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}))
+        if draw(st.integers(0, 9)) == 0:
+            events.append(Event(comment=""))
+    events.append(_ev({"id": "s", "choices": [], "usage": {"total_tokens": 1}}))
+    return events
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=synthetic_stream(), rng=st.randoms(use_true_random=False), per_char=st.booleans())
+def test_synthetic_streams_prefix_and_redaction_invariants(stream, rng, per_char):
+    rel, out = Releaser(), []
+    upstream: dict[int, str] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    reference = Client([encode_data(e.json()) for e in stream])  # what the upstream alone would show
+    for ev in stream:
+        step = rel.add(ev)
+        out += step.out
+        if ev.kind == "comment":
+            assert step.out == [encode_comment("")]  # keep-alives are never held
+        for p in step.pieces:
+            upstream[p.choice] = upstream.get(p.choice, "") + p.text
+        for c in list(upstream):
+            lo, n = rel.released(c), rel.length(c)
+            if rng.random() < 0.3 and lo < n:
+                s = rng.randrange(lo, n)
+                e = rng.randrange(s + 1, n + 1)
+                if all(e <= a or s >= b for a, b in spans.get(c, [])):
+                    rel.redact(c, s, e, "*" if per_char else MASK, per_char=per_char)
+                    spans.setdefault(c, []).append((s, e))
+            out += rel.release(c, rng.randint(lo, n))
+            seen = Client(out).moderated(complete=False)
+            for cc, text in seen.items():
+                assert apply(upstream[cc], spans.get(cc, []), per_char).startswith(text)
+    out += rel.finish()
+    client = Client(out)
+    assert client.moderated() == {c: apply(t, spans.get(c, []), per_char) for c, t in upstream.items()}
+    assert client.usage and client.done == [len(client.events) - 1]
+    for c, acc in client.choices.items():
+        assert acc["finish"] == ["stop"] and acc["after_finish"] == 0
+        ref = reference.choices[c]["tools"]
+        # tool ids / names are sent once per call (an SDK concatenates repeats), arguments may be redacted
+        assert {k: (t["id"], t["name"]) for k, t in acc["tools"].items()} == {
+            k: (t["id"], t["name"]) for k, t in ref.items()}
+        if not spans.get(c):
+            assert acc == reference.choices[c]
