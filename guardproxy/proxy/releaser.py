@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from guardproxy.proxy.channels import ChannelSplitter, FieldSpan, Path, Piece
-from guardproxy.proxy.sse import DONE, Event, encode_comment, encode_data, encode_event, loads
+from guardproxy.proxy.sse import DONE, Event, encode_comment, encode_data, encode_event
 
 __all__ = ["Releaser", "Step"]
 
