@@ -23,6 +23,7 @@ when the guard is overloaded, visibly (``x-guard-status`` header / SSE comment, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from guardproxy.proxy.errors import ProxyError, json_response, prompt_blocked
+from guardproxy.proxy.decider import Cut, Decider, Flag, Redact, decide_prompt
+from guardproxy.proxy.errors import DONE_FRAME, ProxyError, error_frame, json_response, prompt_blocked
+from guardproxy.proxy.releaser import Releaser
+from guardproxy.proxy.sse import SSEDecoder, SSEError
 from guardproxy.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("guardproxy.moderation")
@@ -65,9 +69,10 @@ class Metrics:
         stats = getattr(engine, "stats", None)
         try:
             values = stats() if callable(stats) else (stats or {})
+            values = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
         except Exception:  # stats are best effort
             return
-        for k, v in dict(values).items():
+        for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.engine_stats.labels(stat=str(k)).set(v)
 
@@ -235,7 +240,7 @@ async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutco
         raise ProxyError(503, f"The content guard is {kind}; try again later.", code=code,
                          type="service_unavailable") from None
     ctx.metrics.guard_latency.labels(stage="prompt").observe(time.monotonic() - t0)
-    action = policy.prompt.action(verdict.risk_level, verdict.category)
+    action = decide_prompt(policy, verdict).action
     ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=verdict.risk_level,
                                        category=verdict.category if verdict.risk_level != "Safe" else "").inc()
     if action != "allow":
@@ -337,7 +342,373 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
         ctx.metrics.upstream_errors.labels(kind=e.kind).inc()
         if not is_sse:
             raise
-        from guardproxy.proxy.errors import DONE_FRAME, error_frame
         await out.write(error_frame(f"Upstream error: {e}", code=f"upstream_{e.kind}") + DONE_FRAME)
     await out.write_eof()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One choice: retokenizer -> guard stream -> decider
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Glue:
+    """A template id that covers no client character (``start == end``)."""
+
+    id: int
+    start: int
+    end: int
+
+
+def _new_retokenizer(engine: Any):
+    """A per-choice streaming retokenizer on the engine's vocabulary (:mod:`guardproxy.proxy.retokenizer`)."""
+    from guardproxy.proxy.retokenizer import Retokenizer
+
+    return Retokenizer(engine.renderer)
+
+
+class ChoiceGuard:
+    """Moderation state of one choice: its guard stream (a fork of the prompt stream), retokenizer and decider.
+
+    :meth:`push` takes the choice's pieces in arrival order (global offsets already set by the releaser);
+    :meth:`score` feeds every id that became stable since the last call in ONE ``afeed`` and returns the decider's
+    actions; :meth:`finish` flushes the retokenizer (closing ``<|im_end|>`` included) for a last :meth:`score`.
+    """
+
+    def __init__(self, index: int, gstream: Any, engine: Any, policy: Any, metrics: Metrics):
+        self.index = index
+        self.gstream = gstream
+        self.retok = _new_retokenizer(engine)
+        self.decider = Decider(policy)
+        self.metrics = metrics
+        self.pending: list[Any] = [_Glue(i, 0, 0) for i in engine.renderer.ASSISTANT_HEADER]
+        self.text: list[str] = []  # the choice's moderated text, for word-boundary lookups
+        self.finished = False
+
+    def push(self, kind: Any, text: str, name: str | None = None, *, moderated: bool = True) -> None:
+        """One piece of the choice's text (kind "reasoning" / "content" / ("tool", i)); ``moderated=False`` for
+        a channel the policy does not moderate (it keeps its global offsets but is never fed to the guard)."""
+        self.text.append(text)
+        self.pending += self.retok.push(kind if moderated else "unmoderated", text, name=name)
+
+    def finish(self) -> None:
+        """End of the choice: the remaining ids and the closing ``<|im_end|>`` become pending."""
+        if not self.finished:
+            self.finished = True
+            self.pending += self.retok.finish()
+
+    async def score(self) -> list[Any]:
+        """Feed the pending ids (one engine call) and return the decider's actions (Allow/Flag/Redact/Cut)."""
+        spans, self.pending = self.pending, []
+        actions: list[Any] = []
+        if spans and not self.decider.done:
+            t0 = time.monotonic()
+            verdicts = await self.gstream.afeed([s.id for s in spans])
+            self.metrics.guard_latency.labels(stage="response").observe(time.monotonic() - t0)
+            self.metrics.guard_tokens.inc(len(spans))
+            actions = self.decider.feed(zip(spans, verdicts))
+        if self.finished and not self.decider.finished:
+            actions += self.decider.finish()
+        return actions
+
+    def word_start(self, at: int, floor: int, max_back: int = 48) -> int:
+        """``at`` moved back to the start of the word it falls in (never below ``floor``, at most ``max_back``
+        chars), so a cut or redaction never leaves the first part of a flagged word visible."""
+        text = "".join(self.text)
+        self.text = [text]
+        lo = max(floor, at - max_back)
+        while at > lo and not text[at - 1].isspace():
+            at -= 1
+        return at
+
+    def close(self) -> None:
+        self.gstream.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming response
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _wanted(policy: Any, kind: Any) -> bool:
+    """Does the policy moderate this channel (``moderate.content / reasoning / tool_arguments``)?"""
+    m = policy.moderate
+    return m.content if kind == "content" else m.reasoning if kind == "reasoning" else m.tool_arguments
+
+
+class _Stream:
+    """The response side of one streamed request (see the module docstring)."""
+
+    def __init__(self, ctx: RequestContext, req: ParsedRequest, outcome: PromptOutcome):
+        self.ctx, self.req, self.outcome = ctx, req, outcome
+        self.policy = ctx.policy
+        self.rel = Releaser()
+        self.guards: dict[int, ChoiceGuard] = {}
+        self.buffered = self.policy.release == "buffered"
+        self.unmoderated = False  # guard failed with fail_mode open: everything is released as it arrives
+        self.cut: set[int] = set()
+
+    def _guard(self, c: int) -> ChoiceGuard | None:
+        if self.unmoderated:
+            return None
+        g = self.guards.get(c)
+        if g is None:
+            g = self.guards[c] = ChoiceGuard(c, self.outcome.stream.fork(), self.ctx.engine, self.policy,
+                                             self.ctx.metrics)
+        return g
+
+    def _wanted(self, kind: Any) -> bool:
+        return _wanted(self.policy, kind)
+
+    def add(self, events: list) -> list[bytes]:
+        """Take decoded upstream events; returns bytes that may go out now."""
+        out: list[bytes] = []
+        for ev in events:
+            step = self.rel.add(ev)
+            out += step.out
+            for p in step.pieces:
+                g = self._guard(p.choice)
+                if g is not None and p.choice not in self.cut:
+                    g.push(p.kind, p.text, name=p.name, moderated=self._wanted(p.kind))
+        if not self.buffered or self.unmoderated:
+            for c in self.rel.choices:
+                out += self.rel.release(c, self.rel.length(c))
+        return out
+
+    async def score(self) -> list[bytes]:
+        """Score every choice's pending ids (engine calls run concurrently, so they share engine steps)."""
+        guards = [g for c, g in self.guards.items() if c not in self.cut and (g.pending or g.finished)]
+        if not guards or self.unmoderated:
+            return []
+        results = await asyncio.gather(*(g.score() for g in guards), return_exceptions=True)
+        out: list[bytes] = []
+        for g, res in zip(guards, results):
+            if isinstance(res, BaseException):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                out += self._guard_failed(res)
+                if not self.unmoderated:
+                    return out
+                continue
+            out += self._apply(g, res)
+        return out
+
+    def _apply(self, g: ChoiceGuard, actions: list) -> list[bytes]:
+        out: list[bytes] = []
+        c, m, tenant = g.index, self.ctx.metrics, self.ctx.tenant.name
+        for a in actions:
+            if isinstance(a, Cut):
+                at = g.word_start(a.at, self.rel.released(c)) if self.buffered else a.at
+                out += self.rel.release(c, at)
+                out += self.rel.cut(c)
+                self.cut.add(c)
+                m.response_actions.labels(tenant=tenant, action="cut", category=a.category).inc()
+                log.info("request %s: choice %d cut at char %d (%s, %s)", self.ctx.request_id, c, at, a.level,
+                         a.category)
+                g.close()
+                return out
+            if isinstance(a, Redact):
+                start = g.word_start(a.start, self.rel.released(c))
+                if self.rel.redact(c, start, a.end, a.mask) is not None:
+                    m.response_actions.labels(tenant=tenant, action="redact", category=a.category).inc()
+                    log.info("request %s: choice %d redacted [%d, %d) (%s, %s)", self.ctx.request_id, c, start,
+                             a.end, a.level, a.category)
+            elif isinstance(a, Flag):
+                m.response_actions.labels(tenant=tenant, action="flag", category=a.category).inc()
+                log.info("request %s: choice %d flagged [%d, %d) (%s, %s)", self.ctx.request_id, c, a.start, a.end,
+                         a.level, a.category)
+        if self.buffered:
+            out += self.rel.release(c, g.decider.safe_upto)
+        return out
+
+    def _guard_failed(self, exc: BaseException) -> list[bytes]:
+        kind = "overloaded" if isinstance(exc, _engine_errors()[0]) else "failed"
+        self.ctx.metrics.guard_failures.labels(kind=kind, fail_mode=self.policy.fail_mode).inc()
+        log.warning("request %s: guard %s mid-stream (%s: %s), fail_mode %s", self.ctx.request_id, kind,
+                    type(exc).__name__, exc, self.policy.fail_mode)
+        if self.policy.fail_mode == "open":
+            self.unmoderated = True
+            out = [b": guardproxy: guard unavailable, the rest of this stream is unmoderated\n\n"]
+            for c in self.rel.choices:
+                out += self.rel.release(c, self.rel.length(c))
+            return out
+        raise _GuardFailure(f"The content guard is {kind}; the stream was stopped.")
+
+    @property
+    def all_cut(self) -> bool:
+        return len(self.cut) >= self.req.n
+
+    async def finish(self, tail_events: list) -> list[bytes]:
+        """Upstream ended: flush, score the rest of every choice, release, ``[DONE]``."""
+        out = self.add(tail_events)
+        step = self.rel.eof()
+        out += step.out
+        for p in step.pieces:
+            g = self._guard(p.choice)
+            if g is not None and p.choice not in self.cut:
+                g.push(p.kind if self._wanted(p.kind) else "unmoderated", p.text, name=p.name)
+        for g in self.guards.values():
+            g.finish()
+        out += await self.score()
+        return out + self.rel.finish()
+
+    def close(self) -> None:
+        for g in self.guards.values():
+            g.close()
+
+
+class _GuardFailure(Exception):
+    """The guard failed mid-stream under ``fail_mode: closed``."""
+
+
+async def stream_moderated(ctx: RequestContext, request: web.Request, req: ParsedRequest, resp: UpstreamResponse,
+                           outcome: PromptOutcome, headers: dict[str, str]) -> web.StreamResponse:
+    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``."""
+    out = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+        "x-request-id": ctx.request_id, **headers})
+    await out.prepare(request)
+    st = _Stream(ctx, req, outcome)
+    dec = SSEDecoder(ctx.limits.max_sse_event_bytes)
+
+    async def write(parts: list[bytes]) -> None:
+        if parts:
+            await out.write(b"".join(parts))
+    try:
+        try:
+            async for data in resp.aiter_bytes():
+                await write(st.add(dec.feed(data)))
+                await write(await st.score())
+                if st.all_cut or st.rel.upstream_done:
+                    break
+            await resp.aclose()  # all choices cut, [DONE] seen, or EOF: the upstream is no longer wanted
+            await write(await st.finish(dec.close() if not st.rel.upstream_done else []))
+        except (UpstreamError, SSEError) as e:
+            await resp.aclose()
+            kind = getattr(e, "kind", "bad_sse")
+            ctx.metrics.upstream_errors.labels(kind=kind).inc()
+            log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
+            parts = await st.finish([])
+            await write(parts[:-1] + [error_frame(f"Upstream error: {e}", code=f"upstream_{kind}"), parts[-1]])
+        except _GuardFailure as e:
+            await resp.aclose()
+            await write([error_frame(str(e), type="service_unavailable", code="guard_unavailable"), DONE_FRAME])
+        await out.write_eof()
+    finally:
+        st.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Non-streamed response
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _edit_field(value: str, spans: list[tuple[int, int, int]], cut_at: int | None,
+                redactions: list[tuple[int, int, str]]) -> str:
+    """Rewrite one string field. ``spans``: (field_start, field_end, global_start) of its moderated chars, sorted.
+    Chars at global offsets >= ``cut_at`` are dropped (with all glue after them); redacted ranges show their mask
+    once, where they start."""
+    out, pos = [], 0
+    for fs, fe, g in spans:
+        out.append(value[pos:fs])
+        for i in range(fs, fe):
+            gi = g + i - fs
+            if cut_at is not None and gi >= cut_at:
+                return "".join(out)
+            r = next((r for r in redactions if r[0] <= gi < r[1]), None)
+            if r is None:
+                out.append(value[i])
+            elif gi == r[0] or i == fs:
+                out.append(r[2])
+        pos = fe
+    if cut_at is not None and spans and spans[-1][2] + spans[-1][1] - spans[-1][0] >= cut_at:
+        return "".join(out)
+    out.append(value[pos:])
+    return "".join(out)
+
+
+async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, outcome: PromptOutcome,
+                         headers: dict[str, str]) -> web.Response:
+    """Score a non-streamed completion in one pass per choice and apply the same actions as when streaming."""
+    from guardproxy.proxy.channels import ChannelSplitter
+
+    raw = await resp.aread()
+    if len(raw) > ctx.limits.max_upstream_body_bytes:
+        raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProxyError(502, "Upstream returned invalid JSON.", code="upstream_bad_json") from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list):
+        return json_response(body, 200, {"x-request-id": ctx.request_id, **headers})
+    splitter = ChannelSplitter()
+    guards: list[tuple[dict, dict, ChoiceGuard, dict]] = []
+    try:
+        for j, ch in enumerate(choices):
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", j)
+            wrapper = {"index": idx, "delta": ch["message"]} if isinstance(ch.get("message"), dict) else ch
+            pieces = splitter.split({"choices": [wrapper]}) + splitter.flush(idx)
+            g = ChoiceGuard(idx, outcome.stream.fork(), ctx.engine, ctx.policy, ctx.metrics)
+            fields: dict[tuple, list] = {}
+            pos = 0
+            for p in pieces:
+                for span in (p.span, *p.mirrors):
+                    fields.setdefault(span.path, []).append((span.start, span.end, pos))
+                pos += len(p.text)
+                g.push(p.kind, p.text, name=p.name, moderated=_wanted(ctx.policy, p.kind))
+            g.finish()
+            guards.append((ch, wrapper, g, fields))
+        results = await asyncio.gather(*(g.score() for _, _, g, _ in guards), return_exceptions=True)
+    except Exception as e:
+        for _, _, g, _ in guards:
+            g.close()
+        results = [e]
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        for _, _, g, _ in guards:
+            g.close()
+        if isinstance(failure, asyncio.CancelledError):
+            raise failure
+        kind = "overloaded" if isinstance(failure, _engine_errors()[0]) else "failed"
+        ctx.metrics.guard_failures.labels(kind=kind, fail_mode=ctx.policy.fail_mode).inc()
+        if ctx.policy.fail_mode == "closed":
+            raise ProxyError(503, f"The content guard is {kind}; try again later.", code="guard_unavailable",
+                             type="service_unavailable")
+        log.warning("request %s: guard %s on the response, fail_mode open: relaying UNMODERATED", ctx.request_id, kind)
+        return json_response(body, 200, {"x-request-id": ctx.request_id, **headers,
+                                         "x-guard-status": "unmoderated; guard unavailable (fail_mode open)"})
+    summary: list[str] = []
+    for (ch, wrapper, g, fields), actions in zip(guards, results):
+        g.close()
+        cut_at, redactions = None, []
+        for a in actions:
+            if isinstance(a, Cut):
+                cut_at = g.word_start(a.at, 0)
+                summary.append(f"{g.index}:cut:{a.category}")
+                ctx.metrics.response_actions.labels(tenant=ctx.tenant.name, action="cut", category=a.category).inc()
+            elif isinstance(a, Redact):
+                redactions.append((g.word_start(a.start, 0), a.end, a.mask))
+                summary.append(f"{g.index}:redact:{a.category}")
+                ctx.metrics.response_actions.labels(tenant=ctx.tenant.name, action="redact", category=a.category).inc()
+            elif isinstance(a, Flag):
+                summary.append(f"{g.index}:flag:{a.category}")
+                ctx.metrics.response_actions.labels(tenant=ctx.tenant.name, action="flag", category=a.category).inc()
+        if cut_at is None and not redactions:
+            continue
+        for path, spans in fields.items():
+            parent = wrapper
+            for k in path[:-1]:
+                parent = parent[k]
+            parent[path[-1]] = _edit_field(parent[path[-1]], sorted(spans), cut_at, redactions)
+        if cut_at is not None:
+            ch["finish_reason"] = "content_filter"
+            msg = ch.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("tool_calls"), list):
+                kept = [t for t in msg["tool_calls"]
+                        if not isinstance(t, dict) or (t.get("function") or {}).get("arguments")]
+                msg["tool_calls"] = kept or None
+    if summary:
+        headers = {**headers, "x-guard-response-actions": ",".join(summary)}
+    return json_response(body, 200, {"x-request-id": ctx.request_id, **headers})
