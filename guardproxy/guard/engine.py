@@ -12,9 +12,11 @@ Life of a stream (contract: ``docs/ARCHITECTURE.md``)::
 
 Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8192 for 0.6B, or the override):
 
-* **Overlong conversation.** A prompt longer than ``prompt_limit = max_context - max_context // 8`` is cut by
-  :func:`fit_prompt`: whole turns (segments starting at ``<|im_start|>``) are dropped oldest first, the last (user)
-  turn never; if that turn alone is too long its first 3 ids (``<|im_start|>user\\n``) and its LAST ids are kept.
+* **Overlong conversation.** A prompt longer than ``prompt_limit = max_context - max_context // 8`` is cut:
+  messages by ``ChatRenderer.render_prompt(messages, max_tokens=prompt_limit)`` (same rule, cutting the last user
+  content at a character boundary), ids by :func:`fit_prompt`: whole turns (segments starting at ``<|im_start|>``)
+  are dropped oldest first, the last (user) turn never; if that turn alone is too long its first 3 ids
+  (``<|im_start|>user\\n``) and its LAST ids are kept.
   The ``max_context // 8`` reserve leaves room for the header and the first response tokens.
 * **Overlong response.** When a stream's cache is full, it re-anchors: the cache is refilled (prefill, no verdicts)
   with ``fit_prompt(prompt, max_context // 4) + response[:5] + response[-W:]``, ``W = max_context // 2``
@@ -35,6 +37,7 @@ import asyncio
 import collections
 import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -183,6 +186,8 @@ class GuardEngine:
         max_context: context limit in positions (default: config ``max_position_embeddings``; >= 32).
         max_batch_tokens: soft cap of tokens per step (default ``2 * prefill_chunk``); decode work is packed first,
             and every step takes at least one chunk.
+        num_threads: torch intra-op threads set by the engine thread (default: leave torch's setting). On a CPU
+            shared with other busy processes, 1 thread avoids OpenMP barrier stalls.
     """
 
     def __init__(
@@ -194,6 +199,7 @@ class GuardEngine:
         prefill_chunk: int = 256,
         max_context: int | None = None,
         max_batch_tokens: int | None = None,
+        num_threads: int | None = None,
     ):
         cfg = checkpoint.config
         self.config = cfg
@@ -207,6 +213,7 @@ class GuardEngine:
         self.max_streams, self.kv_budget_tokens = max_streams, kv_budget_tokens
         self.prefill_chunk = prefill_chunk
         self.max_batch_tokens = max_batch_tokens or 2 * prefill_chunk
+        self._num_threads = num_threads
         self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context)
         self.device, self.dtype = self.model.device, self.model.dtype
         self.renderer = None
@@ -308,10 +315,11 @@ class GuardEngine:
         elif items and all(isinstance(m, dict) for m in items):
             if self.renderer is None:
                 raise RuntimeError("no ChatRenderer available (guardproxy.guard.template); pass prompt ids")
-            ids = self.renderer.render_prompt(items)
+            # text-level cut by the renderer (oldest turns, then the start of the last user content) ...
+            ids = self.renderer.render_prompt(items, max_tokens=self.prompt_limit)
         else:
             raise ValueError("open() takes a non-empty list of message dicts or of token ids")
-        return fit_prompt(ids, self.prompt_limit)
+        return fit_prompt(ids, self.prompt_limit)  # ... and the same rule at id level for ids
 
     def _admit(self, tokens: int) -> None:  # caller holds the lock
         if self._closed:
@@ -408,13 +416,26 @@ class GuardEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        last_step_s = 0.0
         while True:
             with self._cv:
                 while not self._closed and not self._pending:
                     self._cv.wait()
+                # Coalesce: streams whose previous verdicts were just delivered usually come back within
+                # microseconds; wait a sliver of a step (<= 5% of the last step, <= 20 ms) for them so the batch
+                # stays full instead of alternating between half batches.
+                deadline = time.monotonic() + min(0.02, 0.05 * last_step_s)
+                while not self._closed and len(self._pending) < self._s["last_batch_streams"]:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 if self._closed:
                     return
                 plan = self._schedule()
+            t0 = time.monotonic()
             try:
                 ids = torch.tensor([t for _, job, n in plan for t in job.ids[job.done : job.done + n]],
                                    dtype=torch.long, device=self.device)  # fmt: skip
@@ -424,6 +445,7 @@ class GuardEngine:
                 err = None
             except Exception as e:  # fail this step's jobs, keep the engine alive
                 err = e
+            last_step_s = time.monotonic() - t0
             with self._cv:
                 done = self._commit(plan, logits if err is None else None, err)
             for fut, value, exc in done:
