@@ -53,6 +53,7 @@ every embedding row (all RMSNorm weights are ``A/sqrt(H)``, so normalized featur
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -134,8 +135,10 @@ def trigger_bytes(word: str) -> bytes:
     return w
 
 
+@functools.lru_cache(maxsize=2)
 def vocab_bytes(tokenizer_json: str) -> list[bytes]:
-    """UTF-8 bytes of every regular token id (0..151642 for Qwen3), from a ``tokenizers`` JSON string.
+    """UTF-8 bytes of every regular token id (0..151642 for Qwen3), from a ``tokenizers`` JSON string (cached;
+    do not mutate the returned list).
 
     Byte-level BPE token strings are mapped back through the GPT-2 byte<->unicode table
     (``transformers.convert_slow_tokenizer.bytes_to_unicode``).
