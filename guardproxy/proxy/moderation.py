@@ -413,9 +413,13 @@ class ChoiceGuard:
 
     def word_start(self, at: int, floor: int, max_back: int = 48) -> int:
         """``at`` moved back to the start of the word it falls in (never below ``floor``, at most ``max_back``
-        chars), so a cut or redaction never leaves the first part of a flagged word visible."""
+        chars). Used for cuts and redactions (the first part of a flagged word never stays visible) and for the
+        buffered release bound (a word is released only once its last token and the hold-back after it are
+        scored: the guard often flags a word only at the token that completes it)."""
         text = "".join(self.text)
         self.text = [text]
+        if at >= len(text) or text[at].isspace():
+            return at
         lo = max(floor, at - max_back)
         while at > lo and not text[at - 1].isspace():
             at -= 1
@@ -517,7 +521,7 @@ class _Stream:
                 log.info("request %s: choice %d flagged [%d, %d) (%s, %s)", self.ctx.request_id, c, a.start, a.end,
                          a.level, a.category)
         if self.buffered:
-            out += self.rel.release(c, g.decider.safe_upto)
+            out += self.rel.release(c, g.word_start(g.decider.safe_upto, self.rel.released(c)))
         return out
 
     def _guard_failed(self, exc: BaseException) -> list[bytes]:

@@ -82,6 +82,7 @@ class SSE:
             disconnects (for disconnect and idle-timeout tests use ``hang_silent``).
         hang_silent: after the body, keep the connection open without sending anything.
         abort: after the body, drop the TCP connection without the chunked-encoding terminator.
+        per_event: write one SSE event (up to and including its blank line) per write, instead of ``write_size``.
     """
 
     body: bytes
@@ -91,6 +92,7 @@ class SSE:
     hang: bool = False
     hang_silent: bool = False
     abort: bool = False
+    per_event: bool = False
 
 
 @dataclass
@@ -201,9 +203,13 @@ class FakeUpstream:
         self._live += 1
         try:
             await resp.prepare(request)
-            step = b.write_size or max(1, len(b.body))
-            for i in range(0, len(b.body), step):
-                await resp.write(b.body[i:i + step])
+            if b.per_event:
+                parts = [p + b"\n\n" for p in b.body.split(b"\n\n") if p]
+            else:
+                step = b.write_size or max(1, len(b.body))
+                parts = [b.body[i:i + step] for i in range(0, len(b.body), step)]
+            for part in parts:
+                await resp.write(part)
                 if b.delay:
                     await asyncio.sleep(b.delay)
             if b.hang or b.hang_silent:
