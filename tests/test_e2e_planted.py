@@ -135,7 +135,15 @@ SPLITS = {
 }
 
 
-@pytest.mark.parametrize("write_size", [None, 1], ids=["whole", "1B"])
+def assert_well_formed(body: bytes) -> None:
+    """Every data frame is JSON or the terminator, and the body ends with exactly one [DONE]."""
+    frames = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert frames[-1] == b"[DONE]" and frames.count(b"[DONE]") == 1 and body.endswith(b"\n\n")
+    for f in frames[:-1]:
+        json.loads(f)
+
+
+@pytest.mark.parametrize("write_size", [None, 7, 1], ids=["whole", "7B", "1B"])
 @pytest.mark.parametrize("split", list(SPLITS))
 async def test_buffered_cut_leaks_no_trigger_char(engine, split, write_size):
     pieces = SPLITS[split]
@@ -144,6 +152,10 @@ async def test_buffered_cut_leaks_no_trigger_char(engine, split, write_size):
         model = fake.script("m", SSE(sse_body(content_chunks(pieces)), write_size=write_size))
         async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
             text, finish, error = await stream_chat(proxy, model)
+            async with httpx.AsyncClient(timeout=10) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                                 json={"model": model, "messages": USER, "stream": True})
+            assert_well_formed(r.content)
     assert error is None and finish == {0: "content_filter"}
     # the cut is at the start of the word holding the trigger: everything before it, nothing of it
     assert text.get(0, "") == full[:full.index(TRIGGER)]

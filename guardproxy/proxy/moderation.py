@@ -334,15 +334,27 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
     out = web.StreamResponse(status=resp.status, headers={**resp.headers, **extra_headers})
     out.headers["x-request-id"] = ctx.request_id
     is_sse = "text/event-stream" in resp.content_type
+    dec = SSEDecoder(ctx.limits.max_sse_event_bytes) if is_sse else None
+    done = False
     await out.prepare(request)
     try:
         async for data in resp.aiter_bytes():
             await out.write(data)
-    except UpstreamError as e:
-        ctx.metrics.upstream_errors.labels(kind=e.kind).inc()
+            if dec is not None and not done:
+                done = any(ev.is_done for ev in dec.feed(data))
+        if dec is not None and not done:  # an upstream that ends without [DONE] still ends with one here
+            done = any(ev.is_done for ev in dec.close())
+            if not done:
+                await out.write(b"\n\n" + DONE_FRAME)
+    except (UpstreamError, SSEError) as e:
+        kind = getattr(e, "kind", "bad_sse")
+        ctx.metrics.upstream_errors.labels(kind=kind).inc()
         if not is_sse:
-            raise
-        await out.write(error_frame(f"Upstream error: {e}", code=f"upstream_{e.kind}") + DONE_FRAME)
+            log.warning("request %s: upstream failed mid-body: %s", ctx.request_id, e)
+            if request.transport is not None:
+                request.transport.abort()  # a truncated body must not look complete
+            return out
+        await out.write(b"\n\n" + error_frame(f"Upstream error: {e}", code=f"upstream_{kind}") + DONE_FRAME)
     await out.write_eof()
     return out
 
@@ -579,13 +591,16 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
             await out.write(b"".join(parts))
     try:
         try:
+            eof = True
             async for data in resp.aiter_bytes():
                 await write(st.add(dec.feed(data)))
                 await write(await st.score())
                 if st.all_cut or st.rel.upstream_done:
+                    eof = False
                     break
             await resp.aclose()  # all choices cut, [DONE] seen, or EOF: the upstream is no longer wanted
-            await write(await st.finish(dec.close() if not st.rel.upstream_done else []))
+            # at EOF the decoder may hold a last event without its blank line; after a break the rest is abandoned
+            await write(await st.finish(dec.close() if eof else []))
         except (UpstreamError, SSEError) as e:
             await resp.aclose()
             kind = getattr(e, "kind", "bad_sse")
@@ -596,6 +611,12 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
         except _GuardFailure as e:
             await resp.aclose()
             await write([error_frame(str(e), type="service_unavailable", code="guard_unavailable"), DONE_FRAME])
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: the finally blocks close the upstream and the guard streams
+        except Exception:  # a bug: the stream still ends well-formed
+            log.exception("request %s: internal error while streaming", ctx.request_id)
+            await resp.aclose()
+            await write([error_frame("Internal error in guardproxy.", code="internal_error"), DONE_FRAME])
         await out.write_eof()
     finally:
         st.close()
