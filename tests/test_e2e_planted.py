@@ -427,3 +427,24 @@ async def test_guard_overloaded_fail_modes(engine, fail_mode):
         assert r.status_code == 200 and r.headers["x-guard-status"].startswith("unmoderated")
         assert b"All " in r.content and r.content.endswith(b"data: [DONE]\n\n")
     assert f'guardproxy_guard_failures_total{{fail_mode="{fail_mode}",kind="overloaded"}} 1.0' in m
+
+
+async def test_all_choices_cut_closes_upstream_and_drops_its_partial_event(engine):
+    """After the last wanted choice is cut the proxy stops reading: the upstream connection is closed at once (here
+    the upstream would otherwise hang) and the half-received next event is never relayed."""
+    body = sse_body(content_chunks(["My ", "zebrafish ", "and "], finish_reason=None), done=False)
+    body += b'data: {"id": "chatcmpl-fake", "choi'  # the next event, cut off mid-way
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, hang_silent=True))
+        async with RunningProxy(proxy_config(fake.base_url, upstream={"idle_timeout": 5}), engine) as proxy:
+            t0 = time.monotonic()
+            async with httpx.AsyncClient(timeout=10) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                                 json={"model": model, "messages": USER, "stream": True})
+            elapsed = time.monotonic() - t0
+            await asyncio.sleep(0.2)
+            assert fake.live_streams == 0 and fake.requests[-1].closed_early
+    assert elapsed < 3, "the proxy waited for the upstream instead of closing it"
+    assert_well_formed(r.content)
+    assert b'"finish_reason":"content_filter"' in r.content
+    await wait_idle(engine)
