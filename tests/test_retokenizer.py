@@ -283,3 +283,15 @@ def test_push_after_finish_and_bad_kind(tok):
     assert r.finish() == []
     with pytest.raises(RuntimeError):
         r.push("content", "x")
+
+
+def test_huge_pretoken_is_bounded(tok, hf):
+    """A 20k-char letter run (one pretoken) cannot grow the buffer without limit; all text is still read."""
+    r = Retokenizer(tok)
+    spans = []
+    for _ in range(200):
+        spans += r.push("content", "a" * 100)
+        assert r.pending_chars <= Retokenizer.max_pending + 100
+    spans += r.finish()
+    assert b"".join(token_bytes(hf, s.id) for s in spans) == b"\n\n\n\n" + b"a" * 20000
+    assert sum(s.end - s.start for s in spans) == 20000

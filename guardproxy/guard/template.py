@@ -229,7 +229,8 @@ class ChatRenderer:
 
         Context limit: with ``max_tokens``, while the ids are longer, the oldest turns after the system block are
         dropped (never the last user turn); if still too long, only the END of the last turn's content is kept
-        (the longest suffix that fits, in characters); if even an empty content does not fit, the system block is
+        (the longest character suffix that fits, found by binary search: token counts are monotone in the cut
+        except in rare BPE corner cases, where a slightly shorter suffix than possible may be kept); if even an empty content does not fit, the system block is
         dropped as a last resort.
 
         Raises:
@@ -272,7 +273,10 @@ class ChatRenderer:
 
         if len(with_cut(len(text))) > max_tokens:
             return None
-        lo, hi = 0, len(text)  # invariant: with_cut(hi) fits, with_cut(lo) does not (checked by caller)
+        whole = with_cut(0)
+        if len(whole) <= max_tokens:
+            return whole
+        lo, hi = 0, len(text)  # invariant: with_cut(hi) fits, with_cut(lo) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if len(with_cut(mid)) <= max_tokens:

@@ -77,8 +77,12 @@ class Retokenizer:
     rendered assistant turn after ``ASSISTANT_HEADER`` (through ``<|im_end|>``) when the pieces arrive in template
     order (reasoning, content, tool calls by first appearance). Out-of-order pieces (reasoning after content, content
     after a tool call, a piece of an earlier tool call) are rendered where they arrive, inside the current segment:
-    still read by the guard, but no longer the template's rendering.
+    still read by the guard, but no longer the template's rendering. A single pretoken longer than ``max_pending``
+    chars (only adversarial text has one) is cut, which keeps memory and CPU bounded but breaks exactness there.
     """
+
+    #: Longest uncommitted normalised text (chars) before the safety valve cuts it (bounds memory and CPU).
+    max_pending = 4096
 
     def __init__(self, tokenizer):
         if hasattr(tokenizer, "tokenizer"):
@@ -266,6 +270,11 @@ class Retokenizer:
                 if horizon >= n:
                     break
                 upto = e
+        if upto == 0 and len(text) > self.max_pending:
+            # Safety valve (adversarial input: one pretoken longer than max_pending chars, e.g. a huge whitespace run
+            # or letter run): cut it, keeping a tail. Still a valid encoding of the same text, not the canonical one.
+            upto = len(text) - self.max_pending // 2
+            pretokens = self._pre.pre_tokenize_str(text[:upto])
         if upto == 0:
             return []
         out: list[TokenSpan] = []
