@@ -257,6 +257,11 @@ def run(args) -> dict:
     return result
 
 
+def _num(x: float) -> str:
+    """Three significant digits for small numbers, one decimal otherwise."""
+    return f"{x:.3g}" if x < 100 else f"{x:.1f}"
+
+
 def table(r: dict) -> str:
     """Markdown table of a result."""
     out = [
@@ -271,7 +276,7 @@ def table(r: dict) -> str:
     for row in r["rows"]:
         name = {"reference": "(a) reference", "incremental": "(b) incremental"}.get(row["mode"], "(c) engine")
         out.append(
-            f"| {name} | {row['streams']} | {row['tokens']} | {row['tok_s']:.1f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
+            f"| {name} | {row['streams']} | {row['tokens']} | {_num(row['tok_s'])} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
         )
     sched = [row for row in r["rows"] if "steps" in row]
     if sched:
