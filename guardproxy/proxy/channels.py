@@ -6,7 +6,8 @@ places; a moderator that reads only ``delta.content`` is bypassed through any of
 index and in order, the pieces:
 
 * ``("reasoning", text)`` from ``delta.reasoning_content`` (SGLang, llama.cpp, DeepSeek, older vLLM),
-  ``delta.reasoning`` (vLLM, Ollama, OpenRouter) and ``delta.reasoning_details[].text`` (OpenRouter). When several of
+  ``delta.reasoning`` (vLLM, Ollama, OpenRouter) and ``delta.reasoning_details[].text`` / ``.summary`` (OpenRouter
+  ``reasoning.text`` / ``reasoning.summary`` items). When several of
   these carry the same text (OpenRouter sends ``reasoning`` and ``reasoning_details``), the text is one piece and the
   duplicates are recorded as ``Piece.mirrors`` so a redaction can be applied to every copy;
 * ``("content", text)`` from ``delta.content`` (and ``delta.refusal``), or ``choices[].text`` for ``/v1/completions``;
@@ -32,7 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
-__all__ = ["ChannelSplitter", "FieldSpan", "Kind", "Path", "Piece"]
+from guardproxy.proxy.sse import dumps
+
+__all__ = ["BadChunk", "ChannelSplitter", "FieldSpan", "Kind", "Path", "Piece", "normalize_chunk"]
 
 #: ``"reasoning"``, ``"content"`` or ``("tool", tool_index)``.
 Kind = Union[str, tuple[str, int]]
@@ -43,6 +46,8 @@ Path = tuple[Union[str, int], ...]
 _THINK, _END_THINK = "<think>", "</think>"
 _WS = " \t\r\n"
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
+#: Text-bearing keys of an OpenRouter ``reasoning_details`` item (``reasoning.text`` / ``reasoning.summary``).
+_DETAIL_TEXT_FIELDS = ("text", "summary")
 
 
 @dataclass(frozen=True)
@@ -174,11 +179,13 @@ class ChannelSplitter:
         fields = [(k, delta[k]) for k in _REASONING_FIELDS if isinstance(delta.get(k), str) and delta[k]]
         details = delta.get("reasoning_details")
         items = [
-            (i, d["text"])
+            (i, key, d[key])
             for i, d in enumerate(details if isinstance(details, list) else [])
-            if isinstance(d, dict) and isinstance(d.get("text"), str) and d["text"]
+            if isinstance(d, dict)
+            for key in _DETAIL_TEXT_FIELDS
+            if isinstance(d.get(key), str) and d[key]
         ]
-        detail_spans = [FieldSpan(ref, ("delta", "reasoning_details", i, "text"), 0, len(t)) for i, t in items]
+        detail_spans = [FieldSpan(ref, ("delta", "reasoning_details", i, key), 0, len(t)) for i, key, t in items]
         primary = None
         for k, text in fields:
             span = FieldSpan(ref, ("delta", k), 0, len(text))
@@ -188,12 +195,12 @@ class ChannelSplitter:
                 continue
             primary = Piece(c, "reasoning", text, span)
             out.append(primary)
-        if items and primary is not None and "".join(t for _, t in items) == primary.text:
-            offsets = [sum(len(t) for _, t in items[:n]) for n in range(len(items))]
+        if items and primary is not None and "".join(t for _, _, t in items) == primary.text:
+            offsets = [sum(len(t) for _, _, t in items[:n]) for n in range(len(items))]
             mirrors = tuple(replace(s, offset=off) for s, off in zip(detail_spans, offsets))
             out[-1] = Piece(c, "reasoning", primary.text, primary.span, mirrors=primary.mirrors + mirrors)
         else:
-            out += [Piece(c, "reasoning", t, s) for (_, t), s in zip(items, detail_spans)]
+            out += [Piece(c, "reasoning", t, s) for (_, _, t), s in zip(items, detail_spans)]
         return out
 
     def _tools(self, c: int, st: _ChoiceState, delta: dict, ref: Any) -> list[Piece]:
@@ -260,3 +267,84 @@ def _cut(regions: list[tuple[FieldSpan, str]], a: int, b: int) -> list[tuple[Fie
             out.append((FieldSpan(span.ref, span.path, s, s + hi - lo), text[lo - pos : hi - pos]))
         pos += len(text)
     return out
+
+
+# -- validation / normalisation (before splitting) ------------------------------------------------------------------
+class BadChunk(ValueError):
+    """A chunk the proxy cannot moderate: ``choices`` not a list of objects, a choice ``index`` outside ``[0, n)``,
+    or a text container (``delta``, ``tool_calls``, ``function``, ``reasoning_details``) of the wrong type."""
+
+
+#: Text fields of a choice / delta that a client shows; non-string values are moderated as their JSON text.
+_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def normalize_chunk(obj: dict, n: int) -> bool:
+    """Make every client-visible text of a chunk (or of a non-streamed completion: ``message`` instead of
+    ``delta``) a string, in place, so that nothing reaches the client unread.
+
+    * ``choices: null`` becomes ``[]``; a missing/null choice ``index`` becomes its list position;
+    * a non-string, non-null text value (``content`` as number/list/object, tool ``arguments`` sent as a JSON
+      object, ...) becomes its compact JSON text, which is what the guard reads and the client receives.
+
+    Args:
+        obj: a parsed chunk (``dict``).
+        n: the number of choices requested; indices must lie in ``[0, n)``.
+    Returns:
+        True if ``obj`` was changed (re-serialise it instead of relaying the original bytes).
+    Raises:
+        BadChunk: see the class.
+    """
+    changed = False
+    if "choices" not in obj:
+        return False
+    choices = obj["choices"]
+    if choices is None:
+        obj["choices"] = []
+        return True
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise BadChunk("'choices' is not an array of objects")
+    for j, ch in enumerate(choices):
+        idx = ch.get("index")
+        if idx is None:
+            ch["index"] = idx = j
+            changed = True
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n:
+            raise BadChunk(f"choice index {idx!r} is outside [0, {n})")
+        changed |= _stringify(ch, ("text",))
+        key = "delta" if "delta" in ch else "message"
+        delta = ch.get(key)
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            raise BadChunk(f"'{key}' is not an object")
+        changed |= _stringify(delta, _DELTA_TEXT)
+        for item in _items(delta, "reasoning_details"):
+            changed |= _stringify(item, _DETAIL_TEXT_FIELDS)
+        for item in _items(delta, "tool_calls"):
+            fn = item.get("function")
+            if fn is None:
+                continue
+            if not isinstance(fn, dict):
+                raise BadChunk("'tool_calls[].function' is not an object")
+            changed |= _stringify(fn, ("arguments",))
+    return changed
+
+
+def _items(delta: dict, key: str) -> list[dict]:
+    items = delta.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise BadChunk(f"'{key}' is not an array of objects")
+    return items
+
+
+def _stringify(d: dict, keys: tuple[str, ...]) -> bool:
+    changed = False
+    for k in keys:
+        v = d.get(k)
+        if v is not None and not isinstance(v, str):
+            d[k] = dumps(v).decode()
+            changed = True
+    return changed

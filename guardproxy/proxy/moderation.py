@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -35,13 +36,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from guardproxy.proxy.decider import Cut, Decider, Flag, Redact, decide_prompt
 from guardproxy.proxy.errors import DONE_FRAME, ProxyError, error_frame, json_response, prompt_blocked
+from guardproxy.proxy.channels import BadChunk, normalize_chunk
 from guardproxy.proxy.releaser import Releaser
-from guardproxy.proxy.sse import SSEDecoder, SSEError
+from guardproxy.proxy.sse import Event, SSEDecoder, SSEError, dumps, loads
 from guardproxy.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("guardproxy.moderation")
 
-MAX_N = 16  # largest n (choices per request) the proxy moderates
+MAX_N = 16  # largest n (choices per request) the proxy moderates; upstream choice indices must be below it
 
 
 class Metrics:
@@ -302,10 +304,10 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
         if resp.status >= 400 or outcome.stream is None:
             return await relay_unmoderated(ctx, request, resp, headers)
         if req.stream:
+            body = resp.aiter_bytes()
             if "text/event-stream" not in resp.content_type:
-                raise ProxyError(502, f"Upstream answered a stream request with {resp.content_type or 'no type'!r}.",
-                                 code="upstream_bad_stream")
-            return await stream_moderated(ctx, request, req, resp, outcome, headers)
+                body = await sniff_stream(ctx, resp, body)
+            return await stream_moderated(ctx, request, req, resp, outcome, headers, body)
         return await json_moderated(ctx, req, resp, outcome, headers)
     finally:
         if up_task is not None and not up_task.done():
@@ -315,6 +317,54 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
             await resp.aclose()
         if outcome is not None and outcome.stream is not None:
             outcome.stream.close()
+
+
+_SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+async def sniff_stream(ctx: RequestContext, resp: UpstreamResponse, body: AsyncIterator[bytes]
+                       ) -> AsyncIterator[bytes]:
+    """A stream request answered without ``text/event-stream``: if the body starts like SSE (``data:``, ``:``,
+    ``event:``, ...; some servers send ``text/plain``), return the body (first read put back) to be moderated as
+    SSE. Otherwise the body is read (bounded by ``max_upstream_body_bytes``) and the request fails before any byte.
+
+    Raises:
+        ProxyError: 502 carrying the upstream's own ``error`` object (message, type, param, code) when the body is
+            a JSON error (servers that answer 200 with an error body); 502 ``upstream_bad_stream`` otherwise.
+    """
+    first = b""
+    async for first in body:
+        break
+    if first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(_SSE_START):
+        return _prepend(first, body)
+    raw = first + await _read_bounded(body, ctx.limits.max_upstream_body_bytes - len(first))
+    obj = loads(raw) if raw.lstrip().startswith(b"{") else None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if err:
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        msg = err.get("message") if isinstance(err.get("message"), str) else str(err)
+        code = err.get("code") if isinstance(err.get("code"), (str, type(None))) else str(err.get("code"))
+        raise ProxyError(502, msg, code=code or "upstream_error", param=err.get("param") if isinstance(
+            err.get("param"), str) else None, type=err.get("type") if isinstance(err.get("type"), str) else None)
+    raise ProxyError(502, f"Upstream answered a stream request with {resp.content_type or 'no type'!r}.",
+                     code="upstream_bad_stream")
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for data in rest:
+        yield data
+
+
+async def _read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
+    """The rest of ``body``; ProxyError 502 ``upstream_too_large`` as soon as more than ``limit`` bytes arrived."""
+    parts, size = [], 0
+    async for data in body:
+        size += len(data)
+        if size > limit:
+            raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
+        parts.append(data)
+    return b"".join(parts)
 
 
 def _close_response_when_done(t: asyncio.Task) -> None:
@@ -476,10 +526,11 @@ class _Stream:
         return _wanted(self.policy, kind)
 
     def add(self, events: list) -> list[bytes]:
-        """Take decoded upstream events; returns bytes that may go out now."""
+        """Take decoded upstream events; returns bytes that may go out now. Raises BadChunk (see
+        :func:`checked_event`)."""
         out: list[bytes] = []
         for ev in events:
-            step = self.rel.add(ev)
+            step = self.rel.add(ev if self.rel.upstream_done else checked_event(ev, MAX_N))
             out += step.out
             for p in step.pieces:
                 g = self._guard(p.choice)
@@ -551,7 +602,7 @@ class _Stream:
 
     @property
     def all_cut(self) -> bool:
-        return len(self.cut) >= self.req.n
+        return len(self.cut) >= max(self.req.n, len(self.rel.choices))
 
     async def finish(self, tail_events: list) -> list[bytes]:
         """Upstream ended: flush, score the rest of every choice, release, ``[DONE]``."""
@@ -572,13 +623,40 @@ class _Stream:
             g.close()
 
 
+def checked_event(ev: Event, n: int) -> Event:
+    """An upstream event made safe to moderate: a data event (other than ``[DONE]``) must be a JSON object whose
+    chunk passes :func:`normalize_chunk`; when parsing or normalising changed it (lone surrogates -> U+FFFD,
+    non-string text -> JSON text, missing index), its ``data`` is re-serialised, else it is returned as is (relayed
+    byte for byte).
+
+    Raises:
+        BadChunk: data that is not JSON / not an object / too deeply nested, or a chunk :func:`normalize_chunk`
+            refuses. Such data is never relayed raw: the guard cannot read it, so a client must not see it.
+    """
+    if ev.kind != "data" or ev.is_done:
+        return ev
+    try:
+        obj, changed = orjson.loads(ev.data), False
+    except orjson.JSONDecodeError:
+        obj, changed = loads(ev.data), True
+    if not isinstance(obj, dict):
+        raise BadChunk("an SSE data field is not a JSON object")
+    if normalize_chunk(obj, n) or changed:
+        data = dumps(obj).decode()
+        fields = [(k, v) for k, v in ev.fields if k != "data"]
+        ev = dataclasses.replace(ev, data=data, fields=(*fields, ("data", data)))
+    return ev
+
+
 class _GuardFailure(Exception):
     """The guard failed mid-stream under ``fail_mode: closed``."""
 
 
 async def stream_moderated(ctx: RequestContext, request: web.Request, req: ParsedRequest, resp: UpstreamResponse,
-                           outcome: PromptOutcome, headers: dict[str, str]) -> web.StreamResponse:
-    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``."""
+                           outcome: PromptOutcome, headers: dict[str, str],
+                           body: AsyncIterator[bytes] | None = None) -> web.StreamResponse:
+    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``.
+    ``body``: the upstream body iterator (default ``resp.aiter_bytes()``)."""
     out = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         "x-request-id": ctx.request_id, **headers})
@@ -592,7 +670,7 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
     try:
         try:
             eof = True
-            async for data in resp.aiter_bytes():
+            async for data in body if body is not None else resp.aiter_bytes():
                 await write(st.add(dec.feed(data)))
                 await write(await st.score())
                 if st.all_cut or st.rel.upstream_done:
@@ -601,9 +679,9 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
             await resp.aclose()  # all choices cut, [DONE] seen, or EOF: the upstream is no longer wanted
             # at EOF the decoder may hold a last event without its blank line; after a break the rest is abandoned
             await write(await st.finish(dec.close() if eof else []))
-        except (UpstreamError, SSEError) as e:
+        except (UpstreamError, SSEError, BadChunk) as e:
             await resp.aclose()
-            kind = getattr(e, "kind", "bad_sse")
+            kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")
             ctx.metrics.upstream_errors.labels(kind=kind).inc()
             log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
             parts = await st.finish([])
@@ -656,13 +734,16 @@ async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: Upstream
     """Score a non-streamed completion in one pass per choice and apply the same actions as when streaming."""
     from guardproxy.proxy.channels import ChannelSplitter
 
-    raw = await resp.aread()
-    if len(raw) > ctx.limits.max_upstream_body_bytes:
-        raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
+    raw = await _read_bounded(resp.aiter_bytes(), ctx.limits.max_upstream_body_bytes)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ProxyError(502, "Upstream returned invalid JSON.", code="upstream_bad_json") from None
+    try:
+        if isinstance(body, dict):
+            normalize_chunk(body, MAX_N)
+    except BadChunk as e:
+        raise ProxyError(502, f"Upstream returned a malformed completion: {e}.", code="upstream_bad_json") from None
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list):
         return json_response(body, 200, {"x-request-id": ctx.request_id, **headers})

@@ -1,0 +1,420 @@
+"""Adversarial upstreams: odd, malformed and hostile streams through the real proxy (planted guard, real aiohttp,
+real httpx, real openai SDK). "zebrafish" -> Unsafe/Violent (cut), "marzipan" -> Controversial/PII (flag).
+
+Every test states what a correct proxy must do; each was written against a failure or a bypass it guards against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+
+from guardproxy.testing.fake_upstream import (
+    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
+)
+
+TRIGGER = "zebrafish"
+USER = [{"role": "user", "content": "Tell me about your pets."}]
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def engine(planted_checkpoint):
+    from guardproxy.guard.engine import GuardEngine
+
+    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu")
+    yield eng
+    eng.close()
+
+
+async def wait_idle(engine, timeout: float = 2.0) -> None:
+    t0 = time.monotonic()
+    while engine.stats().live_streams and time.monotonic() - t0 < timeout:
+        await asyncio.sleep(0.02)
+    assert engine.stats().live_streams == 0
+
+
+def frames(body: bytes) -> list:
+    """The data frames of an SSE body: parsed JSON objects, or the string "[DONE]"."""
+    out = []
+    for ev in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = [ln[5:].removeprefix(b" ") for ln in ev.split(b"\n") if ln.startswith(b"data:")]
+        if data:
+            d = b"\n".join(data)
+            out.append("[DONE]" if d == b"[DONE]" else json.loads(d))
+    return out
+
+
+def well_formed(body: bytes) -> list:
+    """Assert: every data frame is JSON, the body ends with exactly one ``[DONE]`` and a blank line."""
+    f = frames(body)
+    assert f and f[-1] == "[DONE]" and f.count("[DONE]") == 1 and body.endswith(b"\n\n"), body[-300:]
+    return f[:-1]
+
+
+def texts(fs: list) -> tuple[dict, dict]:
+    """(text per choice index, finish_reason per choice) from chunk frames; reasoning under ``r<i>``, tool
+    arguments under ``t<i>``."""
+    text, finish = {}, {}
+    for f in fs:
+        for j, ch in enumerate(f.get("choices") or []):
+            i = ch.get("index", j)
+            if ch.get("finish_reason"):
+                finish[i] = ch["finish_reason"]
+            d = ch.get("delta") or {}
+            for key, k in (("content", i), ("reasoning_content", f"r{i}"), ("reasoning", f"r{i}")):
+                if isinstance(d.get(key), str):
+                    text[k] = text.get(k, "") + d[key]
+            for t in d.get("tool_calls") or []:
+                a = (t.get("function") or {}).get("arguments")
+                if isinstance(a, str):
+                    text[f"t{i}"] = text.get(f"t{i}", "") + a
+            if isinstance(ch.get("text"), str):
+                text[i] = text.get(i, "") + ch["text"]
+    return text, finish
+
+
+async def post(proxy, model: str, *, timeout: float = 20, **body) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=timeout) as h:
+        return await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                            json={"model": model, "messages": USER, "stream": True, **body})
+
+
+async def relay(engine, body: bytes, policy: dict | None = None, *, write_size: int | None = None, limits=None,
+                upstream: dict | None = None, **req) -> httpx.Response:
+    """Serve ``body`` from the fake upstream and POST a streamed request through the proxy."""
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, write_size=write_size))
+        cfg = proxy_config(fake.base_url, policy, upstream=upstream)
+        if limits:
+            cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update=limits)})
+        async with RunningProxy(cfg, engine) as proxy:
+            return await post(proxy, model, **req)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text that cannot be re-encoded, events that are not chunks
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("write_size", [None, 3])
+async def test_lone_surrogate_text_is_replaced_visibly_not_lost(engine, write_size):
+    # json.loads accepts "\ud800"; orjson cannot encode the resulting str. Split chunks must be re-encoded.
+    raw = [b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+           b'"delta":{"content":"Bad \\ud800 surrogate, then a long tail of words."},"finish_reason":null}]}\n\n',
+           chunk({"content": " End."}, finish_reason="stop")]
+    r = await relay(engine, sse_body(raw), write_size=write_size)
+    text, finish = texts(well_formed(r.content))
+    assert text[0] == "Bad \ufffd surrogate, then a long tail of words. End."
+    assert finish == {0: "stop"}
+    await wait_idle(engine)
+
+
+async def test_lone_surrogate_does_not_hide_a_trigger(engine):
+    raw = [b'data: {"choices":[{"index":0,"delta":{"content":"\\udc00 my zebrafish bites"}}]}\n\n',
+           chunk({"content": " hard."}, finish_reason="stop")]
+    r = await relay(engine, sse_body(raw))
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"} and TRIGGER not in text.get(0, "")
+
+
+@pytest.mark.parametrize("bad", [b"data: zebrafish attack plan\n\n", b'data: {"choices": [{"delta": {"content": "zebr\n\n',
+                                 b"data: {'choices': []}\n\n"])
+async def test_invalid_json_event_never_reaches_the_client_raw(engine, bad):
+    """Data the guard cannot read must not be relayed as is (a raw client would see unmoderated text); the stream
+    ends with an error frame the SDKs raise on, then [DONE]."""
+    body = sse_body([chunk({"content": "Hello "}), bad, chunk({"content": "world."}, finish_reason="stop")])
+    r = await relay(engine, body)
+    fs = well_formed(r.content)
+    assert b"zebr" not in r.content and b"'choices'" not in r.content
+    assert fs[-1]["error"]["code"] == "upstream_bad_event"
+    assert texts(fs)[0].get(0) == "Hello "
+
+
+@pytest.mark.parametrize("content,shown", [
+    (42, "42"), (["zebra", "fish"], '["zebra","fish"]'), ({"text": "a zebrafish"}, '{"text":"a zebrafish"}'),
+    (True, "true"),
+])
+async def test_content_of_unexpected_type_is_moderated_as_json_text(engine, content, shown):
+    body = sse_body([chunk({"role": "assistant", "content": ""}), chunk({"content": "Value: "}),
+                     chunk({"content": content}), chunk({"content": " done."}, finish_reason="stop")])
+    r = await relay(engine, body)
+    text, finish = texts(well_formed(r.content))
+    if TRIGGER in shown:
+        assert finish == {0: "content_filter"} and TRIGGER not in text.get(0, "")
+    else:
+        assert finish == {0: "stop"} and text[0] == f"Value: {shown} done."
+
+
+async def test_tool_arguments_sent_as_json_object_are_moderated(engine):
+    """Some servers send ``arguments`` as an object; it is moderated (and relayed) as its JSON text."""
+    body = sse_body([
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                    "function": {"name": "lookup", "arguments": {"animal": "zebrafish"}}}]}),
+        chunk({}, finish_reason="tool_calls")])
+    r = await relay(engine, body)
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"}
+    assert TRIGGER not in r.content.decode()
+
+
+async def test_tool_arguments_object_safe_is_relayed_as_string(engine):
+    body = sse_body([
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                    "function": {"name": "lookup", "arguments": {"city": "Oslo"}}}]}),
+        chunk({}, finish_reason="tool_calls")])
+    r = await relay(engine, body)
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "tool_calls"} and json.loads(text["t0"]) == {"city": "Oslo"}
+
+
+@pytest.mark.parametrize("choices", ['{"0": {"delta": {"content": "zebrafish"}}}', '"zebrafish"',
+                                     '[{"index": 0, "delta": {"content": "ok"}}, "zebrafish"]'])
+async def test_choices_not_a_list_of_objects_is_an_upstream_error(engine, choices):
+    body = sse_body([chunk({"content": "Hi "}), f'data: {{"id": "c", "choices": {choices}}}\n\n',
+                     chunk({"content": "there."}, finish_reason="stop")])
+    r = await relay(engine, body)
+    fs = well_formed(r.content)
+    assert TRIGGER not in r.content.decode()
+    assert fs[-1]["error"]["code"] == "upstream_bad_event"
+
+
+@pytest.mark.parametrize("index", [-1, 16, 10**30, "0", None, 7])
+async def test_choice_index_out_of_range_is_an_upstream_error(engine, index):
+    """A choice index outside [0, MAX_N=16) cannot be a real choice (and every new index costs a guard stream);
+    an index in range but beyond n is moderated as its own choice (lenient: some servers ignore n)."""
+    bad = {"id": "c", "choices": [{"index": index, "delta": {"content": "zebrafish"}, "finish_reason": None}]}
+    body = sse_body([chunk({"content": "Hi "}), bad, chunk({"content": "there."}, finish_reason="stop")])
+    r = await relay(engine, body)
+    fs = well_formed(r.content)
+    if index is None:  # a null index is read as the position in the list: choice 0, moderated
+        assert texts(fs)[1] == {0: "content_filter"} and TRIGGER not in r.content.decode()
+    elif index == 7:
+        assert texts(fs) == ({0: "Hi there."}, {0: "stop", 7: "content_filter"})
+    else:
+        assert TRIGGER not in r.content.decode() and fs[-1]["error"]["code"] == "upstream_bad_event"
+    await wait_idle(engine)
+
+
+async def test_missing_index_means_list_position(engine):
+    body = sse_body([{"choices": [{"delta": {"content": "Hello "}}]}, {"choices": [{"delta": {"content": "you."},
+                                                                                 "finish_reason": "stop"}]}])
+    r = await relay(engine, body)
+    assert texts(well_formed(r.content)) == ({0: "Hello you."}, {0: "stop"})
+
+
+async def test_deeply_nested_event_is_a_clean_upstream_error(engine):
+    deep = "[" * 5000 + "]" * 5000
+    body = sse_body([chunk({"content": "Hi."}), f'data: {{"x": {deep}}}\n\n', chunk({}, finish_reason="stop")])
+    r = await relay(engine, body)
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_bad_event"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Terminators, error events, wrong framing
+# ---------------------------------------------------------------------------------------------------------------------
+
+async def test_duplicate_done_and_data_after_done(engine):
+    body = sse_body(content_chunks(["Fine ", "text."])) + b"data: [DONE]\n\n" + sse_body(
+        [chunk({"content": " my zebrafish"})])
+    r = await relay(engine, body)
+    text, finish = texts(well_formed(r.content))
+    assert text == {0: "Fine text."} and finish == {0: "stop"}
+
+
+async def test_event_error_frame_reaches_the_sdk_and_stream_ends(engine):
+    body = sse_body([chunk({"content": "Part "}),
+                     b'event: error\ndata: {"error": {"message": "overloaded", "code": "busy"}}\n\n'], done=False)
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            r = await post(proxy, model)
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            got = ""
+            with pytest.raises(openai.APIError, match="overloaded"):
+                async for c in await client.chat.completions.create(model=model, messages=USER, stream=True):
+                    got += c.choices[0].delta.content or "" if c.choices else ""
+            await client.close()
+    assert got == "Part "
+    assert b"event: error\n" in r.content and r.content.endswith(b"data: [DONE]\n\n")
+    await wait_idle(engine)
+
+
+async def test_200_json_error_body_for_a_stream_is_passed_on_as_an_error(engine):
+    async with FakeUpstream() as fake:
+        model = fake.script("m", JSON({"error": {"message": "context too long", "type": "invalid_request_error",
+                                                 "param": None, "code": "context_length_exceeded"}}))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            with pytest.raises(openai.APIStatusError) as e:
+                async for _ in await client.chat.completions.create(model=model, messages=USER, stream=True):
+                    pass
+            await client.close()
+    assert e.value.status_code == 502
+    assert "context too long" in e.value.message and e.value.code == "context_length_exceeded"
+    await wait_idle(engine)
+
+
+async def _custom_upstream(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+
+async def test_sse_with_wrong_content_type_is_moderated(engine):
+    body = sse_body(content_chunks(["A pet ", "zebrafish ", "story."]))
+
+    async def handler(request):
+        await request.read()
+        return web.Response(body=body, content_type="text/plain")
+    runner, url = await _custom_upstream(handler)
+    try:
+        async with RunningProxy(proxy_config(url), engine) as proxy:
+            r = await post(proxy, "m")
+    finally:
+        await runner.cleanup()
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"} and text[0] == "A pet "
+
+
+async def test_gzip_encoded_sse_is_decoded_and_moderated(engine):
+    body = sse_body(content_chunks(["Gzip ", "zebrafish ", "story."]))
+    seen = {}
+
+    async def handler(request):
+        await request.read()
+        seen["accept"] = request.headers.get("Accept-Encoding", "")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
+        await resp.prepare(request)
+        z = gzip.compress(body)
+        for i in range(0, len(z), 17):
+            await resp.write(z[i:i + 17])
+        await resp.write_eof()
+        return resp
+    runner, url = await _custom_upstream(handler)
+    try:
+        async with RunningProxy(proxy_config(url), engine) as proxy:
+            r = await post(proxy, "m")
+    finally:
+        await runner.cleanup()
+    assert "content-encoding" not in r.headers
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"} and text[0] == "Gzip "
+
+
+async def test_upstream_headers_then_silence_ends_with_timeout_frame(engine):
+    async def handler(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(30)
+        return resp
+    runner, url = await _custom_upstream(handler)
+    try:
+        async with RunningProxy(proxy_config(url, upstream={"first_byte_timeout": 0.5}), engine) as proxy:
+            t0 = time.monotonic()
+            r = await post(proxy, "m")
+            elapsed = time.monotonic() - t0
+    finally:
+        await runner.cleanup()
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_timeout" and elapsed < 5
+    await wait_idle(engine)
+
+
+async def test_upstream_that_never_sends_a_newline_is_bounded(engine):
+    body = b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"a" * 300_000
+    r = await relay(engine, body, limits={"max_sse_event_bytes": 64 * 1024}, write_size=4096)
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_bad_sse" and len(r.content) < 4096
+
+
+async def test_enormous_number_of_tiny_events(engine):
+    """20 000 one-character chunks in a few big reads: linear work, everything relayed, trigger cut."""
+    text = ("lorem ipsum dolor sit amet " * 800)[:20_000]
+    body = sse_body(content_chunks(list(text)))
+    t0 = time.monotonic()
+    r = await relay(engine, body, write_size=256 * 1024)
+    elapsed = time.monotonic() - t0
+    got, finish = texts(well_formed(r.content))
+    assert got[0] == text and finish == {0: "stop"}
+    assert elapsed < 20, f"{elapsed:.1f}s for 20k events"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# n > 1, channels
+# ---------------------------------------------------------------------------------------------------------------------
+
+async def test_n3_one_choice_cut_others_continue(engine):
+    ev = []
+    parts = [("Alpha ", "Beta ", "Gamma "), ("one ", "my zebra", "two "), ("three.", "fish now.", "four.")]
+    for row in parts:
+        ev += [chunk({"content": t}, index=i) for i, t in enumerate(row)]
+    ev += [chunk({}, index=i, finish_reason="stop") for i in range(3)]
+    r = await relay(engine, sse_body(ev), write_size=13, n=3)
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "stop", 1: "content_filter", 2: "stop"}
+    assert text[0] == "Alpha one three." and text[2] == "Gamma two four." and text.get(1) == "Beta my "
+    await wait_idle(engine)
+
+
+async def test_trigger_straddling_two_choices_is_not_flagged(engine):
+    ev = [chunk({"content": "zebr"}, index=0), chunk({"content": "afish"}, index=1),
+          chunk({"content": "afish"}, index=0), chunk({"content": "zebr"}, index=1)]
+    ev += [chunk({}, index=i, finish_reason="stop") for i in range(2)]
+    r = await relay(engine, sse_body(ev), write_size=5, n=2)
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter", 1: "stop"}  # choice 0 says "zebrafish"; choice 1 "afishzebr"
+    assert text[1] == "afishzebr"
+
+
+async def test_trigger_split_across_reasoning_and_content_is_two_texts(engine):
+    """The template renders reasoning and content as separate segments; "zebra" + "fish" across them is not the
+    word (the client shows them apart), while a trigger ending the reasoning is cut before the content."""
+    ev = [chunk({"reasoning_content": "Think of a zebra"}), chunk({"content": "fish tank."}, finish_reason="stop")]
+    text, finish = texts(well_formed((await relay(engine, sse_body(ev))).content))
+    assert finish == {0: "stop"} and text == {"r0": "Think of a zebra", 0: "fish tank."}
+    ev = [chunk({"reasoning_content": "Think of a zebrafish"}), chunk({"content": "Tank."}, finish_reason="stop")]
+    text, finish = texts(well_formed((await relay(engine, sse_body(ev))).content))
+    assert finish == {0: "content_filter"} and text == {"r0": "Think of a "}
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<thi", "nk>my zebr", "afish</thi", "nk>Answer."],
+    ["<think>my zebrafish</", "think>Answer."],
+    ["  <think>", "my zebrafish", "</think", ">Answer."],
+])
+async def test_trigger_inside_inline_think_held_by_the_splitter(engine, pieces):
+    r = await relay(engine, sse_body(content_chunks(pieces)), write_size=4)
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"}
+    assert TRIGGER not in text.get(0, "") and "Answer" not in text.get(0, "")
+
+
+async def test_reasoning_details_summary_is_moderated(engine):
+    ev = [chunk({"reasoning_details": [{"type": "reasoning.summary", "summary": "The user likes zebrafish",
+                                        "format": "unknown", "index": 0}]}),
+          chunk({"content": "Hello."}, finish_reason="stop")]
+    r = await relay(engine, sse_body(ev))
+    assert TRIGGER not in r.content.decode()
+    assert texts(well_formed(r.content))[1] == {0: "content_filter"}
+
+
+async def test_reasoning_details_summary_mirrors_reasoning(engine):
+    s = "Plan a picnic"
+    ev = [chunk({"reasoning": s, "reasoning_details": [{"type": "reasoning.summary", "summary": s}]}),
+          chunk({"content": "OK."}, finish_reason="stop")]
+    r = await relay(engine, sse_body(ev), policy={"response": {"unsafe": "redact"}})
+    fs = well_formed(r.content)
+    assert texts(fs) == ({"r0": s, 0: "OK."}, {0: "stop"})
