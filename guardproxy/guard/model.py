@@ -84,6 +84,25 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+_CAUSAL = object()  # marker: a chunk starting at position 0 is plain causal attention (SDPA is_causal)
+
+
+def _chunk_mask(c: "Chunk", dtype, device):
+    """Attention mask of one chunk's ``n`` queries over its ``start + n`` keys.
+
+    None for a decode step (n == 1: every key is visible), ``_CAUSAL`` for a chunk at position 0, else an additive
+    float mask [n, start + n] (0 = attend, -inf = future key). Additive float masks keep SDPA on the fused CPU flash
+    kernel; a boolean [g*n, S] mask sent it down the materialising math path (5x slower at S = 8192).
+    """
+    if c.n == 1:
+        return None
+    if c.start == 0:
+        return _CAUSAL
+    m = torch.zeros(c.n, c.start + c.n, dtype=dtype, device=device)
+    m[:, c.start :].masked_fill_(torch.ones(c.n, c.n, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    return m
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # rotate-half RoPE; x [N, heads, hd], cos/sin [N, 1, hd]
     half = x.shape[-1] // 2
@@ -163,14 +182,7 @@ class GuardModel:
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
         pos = torch.cat([torch.arange(c.start, c.start + c.n) for c in chunks]).to(self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        masks = []
-        for c in chunks:  # bool [g*n, S] (True = attend), causal within the chunk; None for a single decode token
-            if c.n == 1:
-                masks.append(None)
-            else:
-                S = c.start + c.n
-                m = torch.arange(S, device=self.device)[None, :] <= torch.arange(c.start, S, device=self.device)[:, None]
-                masks.append(m.repeat(g, 1))
+        masks = [_chunk_mask(c, self.dtype, self.device) for c in chunks]
         x = self.embed[ids]
         q_sz, kv_sz = nh * hd, nkv * hd
         for li, lw in enumerate(self.layers):
@@ -180,18 +192,20 @@ class GuardModel:
             k = _rms(qkv[:, q_sz : q_sz + kv_sz].view(N, nkv, hd), lw["kn"], self.eps)
             v = qkv[:, q_sz + kv_sz :].view(N, nkv, hd)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            out = torch.empty(N, nkv, g, hd, dtype=x.dtype, device=x.device)
-            q = q.view(N, nkv, g, hd)
+            out = torch.empty(N, nh, hd, dtype=x.dtype, device=x.device)
             off = 0
             for c, m in zip(chunks, masks):
                 end, S = off + c.n, c.start + c.n
                 kc, vc = c.cache.k[li], c.cache.v[li]  # [kvh, cap, hd]
                 kc[:, c.start : S] = k[off:end].transpose(0, 1)
                 vc[:, c.start : S] = v[off:end].transpose(0, 1)
-                # group the g query heads sharing a KV head into rows: [kvh, g*n, hd] (no K/V repeat for GQA)
-                qs = q[off:end].permute(1, 2, 0, 3).reshape(nkv, g * c.n, hd)
-                o = F.scaled_dot_product_attention(qs, kc[:, :S], vc[:, :S], attn_mask=m)
-                out[off:end] = o.view(nkv, g, c.n, hd).permute(2, 0, 1, 3)
+                # [1, heads, n, hd] over [1, kv_heads, S, hd]: GQA handled by SDPA (query head h reads KV head h // g,
+                # as transformers' repeat_kv), no K/V copies; a causal or additive mask keeps the fused CPU kernel.
+                o = F.scaled_dot_product_attention(
+                    q[off:end].transpose(0, 1)[None], kc[None, :, :S], vc[None, :, :S],
+                    attn_mask=m if isinstance(m, torch.Tensor) else None, is_causal=m is _CAUSAL, enable_gqa=g > 1,
+                )  # fmt: skip
+                out[off:end] = o[0].transpose(0, 1)
                 off = end
             x = x + F.linear(out.view(N, q_sz), lw["o"])
             gu = F.linear(_rms(x, lw["ln2"], self.eps), lw["gate_up"])
