@@ -43,6 +43,7 @@ from guardproxy.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("guardproxy.moderation")
 
+MAX_DEPTH = 128  # deepest nesting accepted in 'messages' (tool-call arguments are rendered by recursive code)
 MAX_N = 16  # largest n (choices per request) the proxy moderates; upstream choice indices must be below it
 
 
@@ -135,6 +136,18 @@ def _text_of(content: Any, where: str) -> str:
                      code="invalid_type")
 
 
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Is ``obj`` (parsed JSON) nested more than ``limit`` arrays/objects deep? Iterative (no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (list, dict)):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
 def parse_request(body: dict, *, legacy: bool) -> ParsedRequest:
     """Validate the fields the proxy needs; everything else is left to the upstream.
 
@@ -175,6 +188,9 @@ def parse_request(body: dict, *, legacy: bool) -> ParsedRequest:
             if key in m:
                 g[key] = m[key]
         out.append(g)
+    if _too_deep(msgs, MAX_DEPTH):
+        raise ProxyError(400, f"'messages' is nested more than {MAX_DEPTH} levels deep.", param="messages",
+                         code="invalid_value")
     if not any(m["role"] == "user" for m in out):
         raise ProxyError(400, "'messages' must contain at least one user message.", param="messages",
                          code="invalid_value")
@@ -310,8 +326,9 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
             return await stream_moderated(ctx, request, req, resp, outcome, headers, body)
         return await json_moderated(ctx, req, resp, outcome, headers)
     finally:
-        if up_task is not None and not up_task.done():
-            up_task.cancel()
+        if up_task is not None and resp is None:  # the upstream response was never taken over: close it too
+            if not up_task.done():
+                up_task.cancel()
             up_task.add_done_callback(_close_response_when_done)
         if resp is not None:
             await resp.aclose()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,8 @@ async def request_id_and_errors(request: web.Request, handler):
         status = resp.status
         if not resp.prepared:
             resp.headers["x-request-id"] = rid
+            if status == 405 and request.path in _MODERATED:
+                resp.headers["Allow"] = "POST"
         return resp
     finally:
         state.metrics.requests.labels(route=route, status=str(status)).inc()
@@ -163,12 +166,48 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     return await moderation.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
 
 
+#: Generation routes guardproxy does not moderate: never relayed (they would bypass the guard). Compared with the
+#: normalised path (see :func:`normalized_path`) and everything below it.
+UNMODERATED_GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                          "/v1/engines", "/v1/threads", "/v1/assistants")
+
+
+def normalized_path(raw_path: str) -> str:
+    """The path an upstream will route: percent-decoded, ``.``/``..`` segments resolved, empty segments (``//``)
+    and a trailing ``/`` dropped. The relay checks and forwards this form, so what is checked is what is sent."""
+    out: list[str] = []
+    for seg in unquote(raw_path).split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    return "/" + "/".join(out)
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """Any method but POST on a moderated route: 405 in the OpenAI error shape, ``Allow: POST``."""
+    raise ProxyError(405, f"Method {request.method} not allowed on {request.path}; use POST.",
+                     code="method_not_allowed")
+
+
 async def relay(request: web.Request) -> web.StreamResponse:
-    """Any other /v1/* route: forwarded unchanged (credentials and hop-by-hop headers aside), body streamed back."""
+    """Any other /v1/* route: forwarded (credentials and hop-by-hop headers aside), body streamed back.
+
+    Raises:
+        ProxyError: 404 ``unmoderated_route`` for a path that normalises to a generation route (another spelling
+            of a moderated route, ``/v1/responses``, ...): relaying it would bypass the guard.
+    """
     state = request.app[STATE]
     up = _upstream(state, resolve_tenant(state, request))
+    path = normalized_path(request.raw_path.split("?", 1)[0])
+    if any(path == p or path.startswith(p + "/") for p in UNMODERATED_GENERATION):
+        raise ProxyError(404, f"Route {request.path} is not available through guardproxy (it cannot be moderated"
+                              f"{'; use ' + path if path in _MODERATED else ''}).", code="unmoderated_route")
     raw = await request.read()
-    resp = await up.send(request.method, request.path, headers=request.headers, content=raw or None,
+    resp = await up.send(request.method, path, headers=request.headers, content=raw or None,
                          params=request.query_string or None)
     out = web.StreamResponse(status=resp.status, headers=resp.headers)
     out.headers["x-request-id"] = request[REQUEST_ID]
@@ -231,6 +270,7 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     app.router.add_get("/metrics", metrics)
     for path in _MODERATED:
         app.router.add_post(path, moderated)
+        app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/v1/{tail:.+}", relay)
 
     async def _close_upstreams(app: web.Application) -> None:
