@@ -78,6 +78,46 @@ class Chunk:
     n: int
 
 
+def _onednn_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, n) for n in ("_reorder_linear_weight", "_linear_pointwise")
+    )
+
+
+class Linear:
+    """``y = x @ w.T`` (``F.linear``) with ``w`` [out, in] re-laid out ONCE for oneDNN when ``pack`` is true.
+
+    On CPU float32, PyTorch's default path (MKL sgemm, which packs the weight again on every call) reached about 35
+    GFLOP/s on this project's AMD EPYC (Zen 4) at 16 rows; the weight reordered once into oneDNN's blocked layout ran
+    the same product 2-3.5x faster at 2..64 rows and as fast at 1 row (``[6144, 1024]`` weights, 1 thread). This is
+    what ``torch.compile(freezing=True)`` does on CPU (inductor's mkldnn weight prepacking), without the compile.
+    The ops are ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise`` (private but used by inductor);
+    :func:`default_pack` turns packing off where they are missing. Results equal ``F.linear`` up to float32
+    summation order.
+
+    Args:
+        w: [out, in] weight. pack: use the oneDNN layout (CPU float32 only; see :func:`default_pack`).
+    Call: ``x`` [N, in] contiguous -> [N, out].
+    """
+
+    def __init__(self, w: torch.Tensor, pack: bool):
+        self.out_features, self.in_features = w.shape
+        self.packed = bool(pack)
+        # batch-size hint 64: picks a blocked layout that served 1..256 rows well in the measurements
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64) if self.packed else w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
+        return F.linear(x, self.w)
+
+
+def default_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :class:`Linear` packs by default: CPU + float32 + oneDNN ops present."""
+    return device.type == "cpu" and dtype == torch.float32 and _onednn_available()
+
+
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' Qwen3RMSNorm: normalise in float32, cast back, then scale.
     xf = x.float()
@@ -119,7 +159,9 @@ class GuardModel:
         max_positions: size of the RoPE table (the engine's context limit).
     """
 
-    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], *, max_positions: int):
+    def __init__(
+        self, config: dict, state_dict: dict[str, torch.Tensor], *, max_positions: int, pack: bool | None = None
+    ):
         sd = state_dict
         self.config = config
         self.n_layers = config["num_hidden_layers"]
@@ -128,6 +170,8 @@ class GuardModel:
         self.eps = float(config["rms_norm_eps"])
         emb = sd["model.embed_tokens.weight"]
         self.dtype, self.device = emb.dtype, emb.device
+        self.pack = default_pack(self.device, self.dtype) if pack is None else pack
+        lin = lambda w: Linear(w, self.pack)  # noqa: E731
         self.embed = emb
         self.layers = []
         for i in range(self.n_layers):
@@ -137,17 +181,17 @@ class GuardModel:
                 dict(
                     ln1=w("input_layernorm"),
                     ln2=w("post_attention_layernorm"),
-                    qkv=torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]),
-                    o=w("self_attn.o_proj"),
+                    qkv=lin(torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")])),
+                    o=lin(w("self_attn.o_proj")),
                     qn=w("self_attn.q_norm"),
                     kn=w("self_attn.k_norm"),
-                    gate_up=torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]),
-                    down=w("mlp.down_proj"),
+                    gate_up=lin(torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")])),
+                    down=lin(w("mlp.down_proj")),
                 )
             )
         self.norm = sd["model.norm.weight"]
         # both head pathways' "pre" projections fused into one matmul: [2*inner, H]
-        self.head_pre = torch.cat([sd[RESPONSE_HEAD[0] + ".weight"], sd[QUERY_HEAD[0] + ".weight"]])
+        self.head_pre = lin(torch.cat([sd[RESPONSE_HEAD[0] + ".weight"], sd[QUERY_HEAD[0] + ".weight"]]))
         self.heads = {n: sd[n + ".weight"] for n in RESPONSE_HEAD[1:] + QUERY_HEAD[1:]}
         inv = 1.0 / (float(config["rope_theta"]) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
@@ -187,7 +231,7 @@ class GuardModel:
         q_sz, kv_sz = nh * hd, nkv * hd
         for li, lw in enumerate(self.layers):
             h = _rms(x, lw["ln1"], self.eps)
-            qkv = F.linear(h, lw["qkv"])
+            qkv = lw["qkv"](h)
             q = _rms(qkv[:, :q_sz].view(N, nh, hd), lw["qn"], self.eps)
             k = _rms(qkv[:, q_sz : q_sz + kv_sz].view(N, nkv, hd), lw["kn"], self.eps)
             v = qkv[:, q_sz + kv_sz :].view(N, nkv, hd)
@@ -207,10 +251,10 @@ class GuardModel:
                 )  # fmt: skip
                 out[off:end] = o[0].transpose(0, 1)
                 off = end
-            x = x + F.linear(out.view(N, q_sz), lw["o"])
-            gu = F.linear(_rms(x, lw["ln2"], self.eps), lw["gate_up"])
+            x = x + lw["o"](out.view(N, q_sz))
+            gu = lw["gate_up"](_rms(x, lw["ln2"], self.eps))
             gate, up = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw["down"])
+            x = x + lw["down"](F.silu(gate) * up)
         return _rms(x, self.norm, self.eps)
 
     @torch.inference_mode()
@@ -221,8 +265,8 @@ class GuardModel:
             float32 logits: ``risk`` [N, num_risk_level], ``category`` [N, num_category] (response heads),
             ``query_risk`` [N, num_query_risk_level], ``query_category`` [N, num_query_category] (prompt heads).
         """
-        pre = F.linear(h, self.head_pre)
-        inner = pre.shape[-1] // 2
+        pre = self.head_pre(h)
+        inner = self.head_pre.out_features // 2
         r = _rms(pre[:, :inner], self.heads[RESPONSE_HEAD[1]], self.eps)
         qr = _rms(pre[:, inner:], self.heads[QUERY_HEAD[1]], self.eps)
         W = self.heads
