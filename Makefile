@@ -8,6 +8,8 @@ CONFIG ?= config.example.yaml
 # from the CUDA index. Never leave torch unpinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. make serve SERVE_ARGS="--guard-model /tmp/guard-planted --port 8081"
+SERVE_ARGS ?=
 
 .PHONY: install serve test bench clean
 
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(BIN)/guardproxy serve --config $(CONFIG)
+	$(BIN)/guardproxy serve --config $(CONFIG) $(SERVE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -17,7 +17,11 @@ log = logging.getLogger("guardproxy")
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the moderating proxy")
+    p = sub.add_parser(
+        "serve",
+        help="run the moderating proxy",
+        description="Serve the OpenAI-compatible moderating proxy until SIGINT/SIGTERM (schema: docs/CONFIG.md).",
+    )
     p.add_argument("--config", required=True, help="YAML config file (see config.example.yaml)")
     p.add_argument("--host", default=None, help="listen address (overrides listen.host)")
     p.add_argument("--port", type=int, default=None, help="listen port (overrides listen.port)")
@@ -36,7 +40,11 @@ def load_engine(settings):
     try:
         return GuardEngine.from_pretrained(settings.model, **settings.engine_kwargs())
     except Exception as e:  # typed checkpoint errors, OSError, torch errors: all fatal at start-up
-        raise RuntimeError(f"cannot load guard model {settings.model!r}: {type(e).__name__}: {e}") from None
+        hint = (
+            " (pass --guard-model DIR or set guard.model to a local checkpoint directory; see the README, "
+            "'Offline hosts')"
+        )
+        raise RuntimeError(f"cannot load guard model {settings.model!r}: {type(e).__name__}: {e}{hint}") from None
 
 
 async def _serve(cfg, engine) -> None:
@@ -63,6 +71,8 @@ def serve(args) -> int:
     from guardproxy.config import ConfigError, load_config
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO; keep the proxy's own lines readable.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         cfg = load_config(args.config).with_overrides(host=args.host, port=args.port, guard_model=args.guard_model)
     except ConfigError as e:

@@ -337,6 +337,13 @@ class GuardSettings(_Strict):
     prefill_chunk: int = Field(256, ge=1)
     max_context: Optional[int] = Field(None, ge=1)
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``GuardEngine.from_pretrained`` (``auto`` -> None: the engine auto-detects)."""
         return dict(

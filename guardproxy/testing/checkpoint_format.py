@@ -158,6 +158,8 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, state_dict: dict[s
     dtypes = {t.dtype for t in state_dict.values()}
     config = dict(config, torch_dtype=str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32")
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; a server running as another user must read a mounted checkpoint
     write_tokenizer(out)
     return out
