@@ -418,3 +418,136 @@ async def test_reasoning_details_summary_mirrors_reasoning(engine):
     r = await relay(engine, sse_body(ev), policy={"response": {"unsafe": "redact"}})
     fs = well_formed(r.content)
     assert texts(fs) == ({"r0": s, 0: "OK."}, {0: "stop"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# annotations: true
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _notes(fs: list) -> list[dict]:
+    return [ch for f in fs for ch in f.get("choices") or [] if "content_filter_results" in ch]
+
+
+@pytest.mark.parametrize("release", ["buffered", "async"])
+async def test_annotations_mark_flagged_text_and_sdk_ignores_them(engine, release):
+    pieces = ["I bake marzip", "an every ", "Sunday."]
+    full = "".join(pieces)
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(sse_body(content_chunks(pieces)), write_size=6))
+        policy = {"annotations": True, "release": release}
+        async with RunningProxy(proxy_config(fake.base_url, policy), engine) as proxy:
+            r = await post(proxy, model)
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            got = ""
+            async for c in await client.chat.completions.create(model=model, messages=USER, stream=True):
+                got += "".join(ch.delta.content or "" for ch in c.choices)
+            await client.close()
+    fs = well_formed(r.content)
+    assert got == full and texts(fs) == ({0: full}, {0: "stop"})
+    (note,) = _notes(fs)
+    guard = note["content_filter_results"]["guard"]
+    assert guard["filtered"] is False and guard["action"] == "flag"
+    assert (guard["risk_level"], guard["category"]) == ("Controversial", "PII")
+    off = note["content_filter_offsets"]  # the flagged tokens, widened to the start of their word
+    assert off["start_offset"] == full.index("marzipan") and off["end_offset"] > full.index("marzipan") + 7
+    assert note["delta"] == {} and note["finish_reason"] is None
+    # the annotation follows the flagged text (buffered: the text it describes went out before it)
+    pos = next(i for i, f in enumerate(fs) if _notes([f]))
+    assert "marzip" in texts(fs[:pos])[0].get(0, "")
+    assert all(f.get("id") == "chatcmpl-fake" and f.get("model") == "fake-model" for f in fs)
+
+
+async def test_annotations_on_cut_and_redact(engine):
+    async with FakeUpstream() as fake:
+        fake.script("c", SSE(sse_body(content_chunks(["My ", "zebrafish ", "bites."]))))
+        fake.script("r", SSE(sse_body(content_chunks(["My ", "zebrafish ", "bites."]))))
+        async with RunningProxy(proxy_config(fake.base_url, {"annotations": True}), engine) as proxy:
+            rc = await post(proxy, "c")
+        async with RunningProxy(proxy_config(fake.base_url, {"annotations": True, "response": {"unsafe": "redact"}}),
+                                engine) as proxy:
+            rr = await post(proxy, "r")
+    fc = well_formed(rc.content)
+    (cut,) = _notes(fc)
+    assert cut["finish_reason"] == "content_filter" and cut["content_filter_results"]["guard"] == {
+        "filtered": True, "action": "cut", "risk_level": "Unsafe", "category": "Violent",
+        "risk_probability": cut["content_filter_results"]["guard"]["risk_probability"]}
+    assert cut["content_filter_offsets"] == {"start_offset": 3, "end_offset": 3}
+    fr = well_formed(rr.content)
+    (red,) = _notes(fr)
+    assert red["content_filter_results"]["guard"]["action"] == "redact"
+    assert red["content_filter_offsets"]["start_offset"] == 3
+    assert texts(fr)[0][0].startswith("My [REDACTED]")
+
+
+async def test_annotations_off_relays_chunks_byte_identical(engine):
+    body = sse_body(content_chunks(["I bake marzip", "an every ", "Sunday."]))
+    r = await relay(engine, body)
+    assert b"content_filter" not in r.content  # flagged (Controversial), annotations off: nothing added
+    up = [ln for ln in body.split(b"\n\n") if ln]
+    out = [ln for ln in r.content.split(b"\n\n") if ln]
+    # chunks released whole are relayed byte for byte (the buffered release may split one at the hold-back edge)
+    assert out[:2] == up[:2] and out[-3:] == up[-3:]
+    assert texts(well_formed(r.content))[0] == {0: "I bake marzipan every Sunday."}
+
+
+async def test_annotations_non_stream(engine):
+    content = "I bake marzipan. Then a zebrafish bit me."
+    async with FakeUpstream() as fake:
+        fake.script("j", JSON({"id": "x", "object": "chat.completion", "created": 1, "model": "j", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}))
+        async with RunningProxy(proxy_config(fake.base_url, {"annotations": True}), engine) as proxy:
+            async with httpx.AsyncClient(timeout=10) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                                 json={"model": "j", "messages": USER})
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "content_filter" and ch["message"]["content"] == "I bake marzipan. Then a "
+    assert ch["content_filter_results"]["guard"]["action"] == "cut"
+    assert ch["content_filter_offsets"] == {"start_offset": len("I bake marzipan. Then a "),
+                                            "end_offset": len("I bake marzipan. Then a ")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Properties (no proxy): parsing and normalisation never lose or hide text
+# ---------------------------------------------------------------------------------------------------------------------
+
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+from guardproxy.proxy.channels import ChannelSplitter, normalize_chunk  # noqa: E402
+from guardproxy.proxy.sse import dumps, loads  # noqa: E402
+
+_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=()), max_size=12)
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | _text,
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(_text, c, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_loads_result_can_always_be_reencoded(obj):
+    """Whatever JSON the upstream sends (lone surrogates included, escaped as json.dumps does), the parsed value
+    re-encodes as UTF-8 JSON, and every surrogate-free string survives unchanged."""
+    got = loads(json.dumps(obj))
+    assert json.loads(dumps(got)) == got
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # it held a lone surrogate: same shape, surrogates now U+FFFD
+        assert "\ufffd" in dumps(got).decode()
+    else:
+        assert got == obj
+
+
+@settings(max_examples=200, deadline=None)
+@given(content=_json, args=_json, summary=_json, n=st.integers(1, 4))
+def test_normalized_chunk_text_fields_are_all_read_by_the_splitter(content, args, summary, n):
+    """After normalize_chunk every client-visible text field is a string (or null) and the splitter reads all of
+    them: the pieces' texts are exactly the non-empty text fields."""
+    obj = {"choices": [{"index": n - 1, "delta": {"content": content, "reasoning_details": [{"summary": summary}],
+                                                  "tool_calls": [{"index": 0, "function": {"arguments": args}}]}}]}
+    obj = loads(json.dumps(obj))  # as the proxy receives it
+    normalize_chunk(obj, n)
+    d = obj["choices"][0]["delta"]
+    assume(not (isinstance(d["content"], str) and d["content"].lstrip(" \t\r\n")[:1] in ("<", "")))  # <think>
+    fields = [d["content"], d["reasoning_details"][0]["summary"], d["tool_calls"][0]["function"]["arguments"]]
+    assert all(v is None or isinstance(v, str) for v in fields)
+    sp = ChannelSplitter()
+    pieces = sp.split(obj) + sp.flush()
+    assert sorted(p.text for p in pieces) == sorted(v for v in fields if v)

@@ -518,6 +518,21 @@ def _wanted(policy: Any, kind: Any) -> bool:
     return m.content if kind == "content" else m.reasoning if kind == "reasoning" else m.tool_arguments
 
 
+def annotation(action: Any, start: int, end: int) -> dict:
+    """Choice fields describing a response action (``policy.annotations: true``), in the style of Azure OpenAI's
+    content filter annotations (``../shared/notes/openai-streams.md``): ``content_filter_results`` (``{"guard":
+    {"filtered", "action", "risk_level", "category", "risk_probability"}}``) and ``content_filter_offsets``
+    (``start_offset`` / ``end_offset``: the span in the choice's moderated chars, i.e. its global offsets; for a
+    cut both are the cut point). SDKs ignore both fields."""
+    kind = type(action).__name__.lower()
+    return {
+        "content_filter_results": {"guard": {
+            "filtered": kind != "flag", "action": kind, "risk_level": action.level, "category": action.category,
+            "risk_probability": round(float(action.probability), 6)}},
+        "content_filter_offsets": {"start_offset": start, "end_offset": end},
+    }
+
+
 class _Stream:
     """The response side of one streamed request (see the module docstring)."""
 
@@ -579,11 +594,12 @@ class _Stream:
     def _apply(self, g: ChoiceGuard, actions: list) -> list[bytes]:
         out: list[bytes] = []
         c, m, tenant = g.index, self.ctx.metrics, self.ctx.tenant.name
+        notes = self.policy.annotations
         for a in actions:
             if isinstance(a, Cut):
                 at = g.word_start(a.at, self.rel.released(c)) if self.buffered else a.at
                 out += self.rel.release(c, at)
-                out += self.rel.cut(c)
+                out += self.rel.cut(c, annotation=annotation(a, at, at) if notes else None)
                 self.cut.add(c)
                 m.response_actions.labels(tenant=tenant, action="cut", category=a.category).inc()
                 log.info("request %s: choice %d cut at char %d (%s, %s)", self.ctx.request_id, c, at, a.level,
@@ -593,10 +609,14 @@ class _Stream:
             if isinstance(a, Redact):
                 start = g.word_start(a.start, self.rel.released(c))
                 if self.rel.redact(c, start, a.end, a.mask) is not None:
+                    if notes:
+                        out += self.rel.annotate(c, annotation(a, start, a.end))
                     m.response_actions.labels(tenant=tenant, action="redact", category=a.category).inc()
                     log.info("request %s: choice %d redacted [%d, %d) (%s, %s)", self.ctx.request_id, c, start,
                              a.end, a.level, a.category)
             elif isinstance(a, Flag):
+                if notes:
+                    out += self.rel.annotate(c, annotation(a, g.word_start(a.start, 0), a.end))
                 m.response_actions.labels(tenant=tenant, action="flag", category=a.category).inc()
                 log.info("request %s: choice %d flagged [%d, %d) (%s, %s)", self.ctx.request_id, c, a.start, a.end,
                          a.level, a.category)
@@ -818,6 +838,10 @@ async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: Upstream
             elif isinstance(a, Flag):
                 summary.append(f"{g.index}:flag:{a.category}")
                 ctx.metrics.response_actions.labels(tenant=ctx.tenant.name, action="flag", category=a.category).inc()
+            if ctx.policy.annotations and isinstance(a, (Cut, Redact, Flag)):  # the last (most severe) one shows
+                start = (cut_at if isinstance(a, Cut) else redactions[-1][0] if isinstance(a, Redact)
+                         else g.word_start(a.start, 0))
+                ch.update(annotation(a, start, cut_at if isinstance(a, Cut) else a.end))
         if cut_at is None and not redactions:
             continue
         for path, spans in fields.items():

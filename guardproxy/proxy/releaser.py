@@ -10,6 +10,7 @@ releaser places each upstream piece in that space, holds the events, and emits t
     send(rel.release(choice, upto))    # everything of `choice` before global offset `upto`
     rel.redact(choice, start, end)     # replace [start, end) with "[REDACTED]" before it is released
     send(rel.cut(choice))              # drop the unreleased rest; finish_reason "content_filter"
+    send(rel.annotate(choice, fields)) # an empty-delta chunk carrying e.g. content_filter_results, after the text
     send(rel.finish())                 # release all that is left, then exactly one `data: [DONE]`
 
 Guarantees:
@@ -219,22 +220,38 @@ class Releaser:
         ch.redactions = keep
         return start, end
 
-    def cut(self, choice: int, reason: str = "content_filter") -> list[bytes]:
+    def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None) -> list[bytes]:
         """End ``choice`` now: drop everything of it not yet emitted and emit its final chunk with
-        ``finish_reason=reason``. A no-op for a choice already finished or cut (returns what became sendable)."""
+        ``finish_reason=reason`` (plus the ``annotation`` fields on its choice object, if given). A no-op for a
+        choice already finished or cut (returns what became sendable)."""
         ch = self._choices.setdefault(choice, _Choice())
         if ch.cut or ch.finished or self._finished:
             return self._pump()
         ch.cut = True
         self._queue = [e for e in self._queue if e.choice != choice]
         self._held.pop(choice, None)
+        return [self._own_chunk(choice, reason, annotation)] + self._pump()
+
+    def annotate(self, choice: int, fields: dict) -> list[bytes]:
+        """Queue an annotation chunk for ``choice``: an empty delta (``finish_reason: null``) whose choice object
+        carries ``fields`` (e.g. ``content_filter_results``; clients ignore unknown fields). It goes out after
+        everything of ``choice`` received before it (so after the text it is about). No-op on a cut choice."""
+        ch = self._choices.setdefault(choice, _Choice())
+        if not ch.cut and not self._finished:
+            self._queue.append(_Entry(choice, raw=self._own_chunk(choice, None, fields)))
+        return self._pump()
+
+    def _own_chunk(self, choice: int, reason: str | None, fields: dict | None) -> bytes:
+        """A chunk the proxy writes itself for ``choice``, with the request's id/object/created/model."""
+        ch = self._choices[choice]
         final: dict[str, Any] = {"index": choice}
         if ch.legacy:
             final.update(text="", logprobs=None, finish_reason=reason)
         else:
             final.update(delta={}, logprobs=None, finish_reason=reason)
+        final.update(fields or {})
         top = {"id": "", "object": "text_completion" if ch.legacy else "chat.completion.chunk", **self._top}
-        return [encode_data({**top, "choices": [final]})] + self._pump()
+        return encode_data({**top, "choices": [final]})
 
     def finish(self) -> list[bytes]:
         """Release everything left (of choices not cut), then ``data: [DONE]``. Later calls return ``[]``."""
