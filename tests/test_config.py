@@ -118,7 +118,7 @@ BAD_CONFIGS = [
     (lambda d: _set(d, ["upstreams", "local", "api_key_env"], "GUARDPROXY_TEST_UNSET_VAR"),
      "upstreams.local: api_key_env: environment variable GUARDPROXY_TEST_UNSET_VAR is not set"),
     (lambda d: _set(d, ["guard", "dtype"], "fp8"), "guard.dtype:"),
-    (lambda d: _set(d, ["guard", "device"], "gpu"), "guard.device: Value error, expected auto, cpu, cuda"),
+    (lambda d: _set(d, ["guard", "device"], "gpu"), "guard.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
     (lambda d: _set(d, ["limits", "max_body_bytes"], -1), "limits.max_body_bytes:"),
     (lambda d: _set(d, ["allow_anonymous_tenant"], "ghost"), "allow_anonymous_tenant: no tenant named 'ghost'"),
     (lambda d: _set(d, ["tenants"], d["tenants"] * 2), "tenants[1].name: duplicate tenant name"),
