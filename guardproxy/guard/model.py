@@ -119,7 +119,11 @@ def default_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' Qwen3RMSNorm: normalise in float32, cast back, then scale.
+    # transformers' Qwen3RMSNorm: normalise in float32, cast back, then scale. w: [d] or per-head [heads, d].
+    if x.dtype == torch.float32:  # F.rms_norm: one fused op, bit-identical to the formula below in float32
+        if w.dim() == 1:
+            return F.rms_norm(x, w.shape, w, eps)
+        return F.rms_norm(x, w.shape[-1:], None, eps) * w
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -183,8 +187,10 @@ class GuardModel:
                     ln2=w("post_attention_layernorm"),
                     qkv=lin(torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")])),
                     o=lin(w("self_attn.o_proj")),
-                    qn=w("self_attn.q_norm"),
-                    kn=w("self_attn.k_norm"),
+                    # q_norm for the query heads then k_norm for the KV heads: q and k normalised in one op
+                    qkn=torch.cat(
+                        [w("self_attn.q_norm").expand(self.n_heads, -1), w("self_attn.k_norm").expand(self.n_kv, -1)]
+                    ),
                     gate_up=lin(torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")])),
                     down=lin(w("mlp.down_proj")),
                 )
@@ -232,10 +238,9 @@ class GuardModel:
         for li, lw in enumerate(self.layers):
             h = _rms(x, lw["ln1"], self.eps)
             qkv = lw["qkv"](h)
-            q = _rms(qkv[:, :q_sz].view(N, nh, hd), lw["qn"], self.eps)
-            k = _rms(qkv[:, q_sz : q_sz + kv_sz].view(N, nkv, hd), lw["kn"], self.eps)
+            qk = _rope(_rms(qkv[:, : q_sz + kv_sz].view(N, nh + nkv, hd), lw["qkn"], self.eps), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, q_sz + kv_sz :].view(N, nkv, hd)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             out = torch.empty(N, nh, hd, dtype=x.dtype, device=x.device)
             off = 0
             for c, m in zip(chunks, masks):
