@@ -551,3 +551,11 @@ def test_normalized_chunk_text_fields_are_all_read_by_the_splitter(content, args
     sp = ChannelSplitter()
     pieces = sp.split(obj) + sp.flush()
     assert sorted(p.text for p in pieces) == sorted(v for v in fields if v)
+
+
+async def test_bare_json_error_under_an_sse_content_type_is_not_swallowed(engine):
+    """``text/event-stream`` but the body is a bare JSON error line: SSE would ignore it as an unknown field and the
+    client would get an empty, successful-looking stream; it becomes an error frame with the upstream's message."""
+    r = await relay(engine, b'{"error": {"message": "model not loaded", "code": 503}}\n')
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_bad_event" and "model not loaded" in fs[-1]["error"]["message"]

@@ -670,6 +670,12 @@ def checked_event(ev: Event, n: int) -> Event:
         BadChunk: data that is not JSON / not an object / too deeply nested, or a chunk :func:`normalize_chunk`
             refuses. Such data is never relayed raw: the guard cannot read it, so a client must not see it.
     """
+    if ev.kind == "other" and ev.fields and ev.fields[0][0].lstrip().startswith("{"):  # bare JSON, not SSE
+        line = ":".join(ev.fields[0])
+        err = loads(line)
+        err = err.get("error") if isinstance(err, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise BadChunk(f"upstream sent JSON without SSE framing{': ' + msg if isinstance(msg, str) else ''}")
     if ev.kind != "data" or ev.is_done:
         return ev
     try:
