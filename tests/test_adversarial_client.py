@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from guardproxy.testing.fake_upstream import (
-    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
+    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, content_chunks, proxy_config, sse_body,
 )
 
 TRIGGER = "zebrafish"
@@ -172,9 +172,7 @@ async def test_non_stream_huge_upstream_body_is_refused_without_reading_it_all()
             await resp.write(b"x" * 65536)
             sent["bytes"] += 65536
             await asyncio.sleep(0.001)
-    from guardproxy.guard.engine import GuardEngine  # noqa: F401  (engine not needed: a stub that allows)
-
-    class Allow:
+    class Allow:  # a guard stub that allows everything: this test is about the upstream body bound
         renderer = None
 
         async def aopen(self, messages):

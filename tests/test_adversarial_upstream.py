@@ -15,7 +15,10 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from hypothesis import assume, given, settings, strategies as st
 
+from guardproxy.proxy.channels import ChannelSplitter, normalize_chunk
+from guardproxy.proxy.sse import dumps, loads
 from guardproxy.testing.fake_upstream import (
     JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
 )
@@ -509,11 +512,6 @@ async def test_annotations_non_stream(engine):
 # ---------------------------------------------------------------------------------------------------------------------
 # Properties (no proxy): parsing and normalisation never lose or hide text
 # ---------------------------------------------------------------------------------------------------------------------
-
-from hypothesis import assume, given, settings, strategies as st  # noqa: E402
-
-from guardproxy.proxy.channels import ChannelSplitter, normalize_chunk  # noqa: E402
-from guardproxy.proxy.sse import dumps, loads  # noqa: E402
 
 _text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=()), max_size=12)
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | _text,

@@ -12,7 +12,14 @@ cut) -> client. Engine calls are batched per upstream read: all ids that became 
 ``afeed`` per choice, and the choices' feeds run concurrently so the engine batches them into one step.
 
 Non-streamed: the whole response is rendered, fed in one ``afeed`` per choice and the same actions are applied to
-the JSON (cut = truncated text + ``finish_reason: "content_filter"``); annotations go into ``x-guard-*`` headers.
+the JSON (cut = truncated text + ``finish_reason: "content_filter"``); annotations go into ``x-guard-*`` headers
+(and, with ``annotations: true``, ``content_filter_results`` on the choice; streamed: on an empty-delta chunk after
+the flagged text and on the cut chunk, see :func:`annotation`).
+
+Hostile upstreams (:func:`checked_event`): data the guard cannot read (not JSON, not an object, ``choices`` not a
+list of objects, a choice index outside ``[0, MAX_N)``) is never relayed raw; the stream ends with an
+``upstream_bad_event`` error frame and ``[DONE]``. Non-string text (``content`` as a number/list/object, tool
+``arguments`` as an object) is moderated and relayed as its JSON text; lone surrogates become U+FFFD.
 
 Failure: an upstream error before the stream is passed on unchanged (status + body); after the stream started, an
 infrastructure failure (upstream dropped, idle timeout, guard failure with ``fail_mode: closed``) ends the stream

@@ -1,8 +1,11 @@
 """The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics.
 
 Routes:
-    POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.proxy.moderation`)
-    any other /v1/*                                   relayed unchanged, response bodies streamed
+    POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.proxy.moderation`); other
+                                                      methods there: 405 (OpenAI error shape, ``Allow: POST``)
+    any other /v1/*                                   relayed (normalised path), response bodies streamed; paths
+                                                      that normalise to a generation route (``/chat/completions/``,
+                                                      ``//completions``, ``/v1/responses``, ...): 404, never relayed
     GET /healthz                                      alive
     GET /readyz                                       guard model loaded and an upstream configured (else 503)
     GET /metrics                                      Prometheus text format
