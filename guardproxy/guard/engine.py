@@ -25,6 +25,11 @@ Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8
   restart at 0, and feeding continues on that window. Verdicts after a re-anchor therefore equal a full forward of
   the re-anchored sequence; ``GuardStream.context_ids`` shows what the cache holds.
 
+  Cost: a re-anchor re-prefills ``A = p + 5 + W`` ids (``p`` = the cut prompt, <= ``max_context // 4``) and leaves
+  room for ``max_context - A`` fed ids, so the forward work per fed id is at most ``1 + A / (max_context - A)``:
+  2.0 for a short prompt, 4.0 with a ``max_context // 4`` prompt (measured: 112k fed ids -> 219k forward ids with a
+  short prompt). ``reanchor_window`` (``W``) trades context for work: ``W = max_context // 4 - 5`` bounds it at 2.
+
 Bounds (fail fast, never an unbounded queue): at most ``max_streams`` live streams and ``kv_budget_tokens`` KV
 positions held in total (prompt + fed ids of every live stream). ``open``/``fork`` past either bound, and a ``feed``
 that would push the total past the budget, raise :class:`EngineOverloaded` at once; nothing is consumed and the
@@ -188,6 +193,10 @@ class GuardEngine:
             and every step takes at least one chunk.
         num_threads: torch intra-op threads set by the engine thread (default: leave torch's setting). On a CPU
             shared with other busy processes, 1 thread avoids OpenMP barrier stalls.
+        reanchor_window: response ids kept by a re-anchor after the header (default ``max_context // 2``; at most
+            ``max_context - max_context // 4 - 6``). See "Cost" in the module docstring.
+    Raises:
+        ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
     """
 
     def __init__(
@@ -200,6 +209,7 @@ class GuardEngine:
         max_context: int | None = None,
         max_batch_tokens: int | None = None,
         num_threads: int | None = None,
+        reanchor_window: int | None = None,
     ):
         cfg = checkpoint.config
         self.config = cfg
@@ -209,7 +219,11 @@ class GuardEngine:
             raise ValueError(f"max_context must be >= 32, got {self.max_context}")
         self.prompt_limit = self.max_context - self.max_context // 8
         self.anchor_prompt_limit = self.max_context // 4
-        self.window = self.max_context // 2
+        self.window = self.max_context // 2 if reanchor_window is None else int(reanchor_window)
+        # the re-anchored sequence (prompt head + header + window) must leave room for at least one fed id
+        if not 1 <= self.window <= self.max_context - self.anchor_prompt_limit - ANCHOR_HEADER_LEN - 1:
+            raise ValueError(f"reanchor_window must be in 1..{self.max_context - self.anchor_prompt_limit - 6}, "
+                             f"got {self.window}")  # fmt: skip
         self.max_streams, self.kv_budget_tokens = max_streams, kv_budget_tokens
         self.prefill_chunk = prefill_chunk
         self.max_batch_tokens = max_batch_tokens or 2 * prefill_chunk
@@ -516,11 +530,9 @@ class GuardEngine:
             s._ctx.extend(ids)
             self._s["tokens"] += n
             if job.kind == "feed":
-                for t in ids:
-                    if len(s._resp_head) < ANCHOR_HEADER_LEN:
-                        s._resp_head.append(t)
-                    else:
-                        s._resp_tail.append(t)
+                head = max(0, ANCHOR_HEADER_LEN - len(s._resp_head))
+                s._resp_head.extend(ids[:head])
+                s._resp_tail.extend(ids[head:])  # deque(maxlen=W): keeps the last W
                 s.response_tokens += n
             job.done += n
             if job.want_logits:
