@@ -155,6 +155,18 @@ async def test_content_of_unexpected_type_is_moderated_as_json_text(engine, cont
         assert finish == {0: "stop"} and text[0] == f"Value: {shown} done."
 
 
+async def test_streamed_choice_with_message_instead_of_delta_is_moderated(engine):
+    """A stream chunk whose choice carries ``message`` (non-stream shape) is read as a delta, never relayed unread."""
+    msg = {"index": 0, "message": {"role": "assistant", "content": "My pet zebrafish bites."}, "finish_reason": None}
+    raw = [b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                   "choices": [msg]}).encode() + b"\n\n",
+           chunk({"content": " Then more text follows here."}, finish_reason="stop")]
+    r = await relay(engine, sse_body(raw))
+    text, finish = texts(well_formed(r.content))
+    assert finish == {0: "content_filter"}
+    assert TRIGGER not in r.content.decode() and text[0].startswith("My pet")
+
+
 async def test_tool_arguments_sent_as_json_object_are_moderated(engine):
     """Some servers send ``arguments`` as an object; it is moderated (and relayed) as its JSON text."""
     body = sse_body([

@@ -279,10 +279,12 @@ class BadChunk(ValueError):
 _DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
 
 
-def normalize_chunk(obj: dict, n: int) -> bool:
+def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
     """Make every client-visible text of a chunk (or of a non-streamed completion: ``message`` instead of
     ``delta``) a string, in place, so that nothing reaches the client unread.
 
+    * in a stream (``stream=True``), a choice that carries ``message`` instead of ``delta`` has it renamed to
+      ``delta``: the splitter reads deltas only, and a raw client must not see unread text;
     * ``choices: null`` becomes ``[]``; a missing/null choice ``index`` becomes its list position;
     * a non-string, non-null text value (``content`` as number/list/object, tool ``arguments`` sent as a JSON
       object, ...) becomes its compact JSON text, which is what the guard reads and the client receives.
@@ -312,6 +314,9 @@ def normalize_chunk(obj: dict, n: int) -> bool:
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n:
             raise BadChunk(f"choice index {idx!r} is outside [0, {n})")
         changed |= _stringify(ch, ("text",))
+        if stream and "delta" not in ch and "message" in ch:
+            ch["delta"] = ch.pop("message")
+            changed = True
         key = "delta" if "delta" in ch else "message"
         delta = ch.get(key)
         if delta is None:

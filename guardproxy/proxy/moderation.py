@@ -691,7 +691,7 @@ def checked_event(ev: Event, n: int) -> Event:
         obj, changed = loads(ev.data), True
     if not isinstance(obj, dict):
         raise BadChunk("an SSE data field is not a JSON object")
-    if normalize_chunk(obj, n) or changed:
+    if normalize_chunk(obj, n, stream=True) or changed:
         data = dumps(obj).decode()
         fields = [(k, v) for k, v in ev.fields if k != "data"]
         ev = dataclasses.replace(ev, data=data, fields=(*fields, ("data", data)))
