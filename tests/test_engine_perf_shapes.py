@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from guardproxy.guard.checkpoint import load_checkpoint
 from guardproxy.guard.engine import GuardEngine
-from guardproxy.guard.model import _CAUSAL, Chunk, GuardModel, Linear, _chunk_mask, default_pack
+from guardproxy.guard.model import PACK_MIN_NUMEL, _CAUSAL, Chunk, GuardModel, Linear, _chunk_mask, default_pack
 from guardproxy.testing.reference import ReferenceGuard
 
 HEADS = ("risk", "category", "query_risk", "query_category")
@@ -79,10 +79,16 @@ def test_packed_linear_equals_f_linear(rows, d_in, d_out, seed):
     assert ((F.linear(x, w).double() - want).abs() <= bound + 1e-30).all()
 
 
-def test_cpu_float32_packs_by_default_and_other_setups_do_not():
+def test_cpu_float32_packs_large_weights_by_default_and_other_setups_do_not(tiny_checkpoint):
     assert default_pack(torch.device("cpu"), torch.float32)
     assert not default_pack(torch.device("cpu"), torch.bfloat16)
     assert not default_pack(torch.device("cuda"), torch.float32)
+    ck = load_checkpoint(str(tiny_checkpoint), dtype=torch.float32, device=torch.device("cpu"))
+    sd = ck.state_dict
+    sd["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, PACK_MIN_NUMEL // 64)  # only this one is large
+    model = GuardModel(ck.config, sd, max_positions=64)
+    packed = {name for name, w in model.layers[0].items() if isinstance(w, Linear) and w.packed}
+    assert packed == {"down"} and not any(w.packed for w in model.layers[1].values() if isinstance(w, Linear))
 
 
 def test_packed_and_plain_model_agree_and_match_the_reference(tiny_checkpoint):
@@ -106,7 +112,7 @@ def _ops(model: GuardModel, cache, start: int, n: int) -> set[str]:
 
 
 def test_chunked_prefill_with_a_past_stays_on_the_fused_attention_kernel(tiny_checkpoint):
-    model = _model(tiny_checkpoint, pack=default_pack(torch.device("cpu"), torch.float32))
+    model = _model(tiny_checkpoint, pack=True)  # tiny weights are below PACK_MIN_NUMEL: force the oneDNN path
     cache = model.new_cache()
     for start, n in ((0, 64), (64, 48), (112, 1)):  # causal prefill, prefill over a past, decode
         ops = _ops(model, cache, start, n)
