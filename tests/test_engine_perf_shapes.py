@@ -183,3 +183,21 @@ def test_long_response_verdicts_follow_the_reanchored_window(tiny_checkpoint):
         s.close()
     finally:
         e.close()
+
+
+def test_dtype_names_from_the_server_config_load(tiny_checkpoint):
+    for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        e = GuardEngine.from_pretrained(str(tiny_checkpoint), device="cpu", dtype=name)
+        try:
+            assert e.dtype == want and e.model.embed.dtype == want
+            assert e.model.pack == (want == torch.float32)  # oneDNN packing is a float32 CPU path
+            s, v = e.open(_ids(4, 12))
+            assert len(s.feed(_ids(5, 3))) == 3 and v.risk_level in v.probs
+            s.close()
+        finally:
+            e.close()
+    with pytest.raises(ValueError):
+        GuardEngine.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="fp8")
+    e = GuardEngine.from_pretrained(str(tiny_checkpoint), device="cpu")
+    assert e.dtype == torch.float32  # CPU default: never bfloat16 by accident
+    e.close()

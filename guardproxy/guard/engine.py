@@ -52,6 +52,7 @@ from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
 
 IM_START = 151644  # <|im_start|> (notes, "Tokenizer")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ids of "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
 ANCHOR_HEADER_LEN = 5
 
@@ -254,11 +255,18 @@ class GuardEngine:
     ) -> "GuardEngine":  # fmt: skip
         """Load a checkpoint (local dir or Hub id) and start the engine thread.
 
-        Device/dtype default: CUDA + bfloat16 when available, else CPU + float32.
+        Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
+        it is slower there and misses the float32 parity). ``dtype`` may be a ``torch.dtype`` or its name
+        (``"float32"``, ``"bfloat16"``, ``"float16"``, as in the server config).
         Raises:
-            guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``).
+            guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``); ValueError for an
+            unknown dtype name.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ck = load_checkpoint(model, dtype=dtype, device=device)
         return cls(ck, max_streams=max_streams, kv_budget_tokens=kv_budget_tokens, prefill_chunk=prefill_chunk,
