@@ -54,3 +54,14 @@ def planted_checkpoint(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("planted"),
         triggers={"zebrafish": ("Unsafe", "Violent"), "marzipan": ("Controversial", "PII")},
     )
+
+
+@pytest.fixture(scope="session")
+def planted_engine(planted_checkpoint):
+    """One GuardEngine on the planted checkpoint (CPU, 128 live streams) shared by the end-to-end modules; every test
+    that opens guard streams must leave none live (they check ``stats().live_streams == 0``)."""
+    from guardproxy.guard.engine import GuardEngine
+
+    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu", max_streams=128)
+    yield eng
+    eng.close()

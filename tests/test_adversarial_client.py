@@ -23,13 +23,9 @@ USER = [{"role": "user", "content": "Tell me about your pets."}]
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def engine(planted_checkpoint):
-    from guardproxy.guard.engine import GuardEngine
-
-    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu", max_streams=128)
-    yield eng
-    eng.close()
+@pytest.fixture
+def engine(planted_engine):
+    return planted_engine
 
 
 async def wait_until(cond, timeout: float = 2.0) -> bool:

@@ -20,6 +20,7 @@ from hypothesis import assume, given, settings, strategies as st
 from guardproxy.proxy.channels import ChannelSplitter, normalize_chunk
 from guardproxy.proxy.sse import dumps, loads
 from guardproxy.testing.fake_upstream import (
+    wait_idle,
     JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
 )
 
@@ -28,20 +29,10 @@ USER = [{"role": "user", "content": "Tell me about your pets."}]
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def engine(planted_checkpoint):
-    from guardproxy.guard.engine import GuardEngine
+@pytest.fixture
+def engine(planted_engine):
+    return planted_engine
 
-    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu")
-    yield eng
-    eng.close()
-
-
-async def wait_idle(engine, timeout: float = 2.0) -> None:
-    t0 = time.monotonic()
-    while engine.stats().live_streams and time.monotonic() - t0 < timeout:
-        await asyncio.sleep(0.02)
-    assert engine.stats().live_streams == 0
 
 
 def frames(body: bytes) -> list:
@@ -116,7 +107,7 @@ async def test_lone_surrogate_text_is_replaced_visibly_not_lost(engine, write_si
     text, finish = texts(well_formed(r.content))
     assert text[0] == "Bad \ufffd surrogate, then a long tail of words. End."
     assert finish == {0: "stop"}
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def test_lone_surrogate_does_not_hide_a_trigger(engine):
@@ -214,7 +205,7 @@ async def test_choice_index_out_of_range_is_an_upstream_error(engine, index):
         assert texts(fs) == ({0: "Hi there."}, {0: "stop", 7: "content_filter"})
     else:
         assert TRIGGER not in r.content.decode() and fs[-1]["error"]["code"] == "upstream_bad_event"
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def test_missing_index_means_list_position(engine):
@@ -259,7 +250,7 @@ async def test_event_error_frame_reaches_the_sdk_and_stream_ends(engine):
             await client.close()
     assert got == "Part "
     assert b"event: error\n" in r.content and r.content.endswith(b"data: [DONE]\n\n")
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def test_200_json_error_body_for_a_stream_is_passed_on_as_an_error(engine):
@@ -274,7 +265,7 @@ async def test_200_json_error_body_for_a_stream_is_passed_on_as_an_error(engine)
             await client.close()
     assert e.value.status_code == 502
     assert "context too long" in e.value.message and e.value.code == "context_length_exceeded"
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def _custom_upstream(handler) -> tuple[web.AppRunner, str]:
@@ -345,7 +336,7 @@ async def test_upstream_headers_then_silence_ends_with_timeout_frame(engine):
         await runner.cleanup()
     fs = well_formed(r.content)
     assert fs[-1]["error"]["code"] == "upstream_timeout" and elapsed < 5
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def test_upstream_that_never_sends_a_newline_is_bounded(engine):
@@ -381,7 +372,7 @@ async def test_n3_one_choice_cut_others_continue(engine):
     text, finish = texts(well_formed(r.content))
     assert finish == {0: "stop", 1: "content_filter", 2: "stop"}
     assert text[0] == "Alpha one three." and text[2] == "Gamma two four." and text.get(1) == "Beta my "
-    await wait_idle(engine)
+    await wait_idle(engine, timeout=2.0)
 
 
 async def test_trigger_straddling_two_choices_is_not_flagged(engine):

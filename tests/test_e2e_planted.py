@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from guardproxy.testing.fake_upstream import (
+    wait_idle,
     JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
 )
 
@@ -24,21 +25,10 @@ USER = [{"role": "user", "content": "Tell me about your pets."}]
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def engine(planted_checkpoint):
-    from guardproxy.guard.engine import GuardEngine
+@pytest.fixture
+def engine(planted_engine):
+    return planted_engine
 
-    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu")
-    yield eng
-    eng.close()
-
-
-async def wait_idle(engine, timeout: float = 1.0) -> None:
-    """Every guard stream is closed within ``timeout`` seconds."""
-    t0 = time.monotonic()
-    while engine.stats().live_streams and time.monotonic() - t0 < timeout:
-        await asyncio.sleep(0.02)
-    assert engine.stats().live_streams == 0
 
 
 async def stream_chat(proxy, model: str, **kw) -> tuple[dict, dict, BaseException | None]:

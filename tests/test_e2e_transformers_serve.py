@@ -22,13 +22,9 @@ ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
 MESSAGES = [{"role": "user", "content": "Say hello, please."}]
 
 
-@pytest.fixture(scope="module")
-def engine(planted_checkpoint):
-    from guardproxy.guard.engine import GuardEngine
-
-    eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu")
-    yield eng
-    eng.close()
+@pytest.fixture
+def engine(planted_engine):
+    return planted_engine
 
 
 def upstream_config(up, policy=None):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from guardproxy.guard.checkpoint import QUERY_HEAD, RESPONSE_HEAD  # noqa: F401  (the tensor names, defined once)
+
 #: Risk-level order of both heads (index -> label). Source: notes, "Labels".
 RISK_LEVEL_MAP = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
 #: Response-head categories (index -> label), short names as the model card prints them.
@@ -50,16 +52,6 @@ SHAPES: dict[str, dict] = {
         guard_inner_size=512,
     ),
 }
-
-#: Head tensor names (top level of the safetensors file), pre -> norm -> (risk, category) for each pathway.
-RESPONSE_HEAD = ("risk_level_category_pre", "risk_level_category_layernorm", "risk_level_head", "category_head")
-QUERY_HEAD = (
-    "query_risk_level_category_pre",
-    "query_risk_level_category_layernorm",
-    "query_risk_level_head",
-    "query_category_head",
-)
-
 
 def guard_config(shape: str | dict, *, max_position_embeddings: int = 8192, rope_theta: float = 1_000_000.0) -> dict:
     """``config.json`` contents for a Qwen3Guard-Stream checkpoint of the given backbone shape.

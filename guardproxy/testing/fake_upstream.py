@@ -303,3 +303,11 @@ class RunningProxy:
 
     async def __aexit__(self, *exc) -> None:
         await self._runner.cleanup()
+
+
+async def wait_idle(engine, timeout: float = 1.0) -> None:
+    """Wait until ``engine`` has no live guard stream, at most ``timeout`` seconds; AssertionError if one is left."""
+    t0 = time.monotonic()
+    while engine.stats().live_streams and time.monotonic() - t0 < timeout:
+        await asyncio.sleep(0.02)
+    assert engine.stats().live_streams == 0, f"{engine.stats().live_streams} guard streams still live"
