@@ -201,3 +201,8 @@ def test_dtype_names_from_the_server_config_load(tiny_checkpoint):
     e = GuardEngine.from_pretrained(str(tiny_checkpoint), device="cpu")
     assert e.dtype == torch.float32  # CPU default: never bfloat16 by accident
     e.close()
+    e = GuardEngine.from_pretrained(str(tiny_checkpoint), device="cpu", pack_weights=True)
+    assert all(w.packed for layer in e.model.layers for w in layer.values() if isinstance(w, Linear))
+    s, _ = e.open(_ids(7, 9))
+    assert len(s.feed(_ids(8, 4))) == 4
+    e.close()

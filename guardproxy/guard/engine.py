@@ -196,6 +196,8 @@ class GuardEngine:
             shared with other busy processes, 1 thread avoids OpenMP barrier stalls.
         reanchor_window: response ids kept by a re-anchor after the header (default ``max_context // 2``; at most
             ``max_context - max_context // 4 - 6``). See "Cost" in the module docstring.
+        pack_weights: projection weights in oneDNN's prepacked layout (``GuardModel(pack=...)``; default: the large
+            ones on CPU float32). Batches of 4-16 streams step 1.5-2x faster; a lone stream ~8% slower.
     Raises:
         ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
     """
@@ -211,6 +213,7 @@ class GuardEngine:
         max_batch_tokens: int | None = None,
         num_threads: int | None = None,
         reanchor_window: int | None = None,
+        pack_weights: bool | None = None,
     ):
         cfg = checkpoint.config
         self.config = cfg
@@ -229,7 +232,7 @@ class GuardEngine:
         self.prefill_chunk = prefill_chunk
         self.max_batch_tokens = max_batch_tokens or 2 * prefill_chunk
         self._num_threads = num_threads
-        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context)
+        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights)
         self.device, self.dtype = self.model.device, self.model.dtype
         self.renderer = None
         try:
