@@ -259,7 +259,7 @@ class GuardEngine:
         """Load a checkpoint (local dir or Hub id) and start the engine thread.
 
         Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
-        it is slower there and misses the float32 parity). ``dtype`` may be a ``torch.dtype`` or its name
+        it misses the float32 parity and the oneDNN weight packing). ``dtype`` may be a ``torch.dtype`` or its name
         (``"float32"``, ``"bfloat16"``, ``"float16"``, as in the server config).
         Raises:
             guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``); ValueError for an
