@@ -336,6 +336,8 @@ class GuardSettings(_Strict):
     kv_budget_tokens: int = Field(262144, ge=1)
     prefill_chunk: int = Field(256, ge=1)
     max_context: Optional[int] = Field(None, ge=1)
+    reanchor_window: Optional[int] = Field(None, ge=1)  # response ids kept when a response outgrows the context
+    num_threads: Optional[int] = Field(None, ge=1)  # torch intra-op threads of the engine thread (None: torch default)
 
     @field_validator("device")
     @classmethod
@@ -353,6 +355,8 @@ class GuardSettings(_Strict):
             kv_budget_tokens=self.kv_budget_tokens,
             prefill_chunk=self.prefill_chunk,
             max_context=self.max_context,
+            reanchor_window=self.reanchor_window,
+            num_threads=self.num_threads,
         )
 
 

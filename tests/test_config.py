@@ -206,6 +206,24 @@ def test_overrides_and_engine_kwargs():
     assert same.listen == load_config(EXAMPLE).listen
 
 
+def test_engine_kwargs_are_accepted_by_the_engine(tiny_checkpoint, tmp_path):
+    """Every guard setting reaches GuardEngine.from_pretrained in a form it accepts (names, not torch objects)."""
+    from guardproxy.guard.engine import GuardEngine
+
+    d = example_dict()
+    d["guard"].update(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_streams=3,
+                      max_context=256, reanchor_window=64, num_threads=1)
+    cfg = load_dict(d, tmp_path)
+    eng = GuardEngine.from_pretrained(cfg.guard.model, **cfg.guard.engine_kwargs())
+    try:
+        assert eng.max_context == 256 and eng.window == 64 and eng.stats().max_streams == 3
+        stream, verdict = eng.open([{"role": "user", "content": "hi"}])
+        assert verdict.risk_level in ("Safe", "Unsafe", "Controversial")
+        stream.close()
+    finally:
+        eng.close()
+
+
 def test_inline_policy_and_tenant_isolation(tmp_path):
     d = example_dict()
     d["policies"] = {"gentle": {"response": {"unsafe": "flag"}}}
