@@ -94,9 +94,9 @@ def write_size_for(name: str, size: int | None) -> int | None:
 
 
 def policy_for(name: str) -> dict:
-    # 320 KB of tool arguments are ~112k guard tokens: minutes on a 2-core CPU. The relay of that fixture is checked
-    # with tool-argument moderation off (the policy's `moderate.tool_arguments`); moderated tool arguments are
-    # covered in test_e2e_planted.py.
+    # 320 KB of tool arguments are ~112k guard tokens (~12 s on a 2-core CPU): the 3 x 3 relay matrix of that fixture
+    # runs with tool-argument moderation off (the policy's `moderate.tool_arguments`); it is moderated once in
+    # test_large_tool_arguments_moderated_end_to_end, and trigger cuts in tool arguments are in test_e2e_planted.py.
     if name == "large_tool_arguments":
         return {**ALLOW_ALL, "moderate": {"tool_arguments": False}}
     return ALLOW_ALL
@@ -148,3 +148,22 @@ async def test_fixture_through_proxy(engine, sse_manifest, name, size):
             assert comments >= want.get("comments", 0)
     for rec in fake.requests:
         assert TEST_KEY not in repr(rec.headers)
+
+
+async def test_large_tool_arguments_moderated_end_to_end(engine, sse_manifest):
+    """The 320 KB tool-arguments fixture with tool-argument moderation ON (once, whole writes): every argument token
+    goes through the guard (re-anchoring past the context) and the call still arrives byte-exact."""
+    name = "large_tool_arguments"
+    want = sse_manifest[name]
+    before = engine.stats().tokens
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(fixture_bytes(name)))
+        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=300)
+            stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+            chunks = [c async for c in stream]
+            await client.close()
+    check(reassemble(chunks), want, None)
+    args_len = want["tool_calls"]["0"][0]["arguments_len"]
+    assert engine.stats().tokens - before >= args_len // 8  # the arguments were scored, not skipped
+    assert engine.stats().reanchors > 0 and engine.stats().live_streams == 0
