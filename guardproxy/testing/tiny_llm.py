@@ -76,14 +76,13 @@ def qwen3_config(**overrides) -> "transformers.Qwen3Config":  # noqa: F821
     (bos 151643 ``<|endoftext|>``, eos 151645 ``<|im_end|>``)."""
     from transformers import Qwen3Config
 
+    from guardproxy.testing.checkpoint_format import SHAPES
+
+    backbone = {k: v for k, v in SHAPES["tiny"].items() if k != "guard_inner_size"}  # the guard's tiny backbone
+    assert backbone["hidden_size"] == HIDDEN
     kw = dict(
+        backbone,
         vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=4096,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
