@@ -75,51 +75,46 @@ class VerdictLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Allow:
+class _Detection:
+    """A debounced detection: its risk ``level``, ``category``, the index of the token that completed the run (k-th
+    consecutive token) and that token's probability of ``level``."""
+
+    level: str
+    category: str
+    token_index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Allow(_Detection):
     """A debounced detection the policy allows (for metrics and audit only). Offsets in chars, ``[start, end)``."""
 
     start: int
     end: int
-    level: str
-    category: str
-    token_index: int
-    probability: float
 
 
 @dataclass(frozen=True)
-class Flag:
+class Flag(_Detection):
     """A debounced detection to annotate and log; the text is released unchanged. Offsets in chars."""
 
     start: int
     end: int
-    level: str
-    category: str
-    token_index: int
-    probability: float
 
 
 @dataclass(frozen=True)
-class Redact:
+class Redact(_Detection):
     """Replace the chars ``[start, end)`` with ``mask`` (buffered release only)."""
 
     start: int
     end: int
-    level: str
-    category: str
-    token_index: int
-    probability: float
     mask: str
 
 
 @dataclass(frozen=True)
-class Cut:
+class Cut(_Detection):
     """End the choice at char ``at`` with ``finish_reason: "content_filter"``; nothing from ``at`` on is released."""
 
     at: int
-    level: str
-    category: str
-    token_index: int
-    probability: float
 
 
 Action = Union[Allow, Flag, Redact, Cut]
@@ -274,7 +269,7 @@ class Decider:
             if region is not None and region.start < run.start:
                 out.append(self._close_region(end=min(region.end, run.start)))
             self._region = None
-            self.cut = Cut(run.start, tier, category, i, prob)
+            self.cut = Cut(tier, category, i, prob, at=run.start)
             out.append(self.cut)
         elif action == "redact":
             region = self._region
@@ -293,7 +288,7 @@ class Decider:
             if sev > run.severity:
                 run.severity = sev
                 cls = Flag if action == "flag" else Allow
-                out.append(cls(run.start, span.end, tier, category, i, prob))
+                out.append(cls(tier, category, i, prob, start=run.start, end=span.end))
         return out
 
     def _region_held(self) -> bool:
@@ -311,8 +306,8 @@ class Decider:
         r = self._region
         assert r is not None
         self._region = None
-        return Redact(r.start, r.end if end is None else end, r.level, r.category, r.token_index, r.probability,
-                      self.policy.mask)
+        return Redact(r.level, r.category, r.token_index, r.probability, start=r.start,
+                      end=r.end if end is None else end, mask=self.policy.mask)
 
     def _update_safe(self) -> None:
         if self.cut is not None:
