@@ -85,9 +85,12 @@ def canonical_category(name: str) -> Optional[str]:
     return _CATEGORY_ALIASES.get(_norm_label(name))
 
 
+_LEVELS = {lvl.casefold(): lvl for lvl in RISK_LEVELS}
+
+
 def canonical_level(name: str) -> Optional[str]:
     """Canonical risk level ("Safe" / "Controversial" / "Unsafe") for a label, case-insensitive; None if unknown."""
-    return {lvl.casefold(): lvl for lvl in RISK_LEVELS}.get(name.strip().casefold())
+    return _LEVELS.get(name.strip().casefold())
 
 
 # --------------------------------------------------------------------------------------------------------------------
