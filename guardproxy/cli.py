@@ -1,5 +1,5 @@
 """Command line: ``guardproxy serve --config FILE [--host H] [--port P] [--guard-model DIR_OR_HUB_ID]`` and
-``guardproxy classify ...`` (dispatched to :mod:`guardproxy.guard.classify`).
+``guardproxy classify ...`` (dispatched to :mod:`guardproxy.eval.classify`).
 
 Start-up problems (a bad config, a guard model that cannot be loaded, a port in use) print one clear ``error:``
 message to stderr and exit with status 2, never a traceback.
@@ -48,7 +48,7 @@ def load_engine(settings):
 
 
 async def _serve(cfg, engine) -> None:
-    from guardproxy.proxy.server import create_app, start
+    from guardproxy.server.app import create_app, start
 
     app = create_app(cfg, engine)
     runner, port = await start(app, cfg.listen.host, cfg.listen.port)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guardproxy`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "classify":
-        from guardproxy.guard import classify
+        from guardproxy.eval import classify
 
         return classify.main(argv[1:]) or 0
     ap = argparse.ArgumentParser(prog="guardproxy", description="Streaming safety proxy moderated by Qwen3Guard-Stream")

@@ -1,4 +1,4 @@
-"""Server configuration, tenants and per-tenant moderation policies (pydantic v2, loaded from YAML).
+"""Server configuration and per-tenant moderation policies: pydantic v2 models and their YAML loading.
 
 ``load_config(path)`` reads the server config, resolves every tenant's policy (inline ``policies:`` entries or
 ``<policies_dir>/<name>.yaml``), reads upstream keys from the environment and checks every cross reference. Any
@@ -6,92 +6,22 @@ problem raises :class:`ConfigError` whose message names the bad key path, e.g.
 ``tenants[0].api_key_sha256[0]: expected 64 hex digits (sha256 of the API key)``. Unknown keys are errors
 (``extra="forbid"``) so a typo never silently falls back to a default. The full schema is in ``docs/CONFIG.md``.
 
-Labels: risk levels Safe / Unsafe / Controversial and the nine categories are those of Qwen3Guard-Stream
-(``../shared/notes/qwen3guard-stream.md``, "Labels"); policies accept both the model card's short category names and
-the technical report's long ones and canonicalize them to the short names (:data:`CATEGORIES`).
+Policies name risk levels and categories as :mod:`guardproxy.guard.labels` defines them (the model card's short
+category names and the technical report's long ones, canonicalised to the short names).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-# --------------------------------------------------------------------------------------------------------------------
-# Labels: risk levels and categories (+ aliases)
-# --------------------------------------------------------------------------------------------------------------------
-
-#: Risk levels of both Qwen3Guard-Stream heads, in increasing severity.
-RISK_LEVELS = ("Safe", "Controversial", "Unsafe")
-
-#: Canonical category names (short names from the Qwen3Guard model card). Jailbreak exists on the prompt head only.
-CATEGORIES = (
-    "Violent",
-    "Sexual Content",
-    "Self-Harm",
-    "Political",
-    "PII",
-    "Copyright",
-    "Illegal Acts",
-    "Unethical",
-    "Jailbreak",
-)
-PROMPT_ONLY_CATEGORIES = frozenset({"Jailbreak"})
-
-# Long names (technical report / config maps) and common spellings -> canonical short name.
-_CATEGORY_ALIASES = {
-    "violent": "Violent",
-    "violence": "Violent",
-    "sexual content": "Sexual Content",
-    "sexual content or sexual acts": "Sexual Content",
-    "sexual acts": "Sexual Content",
-    "self-harm": "Self-Harm",
-    "self harm": "Self-Harm",
-    "suicide & self-harm": "Self-Harm",
-    "suicide and self-harm": "Self-Harm",
-    "political": "Political",
-    "politically sensitive topics": "Political",
-    "pii": "PII",
-    "personally identifiable information": "PII",
-    "copyright": "Copyright",
-    "copyright violation": "Copyright",
-    "illegal acts": "Illegal Acts",
-    "non-violent illegal acts": "Illegal Acts",
-    "unethical": "Unethical",
-    "unethical acts": "Unethical",
-    "jailbreak": "Jailbreak",
-}
-
-
-def _norm_label(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).casefold()
-
-
-def canonical_category(name: str) -> Optional[str]:
-    """Canonical category for a label or policy key, or None if unknown.
-
-    Matching is case-insensitive, ignores repeated whitespace and treats ``_`` as a space, so the model's
-    config-map label ("Sexual Content or Sexual Acts"), the model card's ("Sexual Content") and a policy key
-    ("sexual_content") all map to ``"Sexual Content"``.
-    """
-    return _CATEGORY_ALIASES.get(_norm_label(name))
-
-
-_LEVELS = {lvl.casefold(): lvl for lvl in RISK_LEVELS}
-
-
-def canonical_level(name: str) -> Optional[str]:
-    """Canonical risk level ("Safe" / "Controversial" / "Unsafe") for a label, case-insensitive; None if unknown."""
-    return _LEVELS.get(name.strip().casefold())
-
+from guardproxy.guard.labels import CATEGORIES, PROMPT_ONLY_CATEGORIES, RISK_LEVELS, canonical_category, canonical_level
 
 # --------------------------------------------------------------------------------------------------------------------
 # Policy
@@ -419,13 +349,6 @@ class Config(_Strict):
         guard = self.guard.model_copy(update={"model": guard_model} if guard_model else {})
         return self.model_copy(update={"listen": listen, "guard": guard})
 
-    def tenant(self, name: str) -> "Tenant":
-        """The runtime :class:`Tenant` of that name. Raises KeyError if there is none."""
-        for t in self.tenants:
-            if t.name == name:
-                return Tenant(t.name, t.policy, self.policies[t.policy], t.upstream, self.upstreams[t.upstream])
-        raise KeyError(name)
-
 
 class ConfigError(Exception):
     """A configuration problem; the message names the file and the key path, one problem per line."""
@@ -555,66 +478,6 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(_read_yaml(path), base_dir=path.parent, source=str(path))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Tenants
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def hash_api_key(key: str) -> str:
-    """Lower-case hex sha256 of an API key (UTF-8): the form ``tenants[].api_key_sha256`` stores."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def extract_api_key(authorization: Optional[str]) -> Optional[str]:
-    """The key from an ``Authorization`` value (``Bearer KEY``, scheme case-insensitive) or a bare key; None if empty."""
-    if authorization is None:
-        return None
-    value = authorization.strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer":
-        value = rest.strip()
-    return value or None
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """A resolved tenant: its own policy and upstream, nothing of any other tenant's."""
-
-    name: str
-    policy_name: str
-    policy: Policy
-    upstream_name: str
-    upstream: Upstream
-
-
-class TenantRegistry:
-    """API key -> tenant, by sha256 hash compared in constant time.
-
-    A request whose key is missing or matches no tenant gets the ``allow_anonymous_tenant`` tenant if the config
-    names one, else None (the server answers 401 in OpenAI's error shape).
-    """
-
-    def __init__(self, config: Config):
-        self._entries = [
-            (bytes.fromhex(h), config.tenant(t.name)) for t in config.tenants for h in t.api_key_sha256
-        ]
-        self.anonymous: Optional[Tenant] = (
-            config.tenant(config.allow_anonymous_tenant) if config.allow_anonymous_tenant else None
-        )
-
-    def lookup(self, authorization_or_key: Optional[str]) -> Optional[Tenant]:
-        """Tenant for an ``Authorization`` header value or bare key; see the class doc for the fallback."""
-        key = extract_api_key(authorization_or_key)
-        if key is None:
-            return self.anonymous
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-        found = None
-        for stored, tenant in self._entries:  # no early exit: time does not depend on which entry matches
-            if hmac.compare_digest(stored, digest) and found is None:
-                found = tenant
-        return found if found is not None else self.anonymous
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m guardproxy.config hash-key KEY`` | ``check CONFIG.yaml``: print a key hash / validate a config."""
     import argparse
@@ -625,6 +488,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("check", help="validate a config file and its policies").add_argument("config")
     args = ap.parse_args(argv)
     if args.cmd == "hash-key":
+        from guardproxy.tenants import hash_api_key
+
         print(hash_api_key(args.key))
         return 0
     try:

@@ -65,3 +65,9 @@ def planted_engine(planted_checkpoint):
     eng = GuardEngine.from_pretrained(str(planted_checkpoint), device="cpu", max_streams=128)
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def engine(planted_engine):
+    """The shared planted engine under the name the end-to-end tests use (modules with their own engine override it)."""
+    return planted_engine

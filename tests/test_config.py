@@ -11,19 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.config import (
-    CATEGORIES,
-    Config,
-    ConfigError,
-    Policy,
-    TenantRegistry,
-    canonical_category,
-    config_from_dict,
-    hash_api_key,
-    load_config,
-    load_policy,
-    main,
-)
+from guardproxy.config import Config, ConfigError, Policy, config_from_dict, load_config, load_policy, main
+from guardproxy.guard.labels import CATEGORIES, canonical_category
+from guardproxy.tenants import TenantRegistry, hash_api_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"

@@ -10,8 +10,75 @@ from a hard-coded list: several third-party ports got the risk order wrong (sour
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+
+#: Risk levels of both Qwen3Guard-Stream heads, in increasing severity.
+RISK_LEVELS = ("Safe", "Controversial", "Unsafe")
+
+#: Canonical category names (short names from the Qwen3Guard model card). Jailbreak exists on the prompt head only.
+CATEGORIES = (
+    "Violent",
+    "Sexual Content",
+    "Self-Harm",
+    "Political",
+    "PII",
+    "Copyright",
+    "Illegal Acts",
+    "Unethical",
+    "Jailbreak",
+)
+PROMPT_ONLY_CATEGORIES = frozenset({"Jailbreak"})
+
+# Long names (technical report / config maps) and common spellings -> canonical short name.
+_CATEGORY_ALIASES = {
+    "violent": "Violent",
+    "violence": "Violent",
+    "sexual content": "Sexual Content",
+    "sexual content or sexual acts": "Sexual Content",
+    "sexual acts": "Sexual Content",
+    "self-harm": "Self-Harm",
+    "self harm": "Self-Harm",
+    "suicide & self-harm": "Self-Harm",
+    "suicide and self-harm": "Self-Harm",
+    "political": "Political",
+    "politically sensitive topics": "Political",
+    "pii": "PII",
+    "personally identifiable information": "PII",
+    "copyright": "Copyright",
+    "copyright violation": "Copyright",
+    "illegal acts": "Illegal Acts",
+    "non-violent illegal acts": "Illegal Acts",
+    "unethical": "Unethical",
+    "unethical acts": "Unethical",
+    "jailbreak": "Jailbreak",
+}
+
+
+def _norm_label(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def canonical_category(name: str) -> Optional[str]:
+    """Canonical category for a label or policy key, or None if unknown.
+
+    Matching is case-insensitive, ignores repeated whitespace and treats ``_`` as a space, so the model's
+    config-map label ("Sexual Content or Sexual Acts"), the model card's ("Sexual Content") and a policy key
+    ("sexual_content") all map to ``"Sexual Content"``.
+    """
+    return _CATEGORY_ALIASES.get(_norm_label(name))
+
+
+_LEVELS = {lvl.casefold(): lvl for lvl in RISK_LEVELS}
+
+
+def canonical_level(name: str) -> Optional[str]:
+    """Canonical risk level ("Safe" / "Controversial" / "Unsafe") for a label, case-insensitive; None if unknown."""
+    return _LEVELS.get(name.strip().casefold())
+
 
 MAP_KEYS = ("response_risk_level_map", "response_category_map", "query_risk_level_map", "query_category_map")
 
@@ -98,8 +165,8 @@ def verdicts(risk_logits: torch.Tensor, category_logits: torch.Tensor, risk_labe
     """
     if risk_logits.shape[0] == 0:
         return []
-    rp = torch.softmax(risk_logits.float(), dim=-1)
-    cp = torch.softmax(category_logits.float(), dim=-1)
+    rp = risk_logits.float().softmax(dim=-1)
+    cp = category_logits.float().softmax(dim=-1)
     cprob, cidx = cp.max(dim=-1)
     ridx = rp.argmax(dim=-1).tolist()
     rows = rp.tolist()

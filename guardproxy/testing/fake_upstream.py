@@ -272,7 +272,8 @@ def proxy_config(upstream_url: str, policy: dict | None = None, *, max_body_byte
                  upstream: dict | None = None, guard_model: str = "unused"):
     """A validated :class:`guardproxy.config.Config`: one upstream, one tenant (key :data:`TEST_KEY`) with
     ``policy`` (a dict in the policy-file schema; default = the default policy)."""
-    from guardproxy.config import config_from_dict, hash_api_key
+    from guardproxy.config import config_from_dict
+    from guardproxy.tenants import hash_api_key
 
     return config_from_dict({
         "limits": {"max_body_bytes": max_body_bytes},
@@ -294,7 +295,7 @@ class RunningProxy:
         self._runner = None
 
     async def __aenter__(self) -> "RunningProxy":
-        from guardproxy.proxy.server import create_app, start
+        from guardproxy.server.app import create_app, start
 
         self.app = create_app(self.config, self.engine)
         self._runner, port = await start(self.app, "127.0.0.1", 0)

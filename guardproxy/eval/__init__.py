@@ -1,0 +1,1 @@
+"""Offline evaluation: ``guardproxy classify`` and the scoring rules of Qwen's streaming evaluation."""

@@ -1,0 +1,451 @@
+"""The per-request hold-back buffer: upstream SSE events in, client SSE bytes out, text released only when told.
+
+Every moderated character of a choice has a **global offset**: all of that choice's client-visible moderated text
+(reasoning, content, tool arguments; see :mod:`guardproxy.moderation.channels`) concatenated in arrival order. The
+releaser places each upstream piece in that space, holds the events, and emits them as the decider allows::
+
+    rel = Releaser()
+    step = rel.add(event)              # Step(pieces, out): pieces get .start/.end; out = bytes to send now
+    send(step.out); feed(step.pieces)  # e.g. to the retokenizer / guard
+    send(rel.release(choice, upto))    # everything of `choice` before global offset `upto`
+    rel.redact(choice, start, end)     # replace [start, end) with "[REDACTED]" before it is released
+    send(rel.cut(choice))              # drop the unreleased rest; finish_reason "content_filter"
+    send(rel.annotate(choice, fields)) # an empty-delta chunk carrying e.g. content_filter_results, after the text
+    send(rel.finish())                 # release all that is left, then exactly one `data: [DONE]`
+
+Guarantees:
+
+* Nothing of a choice at or beyond its released offset reaches the client (``release`` clamps ``upto`` to the
+  text received so far, so text that has not arrived yet is never pre-released).
+* Events are emitted in upstream order per choice. A chunk released whole and untouched is re-emitted with its
+  original ``data`` string, byte for byte. When ``upto`` falls inside a chunk's text, the chunk is split: the first
+  part keeps every field of the original choice (``role``, tool ``id``/``name``/``type``, ...) with only the released
+  text; later parts carry only ``index`` and the new text (plus list-item ``index``/``type``), so SDK accumulators do
+  not duplicate names. ``finish_reason`` and a non-null ``usage`` ride on the last part only. ``logprobs`` are set to
+  ``null`` on any split or redacted chunk (they would reveal or misalign the text).
+* Events without a choice (``choices: []`` usage / ``prompt_filter_results`` chunks, error frames, ``event:`` and
+  bare ``error:`` events) are barriers: emitted once everything before them (of every choice) went out, and
+  everything after them waits for them. Comments (keep-alives) go out at once, even while text is held.
+* A chunk with several choices is split into one chunk per choice (re-serialized; ``usage`` on the last).
+* ``cut`` ends a choice with a chunk ``{"index": c, "delta": {}, "logprobs": null, "finish_reason": reason}``
+  (legacy completions: ``"text": ""``) carrying the request's ``id``/``object``/``created``/``model``/
+  ``system_fingerprint``; later upstream events of that choice are ignored.
+* ``data: [DONE]`` is emitted by :meth:`finish` only, last and exactly once, whether or not the upstream sent one;
+  upstream data events after an upstream ``[DONE]`` are ignored.
+
+Redaction masks: ``mask`` replaces the whole span once (at its first character; the span's other characters
+vanish), or, with ``per_char=True``, every character of the span is replaced by ``mask``. Overlapping redactions merge
+into one span with the newest mask (adjacent ones stay separate). A span that crosses fields or chunks shows its mask where it starts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from guardproxy.moderation.channels import ChannelSplitter, FieldSpan, Path, Piece
+from guardproxy.wire.sse import DONE, Event, encode_comment, encode_data, encode_event
+
+__all__ = ["Releaser", "Step"]
+
+_INF = float("inf")
+_TOP_KEEP = ("id", "object", "created", "model", "system_fingerprint")
+
+
+@dataclass
+class Step:
+    """Result of :meth:`Releaser.add`: the placed pieces (``Piece.start`` set, in arrival order) and the SSE bytes
+    that may be sent to the client now (one complete event per item)."""
+
+    pieces: list[Piece] = field(default_factory=list)
+    out: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class _Span:
+    start: int  # char range in the field
+    end: int
+    g: int  # global offset of the first char
+
+
+@dataclass
+class _Entry:
+    choice: int | None  # None: barrier (choice-less event)
+    raw: bytes = b""  # bytes to send when emitted untouched
+    top: dict | None = None  # chunk without "choices"
+    obj: dict | None = None  # the choice object
+    fields: dict[Path, list[_Span]] = field(default_factory=dict)  # text fields -> spans (glue chars in between)
+    pos: dict[Path, int] = field(default_factory=dict)  # emitted up to (field chars)
+    hold: dict[Path, int] = field(default_factory=dict)  # field chars from here are pending (maybe a tag)
+    started: bool = False  # a first part was emitted
+
+    @property
+    def g_range(self) -> tuple[float, float]:
+        spans = [s for ss in self.fields.values() for s in ss]
+        if not spans:
+            return _INF, -1
+        return min(s.g for s in spans), max(s.g + s.end - s.start for s in spans)
+
+
+@dataclass
+class _Choice:
+    length: int = 0  # moderated chars received
+    upto: float = 0  # released offset
+    redactions: list[list] = field(default_factory=list)  # sorted disjoint [start, end, mask, per_char]
+    cut: bool = False
+    finished: bool = False
+    legacy: bool = False
+
+
+class Releaser:
+    """Hold-back buffer of one request (all choices). Not thread-safe; drive it from one task.
+
+    Args:
+        splitter: the :class:`ChannelSplitter` to use (a fresh one by default).
+    """
+
+    def __init__(self, splitter: ChannelSplitter | None = None):
+        self._splitter = splitter or ChannelSplitter()
+        self._choices: dict[int, _Choice] = {}
+        self._queue: list[_Entry] = []
+        self._held: dict[int, list[_Entry]] = {}
+        self._top: dict = {}
+        self._upstream_done = False
+        self._finished = False
+
+    # -- introspection -------------------------------------------------------------------------------------------
+    @property
+    def choices(self) -> list[int]:
+        """Choice indices seen so far (sorted)."""
+        return sorted(self._choices)
+
+    def length(self, choice: int) -> int:
+        """Moderated chars of ``choice`` received so far (the end of its global offset space)."""
+        return self._choices[choice].length if choice in self._choices else 0
+
+    def released(self, choice: int) -> int:
+        """The offset up to which ``choice`` has been released."""
+        ch = self._choices.get(choice)
+        return 0 if ch is None else int(min(ch.upto, ch.length))
+
+    def is_cut(self, choice: int) -> bool:
+        return choice in self._choices and self._choices[choice].cut
+
+    @property
+    def upstream_done(self) -> bool:
+        """True once the upstream sent ``[DONE]`` (or :meth:`eof` was called)."""
+        return self._upstream_done
+
+    # -- input ---------------------------------------------------------------------------------------------------
+    def add(self, event: Event) -> Step:
+        """Take one upstream event. Returns its placed pieces and whatever may be sent now.
+
+        ``[DONE]`` is swallowed (see :meth:`finish`) and flushes pending ``<think>``-tag prefixes as pieces."""
+        step = Step()
+        if self._finished:
+            return step
+        if event.kind == "comment":
+            step.out.append(encode_comment(event.comment or ""))
+            return step
+        if self._upstream_done:
+            return step
+        if event.is_done:
+            return self.eof()
+        obj = event.json() if event.kind == "data" else None
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            self._queue.append(_Entry(None, raw=_raw(event)))
+            step.out += self._pump()
+            return step
+        top = {k: v for k, v in obj.items() if k != "choices"}
+        self._top.update({k: top[k] for k in _TOP_KEEP if k in top})
+        for j, choice_obj in enumerate(choices):
+            c = choice_obj.get("index", j)
+            c = c if isinstance(c, int) and not isinstance(c, bool) else j
+            ch = self._choices.setdefault(c, _Choice())
+            ch.legacy = "delta" not in choice_obj and "text" in choice_obj
+            if ch.cut:
+                continue
+            if len(choices) == 1:
+                entry = _Entry(c, raw=_raw(event), top=top, obj=choice_obj)
+            else:
+                sub = dict(top)
+                if j < len(choices) - 1 and sub.get("usage") is not None:
+                    sub["usage"] = None
+                entry = _Entry(c, raw=encode_data({**sub, "choices": [choice_obj]}), top=sub, obj=choice_obj)
+            self._queue.append(entry)
+            step.pieces += self._place(c, self._splitter.split({"choices": [choice_obj]}, ref=entry))
+        step.out += self._pump()
+        return step
+
+    def eof(self) -> Step:
+        """The upstream ended (``[DONE]``, or EOF without it): flush pending tag prefixes as pieces. Idempotent."""
+        self._upstream_done = True
+        step = Step()
+        for c in list(self._choices):
+            if not self._choices[c].cut:
+                step.pieces += self._place(c, self._splitter.flush(c))
+        step.out += self._pump()
+        return step
+
+    # -- decisions -----------------------------------------------------------------------------------------------
+    def release(self, choice: int, upto: int) -> list[bytes]:
+        """Release ``choice`` up to global offset ``upto`` (clamped to the text received; never moves back).
+        Returns the SSE events that can go out now (possibly of other choices or barriers unblocked by this)."""
+        ch = self._choices.setdefault(choice, _Choice())
+        ch.upto = max(ch.upto, min(upto, ch.length))
+        return self._pump()
+
+    def redact(
+        self, choice: int, start: int, end: int, mask: str = "[REDACTED]", *, per_char: bool = False
+    ) -> tuple[int, int] | None:
+        """Replace chars ``[start, end)`` of ``choice`` with ``mask`` (see module docstring for mask semantics).
+        The span is clipped to ``[released offset, received length)``; returns the clipped span actually redacted,
+        or ``None`` when nothing was left to redact (already released, cut, or empty)."""
+        ch = self._choices.get(choice)
+        if ch is None or ch.cut:
+            return None
+        start, end = max(start, int(ch.upto)), min(end, ch.length)
+        if start >= end:
+            return None
+        keep, s, e = [], start, end
+        for r in ch.redactions:
+            if r[1] <= start or r[0] >= end:
+                keep.append(r)
+            else:
+                s, e = min(s, r[0]), max(e, r[1])
+        bisect.insort(keep, [s, e, mask, per_char], key=lambda r: r[0])
+        ch.redactions = keep
+        return start, end
+
+    def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None) -> list[bytes]:
+        """End ``choice`` now: drop everything of it not yet emitted and emit its final chunk with
+        ``finish_reason=reason`` (plus the ``annotation`` fields on its choice object, if given). A no-op for a
+        choice already finished or cut (returns what became sendable)."""
+        ch = self._choices.setdefault(choice, _Choice())
+        if ch.cut or ch.finished or self._finished:
+            return self._pump()
+        ch.cut = True
+        self._queue = [e for e in self._queue if e.choice != choice]
+        self._held.pop(choice, None)
+        return [self._own_chunk(choice, reason, annotation)] + self._pump()
+
+    def annotate(self, choice: int, fields: dict) -> list[bytes]:
+        """Queue an annotation chunk for ``choice``: an empty delta (``finish_reason: null``) whose choice object
+        carries ``fields`` (e.g. ``content_filter_results``; clients ignore unknown fields). It goes out after
+        everything of ``choice`` received before it (so after the text it is about). No-op on a cut choice."""
+        ch = self._choices.setdefault(choice, _Choice())
+        if not ch.cut and not self._finished:
+            self._queue.append(_Entry(choice, raw=self._own_chunk(choice, None, fields)))
+        return self._pump()
+
+    def _own_chunk(self, choice: int, reason: str | None, fields: dict | None) -> bytes:
+        """A chunk the proxy writes itself for ``choice``, with the request's id/object/created/model."""
+        ch = self._choices[choice]
+        final: dict[str, Any] = {"index": choice}
+        if ch.legacy:
+            final.update(text="", logprobs=None, finish_reason=reason)
+        else:
+            final.update(delta={}, logprobs=None, finish_reason=reason)
+        final.update(fields or {})
+        top = {"id": "", "object": "text_completion" if ch.legacy else "chat.completion.chunk", **self._top}
+        return encode_data({**top, "choices": [final]})
+
+    def finish(self) -> list[bytes]:
+        """Release everything left (of choices not cut), then ``data: [DONE]``. Later calls return ``[]``."""
+        if self._finished:
+            return []
+        out = self.eof().out if not self._upstream_done else []
+        for ch in self._choices.values():
+            ch.upto = _INF
+        for e in self._queue:
+            e.hold.clear()
+        out += self._pump()
+        self._finished = True
+        return out + [DONE]
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _place(self, c: int, pieces: list[Piece]) -> list[Piece]:
+        ch = self._choices[c]
+        placed = []
+        for p in pieces:
+            start = ch.length
+            ch.length += len(p.text)
+            for span in (p.span, *p.mirrors):
+                spans = span.ref.fields.setdefault(span.path, [])
+                spans.append(_Span(span.start, span.end, start + span.offset))
+                spans.sort(key=lambda s: s.start)
+            placed.append(replace(p, start=start))
+        for e in self._held.pop(c, []):
+            e.hold.clear()
+        pending: list[FieldSpan] = self._splitter.pending(c)
+        for span in pending:
+            entry = span.ref
+            entry.fields.setdefault(span.path, [])
+            entry.hold[span.path] = min(entry.hold.get(span.path, span.start), span.start)
+            self._held.setdefault(c, []).append(entry)
+        return placed
+
+    def _pump(self) -> list[bytes]:
+        out: list[bytes] = []
+        blocked: set[int] = set()
+        barrier = False
+        rest = []
+        for e in self._queue:
+            if e.choice is None:
+                if not barrier and not blocked:
+                    out.append(e.raw)
+                else:
+                    barrier = True
+                    rest.append(e)
+                continue
+            if barrier or e.choice in blocked:
+                rest.append(e)
+                continue
+            data, done = self._emit(e)
+            if data:
+                out.append(data)
+            if not done:
+                blocked.add(e.choice)
+                rest.append(e)
+        self._queue = rest
+        return out
+
+    def _emit(self, e: _Entry) -> tuple[bytes | None, bool]:
+        ch = self._choices[e.choice]
+        g0, g1 = e.g_range
+        final = not e.hold and ch.upto >= g1
+        if final and not e.started and not self._touched(ch, g0, g1):
+            self._finish_entry(ch, e)
+            return e.raw, True
+        new: dict[Path, str] = {}
+        for path, spans in e.fields.items():
+            value = _get(e.obj, path)
+            cut = len(value) if final else self._field_cut(ch, e, path, spans, len(value))
+            if cut > e.pos.get(path, 0):
+                new[path] = self._render(ch, value, spans, e.pos.get(path, 0), cut)
+                e.pos[path] = cut
+        if not final and not any(new.values()):
+            return None, False
+        if not e.started:
+            choice = copy.deepcopy(e.obj)
+            for path in e.fields:
+                _put(choice, path, new.get(path, ""))
+        else:
+            choice = {k: v for k, v in e.obj.items() if k not in ("delta", "text", "logprobs")}
+            if "delta" in e.obj:
+                choice["delta"] = {}
+            choice.update(_minimal(e.obj, new))
+            if ch.legacy and "text" not in choice:
+                choice["text"] = ""
+        if "logprobs" in e.obj:
+            choice["logprobs"] = None
+        top = dict(e.top or {})
+        if not final:
+            if choice.get("finish_reason") is not None:
+                choice["finish_reason"] = None
+            if top.get("usage") is not None:
+                top["usage"] = None
+        e.started = True
+        if final:
+            self._finish_entry(ch, e)
+        return encode_data({**top, "choices": [choice]}), final
+
+    @staticmethod
+    def _finish_entry(ch: _Choice, e: _Entry) -> None:
+        if e.obj is not None and e.obj.get("finish_reason") is not None:
+            ch.finished = True
+
+    @staticmethod
+    def _touched(ch: _Choice, g0: float, g1: float) -> bool:
+        return any(r[0] < g1 and r[1] > g0 for r in ch.redactions)
+
+    @staticmethod
+    def _field_cut(ch: _Choice, e: _Entry, path: Path, spans: list[_Span], n: int) -> int:
+        """Field position just past the last released moderated char (tag glue before it goes along, glue after
+        it waits for the next released char or the end of the chunk)."""
+        last = e.pos.get(path, 0)
+        for s in spans:
+            released = min(s.end - s.start, max(0, int(min(ch.upto, s.g + s.end - s.start)) - s.g))
+            if released:
+                last = max(last, s.start + released)
+            if released < s.end - s.start:
+                break
+        return min(last, e.hold.get(path, n))
+
+    @staticmethod
+    def _render(ch: _Choice, value: str, spans: list[_Span], a: int, b: int) -> str:
+        """Field chars ``[a, b)`` as the client sees them: glue verbatim, span chars through the redactions."""
+        out, pos = [], a
+        for s in spans:
+            lo, hi = max(s.start, pos), min(s.end, b)
+            if lo >= hi:
+                continue
+            out.append(value[pos:lo])
+            out.append(_redacted(ch.redactions, value[lo:hi], s.g + lo - s.start))
+            pos = hi
+        out.append(value[pos:b])
+        return "".join(out)
+
+
+def _raw(event: Event) -> bytes:
+    """The event as relayed untouched: its data string (``data: `` with the space), or all its fields when it has
+    fields other than ``data`` (``event: error``, ``id:``, a bare ``error:``)."""
+    if event.data is not None and all(name == "data" for name, _ in event.fields):
+        return encode_data(event.data)
+    return encode_event(event)
+
+
+def _redacted(redactions: list[list], text: str, g: int) -> str:
+    """``text`` (global offsets ``[g, g+len)``) with the redactions applied."""
+    if not redactions:
+        return text
+    out, pos, end = [], g, g + len(text)
+    i = max(0, bisect.bisect_right(redactions, g, key=lambda r: r[0]) - 1)
+    for s, e, mask, per_char in redactions[i:]:
+        if s >= end:
+            break
+        if e <= pos:
+            continue
+        lo, hi = max(s, pos), min(e, end)
+        out.append(text[pos - g : lo - g])
+        out.append(mask * (hi - lo) if per_char else (mask if lo == s else ""))
+        pos = hi
+    out.append(text[pos - g :])
+    return "".join(out)
+
+
+def _get(obj: Any, path: Path) -> Any:
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _put(obj: Any, path: Path, value: str) -> None:
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _minimal(src: dict, new: dict[Path, str]) -> dict:
+    """The continuation parts of a choice: only the non-empty new text at each path; list items (matched by their
+    position in ``src``) keep only their identity keys ``index`` / ``type``, so SDK accumulators append the text."""
+    out: dict = {}
+    items: dict[Path, dict] = {}
+    for path, text in new.items():
+        if not text:
+            continue
+        dst, s = out, src
+        for i, k in enumerate(path[:-1]):
+            s = s[k]
+            if isinstance(k, int):
+                if path[: i + 1] not in items:
+                    items[path[: i + 1]] = {key: s[key] for key in ("index", "type") if key in s}
+                    dst.append(items[path[: i + 1]])
+                dst = items[path[: i + 1]]
+            else:
+                dst = dst.setdefault(k, [] if isinstance(path[i + 1], int) else {})
+        dst[path[-1]] = text
+    return out

@@ -1,0 +1,1 @@
+"""The aiohttp server and the httpx upstream client: routes, request glue, relays, metrics."""

@@ -1,0 +1,247 @@
+"""The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics.
+
+Routes:
+    POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.server.handler`); other
+                                                      methods there: 405 (OpenAI error shape, ``Allow: POST``)
+    any other /v1/*                                   relayed (normalised path), response bodies streamed; paths
+                                                      that normalise to a generation route (``/chat/completions/``,
+                                                      ``//completions``, ``/v1/responses``, ...): 404, never relayed
+    GET /healthz                                      alive
+    GET /readyz                                       guard model loaded and an upstream configured (else 503)
+    GET /metrics                                      Prometheus text format
+
+Every response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a fresh uuid4 hex).
+Errors before the first response byte are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status
+(:mod:`guardproxy.wire.errors`); nothing is ever answered with a traceback, and no client credential is ever logged.
+
+The handler task is cancelled when the client disconnects (``handler_cancellation=True`` in :func:`start`), which is
+how a disconnect reaches the upstream request and the guard streams (their ``finally`` blocks close them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from guardproxy.config import Config
+from guardproxy.tenants import Tenant, TenantRegistry, extract_api_key
+from guardproxy.server import handler as moderation
+from guardproxy.server import relay as relays
+from guardproxy.server.http import error_response, json_response
+from guardproxy.server.relay import MODERATED
+from guardproxy.wire.errors import ProxyError
+from guardproxy.server.upstream import Upstream, UpstreamError, build_upstreams
+
+log = logging.getLogger("guardproxy.server")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class ProxyState:
+    """Everything the handlers share for the life of the server.
+
+    Attributes:
+        config: the validated server config.
+        engine: the guard engine (``None`` until loaded: /readyz answers 503 and moderated routes 503).
+        upstreams: upstream name (as in the config) -> pooled client.
+        tenants: API key -> tenant.
+        metrics: Prometheus metrics of this server (own registry).
+    """
+
+    config: Config
+    engine: Any
+    upstreams: dict[str, Upstream]
+    tenants: TenantRegistry
+    metrics: moderation.Metrics = field(default_factory=moderation.Metrics)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Request body limit in bytes (413 beyond it)."""
+        return self.config.limits.max_body_bytes
+
+
+STATE = web.AppKey("guardproxy_state", ProxyState)
+REQUEST_ID = web.RequestKey("request_id", str)
+RAW_BODY = web.RequestKey("raw_body", bytes)
+
+
+def client_key(request: web.Request) -> str | None:
+    """The API key a client presented (``Authorization: Bearer KEY`` or Azure's ``api-key``), else None."""
+    return extract_api_key(request.headers.get("Authorization")) or extract_api_key(request.headers.get("api-key"))
+
+
+def resolve_tenant(state: ProxyState, request: web.Request) -> Tenant:
+    """The tenant of a request (sha256 of the key, looked up in the config's tenants).
+
+    Raises:
+        ProxyError: 401 when the key is missing or unknown (and no anonymous tenant is configured).
+    """
+    key = client_key(request)
+    tenant = state.tenants.lookup(key)
+    if tenant is None:
+        if key is None:
+            raise ProxyError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+        raise ProxyError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return tenant
+
+
+@web.middleware
+async def request_id_and_errors(request: web.Request, handler):
+    """Assign ``x-request-id``; turn every exception before the first byte into an OpenAI-shaped error."""
+    incoming = request.headers.get("x-request-id", "")
+    rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    state = request.app[STATE]
+    route = request.path if request.path in MODERATED else ("/v1/*" if request.path.startswith("/v1/") else request.path)
+    status = 500
+    try:
+        try:
+            resp = await handler(request)
+        except ProxyError as e:
+            resp = error_response(e)
+        except web.HTTPRequestEntityTooLarge:
+            resp = error_response(ProxyError(413, f"Request body exceeds the limit of {state.max_body_bytes} bytes.",
+                                             code="payload_too_large"))
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            msg = {404: f"Unknown route: {request.method} {request.path}",
+                   405: f"Method {request.method} not allowed on {request.path}"}.get(e.status, e.reason)
+            resp = error_response(ProxyError(e.status, msg, code=e.reason.lower().replace(" ", "_")))
+        except UpstreamError as e:
+            code = 504 if e.kind == "timeout" else 502
+            resp = error_response(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
+        except Exception:  # a bug: log it server-side, answer a clean 500
+            log.exception("request %s failed", rid)
+            resp = error_response(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))
+        status = resp.status
+        if not resp.prepared:
+            resp.headers["x-request-id"] = rid
+            if status == 405 and request.path in MODERATED:
+                resp.headers["Allow"] = "POST"
+        return resp
+    finally:
+        state.metrics.requests.labels(route=route, status=str(status)).inc()
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object.
+
+    JSON is parsed with orjson, which rejects invalid UTF-8 and lone surrogates (``"\\ud800"``) instead of producing
+    a ``str`` that cannot be encoded again.
+
+    Raises:
+        ProxyError: 400 for invalid JSON / not an object, 413 for an oversized body.
+    """
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ProxyError(400, f"Invalid JSON body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
+    request[RAW_BODY] = raw
+    return body
+
+
+def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
+    try:
+        return state.upstreams[tenant.upstream_name]
+    except KeyError:
+        raise ProxyError(503, f"Upstream {tenant.upstream_name!r} is not configured.", code="no_upstream") from None
+
+
+async def moderated(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions and /v1/completions: authenticate, validate, moderate (see moderation.py)."""
+    state = request.app[STATE]
+    tenant = resolve_tenant(state, request)
+    body = await read_json(request)
+    legacy = request.path == "/v1/completions"
+    ctx = moderation.RequestContext(
+        request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
+        metrics=state.metrics, limits=state.config.limits)
+    return await moderation.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """Any method but POST on a moderated route: 405 in the OpenAI error shape, ``Allow: POST``."""
+    raise ProxyError(405, f"Method {request.method} not allowed on {request.path}; use POST.",
+                     code="method_not_allowed")
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    """Any other /v1/* route: authenticated, then relayed (:func:`guardproxy.server.relay.relay`)."""
+    state = request.app[STATE]
+    return await relays.relay(request, _upstream(state, resolve_tenant(state, request)), request[REQUEST_ID])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the guard model is loaded and an upstream is configured; 503 otherwise."""
+    state = request.app[STATE]
+    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams)}
+    ok = all(checks.values())
+    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (requests, prompt blocks, response actions, guard latency, engine stats)."""
+    state = request.app[STATE]
+    state.metrics.observe_engine(state.engine)
+    resp = web.Response(body=generate_latest(state.metrics.registry))
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | None = None) -> web.Application:
+    """Build the application.
+
+    Args:
+        config: the validated server config (:func:`guardproxy.config.load_config`).
+        engine: a started :class:`guardproxy.guard.engine.GuardEngine` (or None: not ready, moderated routes 503).
+        upstreams: name -> :class:`Upstream` (default: built from ``config.upstreams``); closed on app cleanup.
+    """
+    app = web.Application(middlewares=[request_id_and_errors], client_max_size=config.limits.max_body_bytes)
+    app[STATE] = ProxyState(config=config, engine=engine,
+                            upstreams=upstreams if upstreams is not None else build_upstreams(config),
+                            tenants=TenantRegistry(config))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    for path in MODERATED:
+        app.router.add_post(path, moderated)
+        app.router.add_route("*", path, method_not_allowed)
+    app.router.add_route("*", "/v1/{tail:.+}", relay)
+
+    async def _close_upstreams(app: web.Application) -> None:
+        for up in app[STATE].upstreams.values():
+            await up.aclose()
+
+    app.on_cleanup.append(_close_upstreams)
+    return app
+
+
+async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
+    """Start serving ``app``; returns the runner (``await runner.cleanup()`` to stop) and the bound port.
+
+    ``handler_cancellation=True`` makes a client disconnect cancel the handler, which closes the upstream request
+    and the guard streams.
+    """
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound

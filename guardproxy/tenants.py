@@ -1,0 +1,71 @@
+"""Tenants: API key extraction and hashing, and the registry that maps a key to its tenant (policy + upstream).
+
+Keys are never stored in clear: a tenant is configured with the SHA-256 of each of its keys and a presented key is
+hashed and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from guardproxy.config import Config, Policy, Upstream
+
+
+
+
+def hash_api_key(key: str) -> str:
+    """Lower-case hex sha256 of an API key (UTF-8): the form ``tenants[].api_key_sha256`` stores."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def extract_api_key(authorization: Optional[str]) -> Optional[str]:
+    """The key from an ``Authorization`` value (``Bearer KEY``, scheme case-insensitive) or a bare key; None if empty."""
+    if authorization is None:
+        return None
+    value = authorization.strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        value = rest.strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A resolved tenant: its own policy and upstream, nothing of any other tenant's."""
+
+    name: str
+    policy_name: str
+    policy: Policy
+    upstream_name: str
+    upstream: Upstream
+
+
+class TenantRegistry:
+    """API key -> tenant, by sha256 hash compared in constant time.
+
+    A request whose key is missing or matches no tenant gets the ``allow_anonymous_tenant`` tenant if the config
+    names one, else None (the server answers 401 in OpenAI's error shape).
+    """
+
+    def __init__(self, config: Config):
+        tenants = {t.name: Tenant(t.name, t.policy, config.policies[t.policy], t.upstream, config.upstreams[t.upstream])
+                   for t in config.tenants}
+        self._entries = [(bytes.fromhex(h), tenants[t.name]) for t in config.tenants for h in t.api_key_sha256]
+        self.anonymous: Optional[Tenant] = tenants[config.allow_anonymous_tenant] if config.allow_anonymous_tenant else None
+
+
+    def lookup(self, authorization_or_key: Optional[str]) -> Optional[Tenant]:
+        """Tenant for an ``Authorization`` header value or bare key; see the class doc for the fallback."""
+        key = extract_api_key(authorization_or_key)
+        if key is None:
+            return self.anonymous
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for stored, tenant in self._entries:  # no early exit: time does not depend on which entry matches
+            if hmac.compare_digest(stored, digest) and found is None:
+                found = tenant
+        return found if found is not None else self.anonymous

@@ -1,0 +1,132 @@
+"""The pooled upstream client against the fake upstream: bytes intact, credentials stripped, timeouts typed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from guardproxy.server.upstream import (
+    Upstream, UpstreamError, UpstreamSettings, request_headers, response_headers,
+)
+from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, fixture_bytes
+
+FIXTURES = ["openai_basic", "utf8_multibyte", "azure_crlf_filter_annotations", "large_tool_arguments"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("write_size", [None, 7, 1])
+async def test_fixture_bytes_arrive_intact(name, write_size):
+    body = fixture_bytes(name)
+    if write_size == 1 and len(body) > 10_000:
+        write_size = 97  # keep the 1-byte run bounded for the 336 KB fixture
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, write_size=write_size))
+        up = Upstream(UpstreamSettings(fake.base_url, api_key="sk-upstream"))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 content=b'{"model": "%s", "stream": true}' % model.encode())
+            assert resp.status == 200 and resp.content_type.startswith("text/event-stream")
+            assert await resp.aread() == body
+        finally:
+            await up.aclose()
+
+
+async def test_client_credentials_never_forwarded_and_upstream_key_sent():
+    async with FakeUpstream() as fake:
+        fake.script("m", JSON({"ok": True}))
+        up = Upstream(UpstreamSettings(fake.base_url, api_key="sk-upstream"))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", content=b'{"model": "m"}', headers={
+                "Authorization": "Bearer sk-client-secret", "api-key": "sk-client-secret",
+                "X-Api-Key": "sk-client-secret", "Cookie": "s=sk-client-secret", "Connection": "keep-alive, X-Hop",
+                "X-Hop": "1", "Keep-Alive": "timeout=5", "OpenAI-Organization": "org-1"})
+            await resp.aread()
+        finally:
+            await up.aclose()
+    rec = fake.requests[-1]
+    dump = repr(rec.headers)
+    assert "sk-client-secret" not in dump
+    assert rec.headers["Authorization"] == "Bearer sk-upstream"
+    assert "X-Hop" not in rec.headers and "Keep-Alive" not in rec.headers
+    assert rec.headers["OpenAI-Organization"] == "org-1"
+    assert rec.path == "/v1/chat/completions"
+
+
+def test_forward_client_authorization_opt_in():
+    s = UpstreamSettings("http://x/v1", api_key="sk-upstream", forward_client_authorization=True)
+    out = request_headers({"Authorization": "Bearer sk-client"}, s)
+    assert out["Authorization"] == "Bearer sk-client"
+
+
+_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_token, st.text(alphabet="abc =,", max_size=10), max_size=8), st.lists(_token, max_size=3))
+def test_hop_by_hop_never_passes_either_way(extra, listed):
+    headers = {**extra, "Transfer-Encoding": "chunked", "Upgrade": "h2c", "TE": "trailers",
+               "Connection": ", ".join(listed), "Content-Length": "5"}
+    headers.update({n: "v" for n in listed})
+    for out in (request_headers(headers, UpstreamSettings("http://x/v1")), response_headers(headers)):
+        names = {k.lower() for k in out}
+        assert not names & {"transfer-encoding", "upgrade", "te", "connection", "content-length"}
+        assert not names & {n.lower() for n in listed}
+
+
+async def test_connect_failure_is_typed():
+    up = Upstream(UpstreamSettings("http://127.0.0.1:9/v1", connect_timeout=2))
+    try:
+        with pytest.raises(UpstreamError) as e:
+            await up.send("GET", "/v1/models", headers={})
+        assert e.value.kind == "connect"
+    finally:
+        await up.aclose()
+
+
+async def test_idle_timeout_between_reads_no_total_timeout():
+    # 12 writes, 0.15 s apart: 1.8 s in total, longer than the idle timeout, but never idle for 0.5 s.
+    body = b"".join(b": tick\n\n" for _ in range(12))
+    async with FakeUpstream() as fake:
+        fake.script("slow", SSE(body, write_size=8, delay=0.15))
+        fake.script("stall", SSE(b"data: {}\n\n", hang_silent=True))
+        up = Upstream(UpstreamSettings(fake.base_url, idle_timeout=0.5, first_byte_timeout=2))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "slow"}')
+            assert await resp.aread() == body
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "stall"}')
+            t0 = time.monotonic()
+            with pytest.raises(UpstreamError) as e:
+                await resp.aread()
+            assert e.value.kind == "timeout" and 0.4 < time.monotonic() - t0 < 2.0
+            await asyncio.sleep(0.3)  # the fake upstream sees the connection go away
+            assert fake.requests[-1].closed_early
+        finally:
+            await up.aclose()
+
+
+async def test_first_byte_timeout():
+    async with FakeUpstream() as fake:
+        fake.script("late", JSON({"ok": 1}, delay=3))
+        up = Upstream(UpstreamSettings(fake.base_url, first_byte_timeout=0.3))
+        try:
+            with pytest.raises(UpstreamError) as e:
+                await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "late"}')
+            assert e.value.kind == "timeout"
+        finally:
+            await up.aclose()
+
+
+async def test_mid_body_abort_is_typed():
+    async with FakeUpstream() as fake:
+        fake.script("abort", SSE(b"data: {}\n\n", abort=True))
+        up = Upstream(UpstreamSettings(fake.base_url))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "abort"}')
+            with pytest.raises(UpstreamError) as e:
+                await resp.aread()
+            assert e.value.kind == "protocol"
+        finally:
+            await up.aclose()
