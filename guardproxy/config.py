@@ -174,11 +174,6 @@ class Policy(_Strict):
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
 
-    @property
-    def k(self) -> int:
-        """Debounce length (alias of ``debounce``)."""
-        return self.debounce
-
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
         if self.release == "async":

@@ -1,9 +1,9 @@
 """Chunk -> per-choice text pieces: everything a client will see that the guard must read.
 
 An OpenAI ``chat.completion.chunk`` (or a legacy ``text_completion`` chunk) carries text for the client in several
-places; a moderator that reads only ``delta.content`` is bypassed through any of the others
-(``../shared/notes/openai-streams.md``, "Chunk shapes to tolerate"). :class:`ChannelSplitter` extracts, per choice
-index and in order, the pieces:
+places (the fields are listed once, in :mod:`guardproxy.wire.chunks`); a moderator that reads only
+``delta.content`` is bypassed through any of the others. :class:`ChannelSplitter` extracts, per choice index and in
+order, the pieces:
 
 * ``("reasoning", text)`` from ``delta.reasoning_content`` (SGLang, llama.cpp, DeepSeek, older vLLM),
   ``delta.reasoning`` (vLLM, Ollama, OpenRouter) and ``delta.reasoning_details[].text`` / ``.summary`` (OpenRouter
@@ -33,7 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
-from guardproxy.wire.chunks import DETAIL_TEXT_FIELDS
+from guardproxy.wire.chunks import (
+    ARGUMENTS_FIELD, CHOICE_TEXT_FIELDS, CONTENT_FIELDS, DETAIL_TEXT_FIELDS, DETAILS_FIELD, REASONING_FIELDS,
+    TOOL_CALLS_FIELD, choice_index,
+)
 
 
 __all__ = ["ChannelSplitter", "FieldSpan", "Kind", "Path", "Piece"]
@@ -46,15 +49,15 @@ Path = tuple[Union[str, int], ...]
 
 _THINK, _END_THINK = "<think>", "</think>"
 _WS = " \t\r\n"
-_REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 @dataclass(frozen=True)
 class FieldSpan:
     """Characters ``[start, end)`` of the string at ``path`` inside the choice object of the chunk ``ref``.
 
-    ``ref`` is the handle the caller passed to :meth:`ChannelSplitter.split` for that chunk (``None`` by default);
-    a pending tag prefix resolved later still points at the chunk its characters arrived in. ``offset`` is 0 for
+    ``ref`` is the handle the caller passed to :meth:`ChannelSplitter.split` for that chunk, by default the choice
+    object itself (compare by identity); a pending tag prefix resolved later still points at the choice its
+    characters arrived in. ``offset`` is 0 for
     a piece's own span; for a mirror it is the position in the piece's text where the mirror's characters start.
     """
 
@@ -77,7 +80,8 @@ class Piece:
         name / tool_id: for tool pieces, the call's function name and id as known so far (else ``None``).
         mirrors: other fields carrying copies of the text; a mirror's characters equal
             ``text[m.offset : m.offset + m.end - m.start]``.
-        start: global char offset of ``text[0]`` in the choice's moderated text; set by the releaser, else ``None``.
+        start: global char offset of ``text[0]``: all of the choice's pieces concatenated in arrival order (set by
+            the splitter; ``None`` on a piece built by hand).
     """
 
     choice: int
@@ -91,7 +95,7 @@ class Piece:
 
     @property
     def end(self) -> int | None:
-        """Global offset one past the last char (``None`` until the releaser placed the piece)."""
+        """Global offset one past the last char (``None`` when :attr:`start` is)."""
         return None if self.start is None else self.start + len(self.text)
 
     @property
@@ -100,7 +104,7 @@ class Piece:
         ``refusal``, ``tool_calls`` or ``text`` (inline ``<think>`` reasoning has kind ``reasoning``, source
         ``content``)."""
         p = self.span.path
-        return str(p[1] if p[0] == "delta" and len(p) > 1 else p[0])
+        return str(p[1] if p[0] in ("delta", "message") and len(p) > 1 else p[0])
 
 
 @dataclass
@@ -108,25 +112,48 @@ class _ChoiceState:
     mode: str = "start"  # "start": content may still open with <think>; "think": inside it; "content": plain
     pending: list[tuple[FieldSpan, str]] = field(default_factory=list)  # undecided chars (maybe a tag)
     tools: dict[int, list] = field(default_factory=dict)  # tool index -> [name, id]
+    length: int = 0  # chars of the pieces emitted so far: the next piece's global offset
 
 
 class ChannelSplitter:
     """Stateful per request: turns chunk dicts into ordered :class:`Piece` lists.
 
+    Args:
+        container: the key of each choice that holds its text: ``"delta"`` for streamed chunks, ``"message"`` for
+            the choices of a whole (non-streamed) completion. Piece paths start with it.
+
     Methods:
-        split(chunk, ref=None) -> list[Piece]: pieces of every choice in the chunk (choice order, then field order).
+        split(chunk, ref=None) -> list[Piece]: pieces of every choice in the chunk (choice order, then field order),
+            with their global offsets (:attr:`Piece.start`).
         pending(choice) -> list[FieldSpan]: characters held back because they may still be a ``<think>`` tag.
         flush(choice=None) -> list[Piece]: decide pending characters as text (end of stream / of a choice).
+        length(choice) -> int: chars of the choice's pieces so far (the end of its global offset space).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, container: str = "delta") -> None:
+        self.container = container
         self._choices: dict[int, _ChoiceState] = {}
 
     def pending(self, choice: int) -> list[FieldSpan]:
         st = self._choices.get(choice)
         return [s for s, _ in st.pending] if st else []
 
+    def length(self, choice: int) -> int:
+        st = self._choices.get(choice)
+        return st.length if st else 0
+
     def flush(self, choice: int | None = None) -> list[Piece]:
+        return self._placed(self._flush(choice))
+
+    def _placed(self, pieces: list[Piece]) -> list[Piece]:
+        out = []
+        for p in pieces:
+            st = self._choices[p.choice]
+            out.append(replace(p, start=st.length))
+            st.length += len(p.text)
+        return out
+
+    def _flush(self, choice: int | None) -> list[Piece]:
         out: list[Piece] = []
         for c in [choice] if choice is not None else sorted(self._choices):
             st = self._choices.get(c)
@@ -146,37 +173,36 @@ class ChannelSplitter:
         for j, ch in enumerate(choices):
             if not isinstance(ch, dict):
                 continue
-            c = ch.get("index", j)
-            if not isinstance(c, int) or isinstance(c, bool):
-                c = j
-            out += self._choice(c, ch, ref)
-        return out
+            out += self._choice(choice_index(ch, j), ch, ch if ref is None else ref)
+        return self._placed(out)
 
     # -- one choice ----------------------------------------------------------------------------------------------
     def _choice(self, c: int, ch: dict, ref: Any) -> list[Piece]:
         st = self._choices.setdefault(c, _ChoiceState())
         out: list[Piece] = []
-        delta = ch.get("delta")
+        delta = ch.get(self.container)
         if isinstance(delta, dict):
             reasoning = self._reasoning(c, delta, ref)
             tools = self._tools(c, st, delta, ref)
             if (reasoning or tools) and st.pending:
-                out += self.flush(c)  # pending chars arrived before this delta's other text
+                out += self._flush(c)  # pending chars arrived before this delta's other text
             out += reasoning
-            for key in ("content", "refusal"):
+            for key in CONTENT_FIELDS:
                 if isinstance(delta.get(key), str) and delta[key]:
-                    out += self._content(c, st, delta[key], ("delta", key), ref)
+                    out += self._content(c, st, delta[key], (self.container, key), ref)
             out += tools
-        elif isinstance(ch.get("text"), str) and ch["text"]:
-            out += self._content(c, st, ch["text"], ("text",), ref)
+        else:
+            for key in CHOICE_TEXT_FIELDS:
+                if isinstance(ch.get(key), str) and ch[key]:
+                    out += self._content(c, st, ch[key], (key,), ref)
         if ch.get("finish_reason") is not None:
-            out += self.flush(c)
+            out += self._flush(c)
         return out
 
     def _reasoning(self, c: int, delta: dict, ref: Any) -> list[Piece]:
         out: list[Piece] = []
-        fields = [(k, delta[k]) for k in _REASONING_FIELDS if isinstance(delta.get(k), str) and delta[k]]
-        details = delta.get("reasoning_details")
+        fields = [(k, delta[k]) for k in REASONING_FIELDS if isinstance(delta.get(k), str) and delta[k]]
+        details = delta.get(DETAILS_FIELD)
         items = [
             (i, key, d[key])
             for i, d in enumerate(details if isinstance(details, list) else [])
@@ -184,10 +210,10 @@ class ChannelSplitter:
             for key in DETAIL_TEXT_FIELDS
             if isinstance(d.get(key), str) and d[key]
         ]
-        detail_spans = [FieldSpan(ref, ("delta", "reasoning_details", i, key), 0, len(t)) for i, key, t in items]
+        detail_spans = [FieldSpan(ref, (self.container, DETAILS_FIELD, i, key), 0, len(t)) for i, key, t in items]
         primary = None
         for k, text in fields:
-            span = FieldSpan(ref, ("delta", k), 0, len(text))
+            span = FieldSpan(ref, (self.container, k), 0, len(text))
             if primary is not None and text == primary.text:
                 primary = Piece(c, "reasoning", primary.text, primary.span, mirrors=primary.mirrors + (span,))
                 out[-1] = primary
@@ -203,23 +229,21 @@ class ChannelSplitter:
         return out
 
     def _tools(self, c: int, st: _ChoiceState, delta: dict, ref: Any) -> list[Piece]:
-        calls = delta.get("tool_calls")
+        calls = delta.get(TOOL_CALLS_FIELD)
         out: list[Piece] = []
         for j, item in enumerate(calls if isinstance(calls, list) else []):
             if not isinstance(item, dict):
                 continue
-            idx = item.get("index", j)
-            if not isinstance(idx, int) or isinstance(idx, bool):
-                idx = j
+            idx = choice_index(item, j)
             fn = item.get("function") if isinstance(item.get("function"), dict) else {}
             known = st.tools.setdefault(idx, [None, None])
             if isinstance(fn.get("name"), str) and fn["name"]:
                 known[0] = fn["name"]
             if isinstance(item.get("id"), str) and item["id"]:
                 known[1] = item["id"]
-            args = fn.get("arguments")
+            args = fn.get(ARGUMENTS_FIELD)
             if isinstance(args, str) and args:
-                span = FieldSpan(ref, ("delta", "tool_calls", j, "function", "arguments"), 0, len(args))
+                span = FieldSpan(ref, (self.container, TOOL_CALLS_FIELD, j, "function", ARGUMENTS_FIELD), 0, len(args))
                 out.append(Piece(c, ("tool", idx), args, span, name=known[0], tool_id=known[1]))
         return out
 

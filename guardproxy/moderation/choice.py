@@ -1,97 +1,86 @@
-"""One choice: retokenizer -> guard stream -> decider (:class:`ChoiceGuard`), used by both the streamed
-(:mod:`guardproxy.server.streamed`) and the non-streamed (:mod:`guardproxy.server.unary`) response paths.
+"""One choice's pipeline, sans I/O: its text pieces -> retokenizer -> token ids for the guard; the guard's verdicts ->
+decider -> actions (:class:`ChoiceModerator`).
+
+The caller owns the guard stream: it takes the ids that became stable (:meth:`ChoiceModerator.take`), scores them
+however it likes (one engine call per take), and hands the verdicts back (:meth:`ChoiceModerator.scored`). The first
+ids taken are the assistant header (``"\\n<|im_start|>assistant\\n<think>"``), the last the closing ``<|im_end|>``.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from guardproxy.server.metrics import Metrics
-from guardproxy.moderation.decider import Decider
+from guardproxy.config import Policy
+from guardproxy.moderation.channels import Kind, Piece
+from guardproxy.moderation.decider import Action, Decider
+from guardproxy.moderation.retokenizer import Retokenizer, TokenSpan
+
+__all__ = ["ChoiceModerator", "moderated"]
 
 
-@dataclass(frozen=True)
-class _Glue:
-    """A template id that covers no client character (``start == end``)."""
-
-    id: int
-    start: int
-    end: int
-
-
-def _new_retokenizer(engine: Any):
-    """A per-choice streaming retokenizer on the engine's vocabulary (:mod:`guardproxy.moderation.retokenizer`)."""
-    from guardproxy.moderation.retokenizer import Retokenizer
-
-    return Retokenizer(engine.renderer)
-
-
-class ChoiceGuard:
-    """Moderation state of one choice: its guard stream (a fork of the prompt stream), retokenizer and decider.
-
-    :meth:`push` takes the choice's pieces in arrival order (global offsets already set by the releaser);
-    :meth:`score` feeds every id that became stable since the last call in ONE ``afeed`` and returns the decider's
-    actions; :meth:`finish` flushes the retokenizer (closing ``<|im_end|>`` included) for a last :meth:`score`.
-    """
-
-    def __init__(self, index: int, gstream: Any, engine: Any, policy: Any, metrics: Metrics):
-        self.index = index
-        self.gstream = gstream
-        self.retok = _new_retokenizer(engine)
-        self.decider = Decider(policy)
-        self.metrics = metrics
-        self.pending: list[Any] = [_Glue(i, 0, 0) for i in engine.renderer.ASSISTANT_HEADER]
-        self.text: list[str] = []  # the choice's moderated text, for word-boundary lookups
-        self.finished = False
-
-    def push(self, kind: Any, text: str, name: str | None = None, *, moderated: bool = True) -> None:
-        """One piece of the choice's text (kind "reasoning" / "content" / ("tool", i)); ``moderated=False`` for
-        a channel the policy does not moderate (it keeps its global offsets but is never fed to the guard)."""
-        self.text.append(text)
-        self.pending += self.retok.push(kind if moderated else "unmoderated", text, name=name)
-
-    def finish(self) -> None:
-        """End of the choice: the remaining ids and the closing ``<|im_end|>`` become pending."""
-        if not self.finished:
-            self.finished = True
-            self.pending += self.retok.finish()
-
-    async def score(self) -> list[Any]:
-        """Feed the pending ids (one engine call) and return the decider's actions (Allow/Flag/Redact/Cut)."""
-        spans, self.pending = self.pending, []
-        actions: list[Any] = []
-        if spans and not self.decider.done:
-            t0 = time.monotonic()
-            verdicts = await self.gstream.afeed([s.id for s in spans])
-            self.metrics.guard_latency.labels(stage="response").observe(time.monotonic() - t0)
-            self.metrics.guard_tokens.inc(len(spans))
-            actions = self.decider.feed(zip(spans, verdicts))
-        if self.finished and not self.decider.finished:
-            actions += self.decider.finish()
-        return actions
-
-    def word_start(self, at: int, floor: int, max_back: int = 48) -> int:
-        """``at`` moved back to the start of the word it falls in (never below ``floor``, at most ``max_back``
-        chars). Used for cuts and redactions (the first part of a flagged word never stays visible) and for the
-        buffered release bound (a word is released only once its last token and the hold-back after it are
-        scored: the guard often flags a word only at the token that completes it)."""
-        text = "".join(self.text)
-        self.text = [text]
-        if at >= len(text) or text[at].isspace():
-            return at
-        lo = max(floor, at - max_back)
-        while at > lo and not text[at - 1].isspace():
-            at -= 1
-        return at
-
-    def close(self) -> None:
-        self.gstream.close()
-
-
-
-def _wanted(policy: Any, kind: Any) -> bool:
-    """Does the policy moderate this channel (``moderate.content / reasoning / tool_arguments``)?"""
+def moderated(policy: Policy, kind: Kind) -> bool:
+    """Does ``policy`` moderate this channel (``moderate.content / reasoning / tool_arguments``)?"""
     m = policy.moderate
     return m.content if kind == "content" else m.reasoning if kind == "reasoning" else m.tool_arguments
+
+
+class ChoiceModerator:
+    """Moderation state of one choice: retokenizer, ids waiting for the guard, decider.
+
+    Args:
+        index: the choice index.
+        renderer: the guard's ``ChatRenderer`` (its tokenizer and ``ASSISTANT_HEADER`` ids).
+        policy: the tenant's policy.
+        buffered: release mode of the decider (see :class:`~guardproxy.moderation.decider.Decider`).
+    """
+
+    def __init__(self, index: int, renderer: Any, policy: Policy, *, buffered: bool):
+        self.index = index
+        self.policy = policy
+        self.decider = Decider(policy, buffered=buffered)
+        self._retok = Retokenizer(renderer)
+        self._pending: list[TokenSpan] = [TokenSpan(i, 0, 0) for i in renderer.ASSISTANT_HEADER]
+        self._inflight: list[TokenSpan] = []
+        self.finished = False
+
+    def push(self, piece: Piece) -> None:
+        """The choice's next piece (arrival order). A channel the policy does not moderate keeps its global offsets
+        but is never read by the guard."""
+        self.decider.text(piece.text)
+        kind = piece.kind if moderated(self.policy, piece.kind) else "unmoderated"
+        self._pending += self._retok.push(kind, piece.text, name=piece.name)
+
+    def finish(self) -> None:
+        """End of the choice: the rest of its ids and the closing ``<|im_end|>`` become pending. Idempotent."""
+        if not self.finished:
+            self.finished = True
+            self._pending += self._retok.finish()
+
+    @property
+    def needs_scoring(self) -> bool:
+        """Are there ids to take, or a finished choice whose decider has not finished yet?"""
+        return not self.decider.done and (bool(self._pending) or self.finished)
+
+    def take(self) -> list[int]:
+        """The pending ids, now in flight: score them and pass the verdicts to :meth:`scored` (an empty list
+        still needs its :meth:`scored` call when the choice is finished). Nothing once the choice was cut."""
+        if self.decider.done:
+            self._pending = []
+            return []
+        self._inflight, self._pending = self._pending, []
+        return [s.id for s in self._inflight]
+
+    def scored(self, verdicts: Sequence[Any]) -> list[Action]:
+        """The verdicts of the ids :meth:`take` returned, one per id in order; returns the decider's actions.
+
+        Raises:
+            ValueError: not one verdict per id taken.
+        """
+        spans, self._inflight = self._inflight, []
+        if len(verdicts) != len(spans):
+            raise ValueError(f"{len(verdicts)} verdicts for {len(spans)} ids")
+        actions = self.decider.feed(zip(spans, verdicts)) if spans and not self.decider.done else []
+        if self.finished and not self._pending and not self.decider.finished:
+            actions += self.decider.finish()
+        return actions

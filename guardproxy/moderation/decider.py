@@ -1,11 +1,13 @@
 """Decider: per-token verdicts of one choice -> debounced policy actions at global char offsets + a release bound.
 
-Pure and synchronous (no I/O, no torch). One :class:`Decider` per choice; the pipeline pushes ``(TokenSpan,
-Verdict)`` pairs in template order (assistant header glue, reasoning, content, tool arguments and the closing
-``<|im_end|>`` are all scored and pushed), then calls :meth:`Decider.finish`.
+Pure and synchronous (no I/O, no torch). One :class:`Decider` per choice; the pipeline gives it the choice's text
+as it arrives (:meth:`Decider.text`, every piece in global-offset order) and pushes ``(TokenSpan, Verdict)`` pairs in
+template order (assistant header glue, reasoning, content, tool arguments and the closing ``<|im_end|>`` are all
+scored and pushed), then calls :meth:`Decider.finish`. The decider is the one owner of where text may be released
+(:attr:`Decider.release_bound`) and where a cut or redaction starts.
 
-Tiers and debounce (Qwen3Guard technical report, arXiv 2510.14276, and its ``eval_stream.py``; notes:
-``../shared/notes/qwen3guard-stream.md``, "Streaming decision rule"): a token is *at or above* the Controversial tier
+Tiers and debounce (Qwen3Guard technical report, arXiv 2510.14276, and its ``eval_stream.py``, "Streaming decision
+rule"): a token is *at or above* the Controversial tier
 when its risk level is Controversial or Unsafe, and at the Unsafe tier when it is Unsafe. A *run* of a tier is a
 maximal sequence of consecutive tokens at or above it. Token i is *debounced* at a tier when the tier's run ending at
 i has at least k tokens; Unsafe wins over Controversial. The debounced token's category picks the policy action
@@ -24,18 +26,31 @@ Actions (global char offsets of the choice, ``[start, end)``):
 * ``Cut(at)``: ``at`` = start of the first token of the debounced tier's run, so no character of the run is
   released; any open redaction before ``at`` is emitted first. The decider ignores everything pushed after a cut.
 
+Word starts: a guard often flags a word only at the token that completes it, so in buffered release the release
+bound, a cut point and a redaction start are moved back to the start of the word they fall in (whitespace-delimited,
+at most :data:`MAX_WORD_BACK` characters back, never below the release bound already given): the first part of a
+flagged word never reaches the client. The word index is built incrementally as text arrives, so each lookup costs
+O(log n), never a re-scan of the choice's text.
+
 ``safe_upto`` (buffered release) is the end of the newest token followed by at least ``hold_back`` scored tokens,
 lowered to the start of any open run at a *holding* tier (a tier whose policy, over all categories, can redact or
 cut) and of any pending redaction. A run is held from its first token, before it reaches k, because it may still
 debounce; runs at tiers that can only allow or flag are not held (they cannot change the text). In async release
 ``safe_upto`` is the end of everything pushed; a Cut then stops what follows (the releaser has usually sent past
 ``at`` already). Offsets assume spans in non-decreasing order (``start_i >= start_{i-1}``); then ``safe_upto`` never
-decreases.
+decreases. :attr:`Decider.release_bound` is ``safe_upto`` moved back to a word start (buffered release; after
+:meth:`finish` everything scored).
+
+Every value the decider reports depends only on the tokens pushed, their verdicts and the text received up to them,
+never on how the pushes were batched: a streamed response and the same response scored whole get the same actions
+at the same offsets.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Protocol, Union
 
@@ -56,7 +71,50 @@ __all__ = [
 ]
 
 _RANK = {"Safe": 0, "Controversial": 1, "Unsafe": 2}
+#: Most characters a word start may lie before the offset it is looked up for (longer "words" are cut there).
+MAX_WORD_BACK = 48
+_SPACE = re.compile(r"\s")
 _TIERS = ("Controversial", "Unsafe")
+
+
+class _WordStarts:
+    """Where the whitespace-delimited words of one choice's text start, built incrementally.
+
+    ``push(text)`` appends text (global offsets continue); ``start(at, floor)`` is the start of the word holding
+    char ``at``: ``at`` itself when that char is whitespace or not received yet, else moved back over non-whitespace
+    chars, but never below ``floor`` nor more than :data:`MAX_WORD_BACK` chars. ``forget(before)`` drops the index
+    of chars before ``before - 4096`` (lookups there may then stop short; the decider only looks near its bound).
+    """
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._spaces: list[int] = []  # offsets of whitespace chars, ascending
+        self._head = 0  # entries before it are forgotten
+
+    def push(self, text: str) -> None:
+        base = self._n
+        self._spaces.extend(base + m.start() for m in _SPACE.finditer(text))
+        self._n += len(text)
+
+    def start(self, at: int, floor: int) -> int:
+        if at >= self._n:
+            return at
+        i = bisect.bisect_left(self._spaces, at, self._head)
+        if i < len(self._spaces) and self._spaces[i] == at:
+            return at
+        lo = max(floor, at - MAX_WORD_BACK)
+        if at <= lo:
+            return at
+        space = self._spaces[i - 1] if i > self._head else -1
+        return max(lo, space + 1)
+
+    def forget(self, before: int) -> None:
+        cut = before - 4096
+        while self._head < len(self._spaces) and self._spaces[self._head] < cut:
+            self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._spaces):
+            del self._spaces[: self._head]
+            self._head = 0
 
 
 class SpanLike(Protocol):
@@ -156,14 +214,16 @@ class Decider:
     Args:
         policy: the tenant's :class:`~guardproxy.config.Policy` (``response``, ``release``, ``hold_back``,
             ``debounce``, ``controversial_as``, ``mask`` are used).
+        buffered: release mode; default ``policy.release == "buffered"`` (a whole completion is always scored as
+            buffered: nothing of it is sent before all of it is scored).
     Raises (from :meth:`push`): ValueError for an unknown risk label; RuntimeError after :meth:`finish`.
     """
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, *, buffered: bool | None = None):
         self.policy = policy
         self.k = policy.debounce
         self.hold_back = policy.hold_back
-        self.buffered = policy.release == "buffered"
+        self.buffered = policy.release == "buffered" if buffered is None else buffered
         blocking = {"redact", "cut"}
         self._holding = {t: bool(policy.response.actions_for_level(t) & blocking) for t in _TIERS}
         self._recent: list[tuple[int, int]] = []  # (start, end) of the last hold_back + 1 tokens
@@ -172,21 +232,26 @@ class Decider:
         self._safe = 0
         self._runs: dict[str, Optional[_Run]] = {t: None for t in _TIERS}
         self._region: Optional[_Region] = None
+        self._words = _WordStarts()
+        self._bound = 0
         self.cut: Optional[Cut] = None
         self.finished = False
 
     # -- public -------------------------------------------------------------------------------------------------------
     @property
     def safe_upto(self) -> int:
-        """Char offset the releaser may release up to (exclusive). Never inside a run that may still be cut/redacted."""
+        """Token-level bound (exclusive char offset): never inside a run that may still be cut or redacted."""
         return self._safe
 
-    scored_upto = safe_upto  # name used in docs/ARCHITECTURE.md
-
     @property
-    def tokens_scored(self) -> int:
-        """Number of (span, verdict) pairs pushed (including those ignored after a cut)."""
-        return self._n
+    def release_bound(self) -> int:
+        """Char offset the releaser may release up to (exclusive): :attr:`safe_upto` moved back to a word start in
+        buffered release (see the module docstring); never decreases."""
+        return self._bound
+
+    def text(self, text: str) -> None:
+        """The next characters of the choice (every piece, moderated or not, in global-offset order)."""
+        self._words.push(text)
 
     @property
     def done(self) -> bool:
@@ -255,6 +320,7 @@ class Decider:
                 out.append(self._close_region())
             self._runs = {t: None for t in _TIERS}
             self._safe = max(self._safe, self._max_end)
+            self._bound = max(self._bound, self._safe)
         return out
 
     # -- internals ----------------------------------------------------------------------------------------------------
@@ -270,7 +336,7 @@ class Decider:
             if region is not None and region.start < run.start:
                 out.append(self._close_region(end=min(region.end, run.start)))
             self._region = None
-            self.cut = Cut(tier, category, i, prob, at=run.start)
+            self.cut = Cut(tier, category, i, prob, at=self._word_start(run.start))
             out.append(self.cut)
         elif action == "redact":
             region = self._region
@@ -289,7 +355,8 @@ class Decider:
             if sev > run.severity:
                 run.severity = sev
                 cls = Flag if action == "flag" else Allow
-                out.append(cls(tier, category, i, prob, start=run.start, end=span.end))
+                # a flag changes no text: its span starts at the word's start in either release mode
+                out.append(cls(tier, category, i, prob, start=self._words.start(run.start, 0), end=span.end))
         return out
 
     def _region_held(self) -> bool:
@@ -307,10 +374,22 @@ class Decider:
         r = self._region
         assert r is not None
         self._region = None
-        return Redact(r.level, r.category, r.token_index, r.probability, start=r.start,
+        return Redact(r.level, r.category, r.token_index, r.probability, start=self._word_start(r.start),
                       end=r.end if end is None else end, mask=self.policy.mask)
 
+    def _word_start(self, at: int) -> int:
+        """``at`` moved back to its word's start in buffered release (never below the release bound given)."""
+        return self._words.start(at, self._bound) if self.buffered else at
+
     def _update_safe(self) -> None:
+        self._set_safe()
+        if self.buffered and self.cut is None:
+            self._bound = self._words.start(self._safe, self._bound)
+            self._words.forget(self._bound)
+        else:
+            self._bound = max(self._bound, self._safe)
+
+    def _set_safe(self) -> None:
         if self.cut is not None:
             self._safe = self.cut.at if self.buffered else self._max_end
             return

@@ -1,17 +1,22 @@
-"""The per-request hold-back buffer: upstream SSE events in, client SSE bytes out, text released only when told.
+"""The per-request hold-back buffer: upstream chunks in, client SSE bytes out, text released only when told.
 
 Every moderated character of a choice has a **global offset**: all of that choice's client-visible moderated text
-(reasoning, content, tool arguments; see :mod:`guardproxy.moderation.channels`) concatenated in arrival order. The
-releaser places each upstream piece in that space, holds the events, and emits them as the decider allows::
+(reasoning, content, tool arguments) concatenated in arrival order, as the channel splitter
+(:mod:`guardproxy.moderation.channels`) places it. The releaser holds each upstream chunk, records where the
+splitter's pieces live in it, and emits the chunks as the decider allows::
 
     rel = Releaser()
-    step = rel.add(event)              # Step(pieces, out): pieces get .start/.end; out = bytes to send now
-    send(step.out); feed(step.pieces)  # e.g. to the retokenizer / guard
+    pieces = splitter.split(chunk.obj)                  # placed pieces (global offsets), refs = choice objects
+    send(rel.add(chunk, pieces, pending))               # bytes that may go out now (comments, barriers, ...)
     send(rel.release(choice, upto))    # everything of `choice` before global offset `upto`
     rel.redact(choice, start, end)     # replace [start, end) with "[REDACTED]" before it is released
     send(rel.cut(choice))              # drop the unreleased rest; finish_reason "content_filter"
     send(rel.annotate(choice, fields)) # an empty-delta chunk carrying e.g. content_filter_results, after the text
+    send(rel.eof(splitter.flush()))    # the upstream ended (at [DONE] too, through add)
     send(rel.finish())                 # release all that is left, then exactly one `data: [DONE]`
+
+``pending`` maps a choice to the characters the splitter still holds (a possible ``<think>`` tag prefix): they are
+not emitted until a later call's ``pending`` no longer lists them.
 
 Guarantees:
 
@@ -33,34 +38,35 @@ Guarantees:
 * ``data: [DONE]`` is emitted by :meth:`finish` only, last and exactly once, whether or not the upstream sent one;
   upstream data events after an upstream ``[DONE]`` are ignored.
 
+Whole completions (``Releaser(whole=True)``): :meth:`add_completion` holds the choices of a non-streamed completion
+(text under ``message``); release, redact, cut and annotate record what to do and send nothing; :meth:`completion`
+renders the edited completion with the same rules: redactions applied, a cut choice keeps its text before the cut
+point, ends with ``finish_reason`` set to the cut's reason and carries the cut's annotation; of its tool calls, only
+the ones whose arguments lie wholly before the cut point are kept (a cut call would hand the client invalid,
+partial arguments).
+
 Redaction masks: ``mask`` replaces the whole span once (at its first character; the span's other characters
 vanish), or, with ``per_char=True``, every character of the span is replaced by ``mask``. Overlapping redactions merge
-into one span with the newest mask (adjacent ones stay separate). A span that crosses fields or chunks shows its mask where it starts.
+into one span with the newest mask (adjacent ones stay separate). A span that crosses fields or chunks shows its mask
+where it starts.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from guardproxy.moderation.channels import ChannelSplitter, FieldSpan, Path, Piece
-from guardproxy.wire.sse import DONE, Event, encode_comment, encode_data, encode_event
+from guardproxy.moderation.channels import FieldSpan, Path, Piece
+from guardproxy.wire.chunks import ARGUMENTS_FIELD, TOOL_CALLS_FIELD, Chunk, choice_index
+from guardproxy.wire.sse import DONE, encode_comment, encode_data
 
-__all__ = ["Releaser", "Step"]
+__all__ = ["Releaser"]
 
 _INF = float("inf")
 _TOP_KEEP = ("id", "object", "created", "model", "system_fingerprint")
-
-
-@dataclass
-class Step:
-    """Result of :meth:`Releaser.add`: the placed pieces (``Piece.start`` set, in arrival order) and the SSE bytes
-    that may be sent to the client now (one complete event per item)."""
-
-    pieces: list[Piece] = field(default_factory=list)
-    out: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +101,8 @@ class _Choice:
     upto: float = 0  # released offset
     redactions: list[list] = field(default_factory=list)  # sorted disjoint [start, end, mask, per_char]
     cut: bool = False
+    reason: str | None = None  # finish_reason of a cut
+    notes: dict = field(default_factory=dict)  # whole mode: annotation fields for the choice object
     finished: bool = False
     legacy: bool = False
 
@@ -103,15 +111,17 @@ class Releaser:
     """Hold-back buffer of one request (all choices). Not thread-safe; drive it from one task.
 
     Args:
-        splitter: the :class:`ChannelSplitter` to use (a fresh one by default).
+        whole: hold a whole (non-streamed) completion instead of a stream (see the module docstring).
     """
 
-    def __init__(self, splitter: ChannelSplitter | None = None):
-        self._splitter = splitter or ChannelSplitter()
+    def __init__(self, *, whole: bool = False):
+        self.whole = whole
         self._choices: dict[int, _Choice] = {}
         self._queue: list[_Entry] = []
+        self._by_ref: dict[int, _Entry] = {}  # id(choice object) -> its entry, while held
         self._held: dict[int, list[_Entry]] = {}
         self._top: dict = {}
+        self._body: dict | None = None
         self._upstream_done = False
         self._finished = False
 
@@ -131,6 +141,7 @@ class Releaser:
         return 0 if ch is None else int(min(ch.upto, ch.length))
 
     def is_cut(self, choice: int) -> bool:
+        """Was ``choice`` cut (:meth:`cut`)?"""
         return choice in self._choices and self._choices[choice].cut
 
     @property
@@ -139,56 +150,71 @@ class Releaser:
         return self._upstream_done
 
     # -- input ---------------------------------------------------------------------------------------------------
-    def add(self, event: Event) -> Step:
-        """Take one upstream event. Returns its placed pieces and whatever may be sent now.
+    def add(self, chunk: Chunk, pieces: Sequence[Piece] = (),
+            pending: Mapping[int, Sequence[FieldSpan]] | None = None) -> list[bytes]:
+        """Hold one upstream chunk. Returns what may be sent now.
 
-        ``[DONE]`` is swallowed (see :meth:`finish`) and flushes pending ``<think>``-tag prefixes as pieces."""
-        step = Step()
+        Args:
+            chunk: the event as :func:`guardproxy.wire.chunks.read_event` parsed it.
+            pieces: the splitter's pieces of this chunk (and earlier pending characters it resolved); their
+                ``span.ref`` / mirror refs are choice objects of this chunk or of chunks still held.
+            pending: per choice of this chunk, the characters the splitter still holds back.
+
+        A comment goes out at once; ``[DONE]`` is swallowed (see :meth:`finish`) and ends the upstream like
+        :meth:`eof` (``pieces`` then are the splitter's flushed ones). Chunks after ``[DONE]`` are ignored."""
         if self._finished:
-            return step
-        if event.kind == "comment":
-            step.out.append(encode_comment(event.comment or ""))
-            return step
+            return []
+        if chunk.event.kind == "comment":
+            return [encode_comment(chunk.event.comment or "")]
         if self._upstream_done:
-            return step
-        if event.is_done:
-            return self.eof()
-        obj = event.json() if event.kind == "data" else None
-        choices = obj.get("choices") if isinstance(obj, dict) else None
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-            self._queue.append(_Entry(None, raw=_raw(event)))
-            step.out += self._pump()
-            return step
-        top = {k: v for k, v in obj.items() if k != "choices"}
+            return []
+        if chunk.event.is_done:
+            return self.eof(pieces)
+        choices = chunk.choices
+        if not choices or not all(isinstance(c, dict) for c in choices):
+            self._queue.append(_Entry(None, raw=chunk.raw))
+            return self._pump()
+        top = {k: v for k, v in chunk.obj.items() if k != "choices"}
         self._top.update({k: top[k] for k in _TOP_KEEP if k in top})
         for j, choice_obj in enumerate(choices):
-            c = choice_obj.get("index", j)
-            c = c if isinstance(c, int) and not isinstance(c, bool) else j
+            c = choice_index(choice_obj, j)
             ch = self._choices.setdefault(c, _Choice())
             ch.legacy = "delta" not in choice_obj and "text" in choice_obj
             if ch.cut:
                 continue
             if len(choices) == 1:
-                entry = _Entry(c, raw=_raw(event), top=top, obj=choice_obj)
+                entry = _Entry(c, raw=chunk.raw, top=top, obj=choice_obj)
             else:
                 sub = dict(top)
                 if j < len(choices) - 1 and sub.get("usage") is not None:
                     sub["usage"] = None
                 entry = _Entry(c, raw=encode_data({**sub, "choices": [choice_obj]}), top=sub, obj=choice_obj)
             self._queue.append(entry)
-            step.pieces += self._place(c, self._splitter.split({"choices": [choice_obj]}, ref=entry))
-        step.out += self._pump()
-        return step
+            self._by_ref[id(choice_obj)] = entry
+        self._place(pieces, pending or {})
+        return self._pump()
 
-    def eof(self) -> Step:
-        """The upstream ended (``[DONE]``, or EOF without it): flush pending tag prefixes as pieces. Idempotent."""
+    def eof(self, pieces: Sequence[Piece] = ()) -> list[bytes]:
+        """The upstream ended (``[DONE]``, or EOF without it); ``pieces``: the splitter's flushed pieces (pending
+        characters decided as text). Idempotent."""
         self._upstream_done = True
-        step = Step()
-        for c in list(self._choices):
-            if not self._choices[c].cut:
-                step.pieces += self._place(c, self._splitter.flush(c))
-        step.out += self._pump()
-        return step
+        self._place(pieces, {c: () for c in self._held})
+        return self._pump()
+
+    def add_completion(self, body: dict, pieces: Sequence[Piece]) -> None:
+        """Whole mode: hold the completion ``body`` (normalised; choices carry ``message``), whose text the
+        splitter (container ``"message"``) cut into ``pieces`` (flushed). Render it with :meth:`completion`."""
+        assert self.whole, "add_completion needs Releaser(whole=True)"
+        self._body = body
+        for j, choice_obj in enumerate(body.get("choices") or []):
+            if isinstance(choice_obj, dict):
+                c = choice_index(choice_obj, j)
+                self._choices.setdefault(c, _Choice())
+                entry = _Entry(c, obj=choice_obj)
+                self._queue.append(entry)
+                self._by_ref[id(choice_obj)] = entry
+        self._place(pieces, {})
+        self._upstream_done = True
 
     # -- decisions -----------------------------------------------------------------------------------------------
     def release(self, choice: int, upto: int) -> list[bytes]:
@@ -223,11 +249,18 @@ class Releaser:
     def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None) -> list[bytes]:
         """End ``choice`` now: drop everything of it not yet emitted and emit its final chunk with
         ``finish_reason=reason`` (plus the ``annotation`` fields on its choice object, if given). A no-op for a
-        choice already finished or cut (returns what became sendable)."""
+        choice already finished or cut (returns what became sendable). Whole mode: recorded for
+        :meth:`completion` (the text before the released offset stays), returns ``[]``."""
         ch = self._choices.setdefault(choice, _Choice())
         if ch.cut or ch.finished or self._finished:
             return self._pump()
-        ch.cut = True
+        ch.cut, ch.reason = True, reason
+        if self.whole:
+            ch.notes.update(annotation or {})
+            return []
+        for e in self._queue:
+            if e.choice == choice and e.obj is not None:
+                self._by_ref.pop(id(e.obj), None)
         self._queue = [e for e in self._queue if e.choice != choice]
         self._held.pop(choice, None)
         return [self._own_chunk(choice, reason, annotation)] + self._pump()
@@ -235,10 +268,15 @@ class Releaser:
     def annotate(self, choice: int, fields: dict) -> list[bytes]:
         """Queue an annotation chunk for ``choice``: an empty delta (``finish_reason: null``) whose choice object
         carries ``fields`` (e.g. ``content_filter_results``; clients ignore unknown fields). It goes out after
-        everything of ``choice`` received before it (so after the text it is about). No-op on a cut choice."""
+        everything of ``choice`` received before it (so after the text it is about). No-op on a cut choice. Whole
+        mode: ``fields`` are set on the choice object (a later annotation's fields win), returns ``[]``."""
         ch = self._choices.setdefault(choice, _Choice())
-        if not ch.cut and not self._finished:
-            self._queue.append(_Entry(choice, raw=self._own_chunk(choice, None, fields)))
+        if ch.cut or self._finished:
+            return self._pump()
+        if self.whole:
+            ch.notes.update(fields)
+            return []
+        self._queue.append(_Entry(choice, raw=self._own_chunk(choice, None, fields)))
         return self._pump()
 
     def _own_chunk(self, choice: int, reason: str | None, fields: dict | None) -> bytes:
@@ -254,41 +292,65 @@ class Releaser:
         return encode_data({**top, "choices": [final]})
 
     def finish(self) -> list[bytes]:
-        """Release everything left (of choices not cut), then ``data: [DONE]``. Later calls return ``[]``."""
+        """Release everything left (of choices not cut), then ``data: [DONE]``. Later calls return ``[]``. Call
+        :meth:`eof` with the splitter's flushed pieces first: characters still pending then go out as they are."""
         if self._finished:
             return []
-        out = self.eof().out if not self._upstream_done else []
+        self._upstream_done = True
         for ch in self._choices.values():
             ch.upto = _INF
         for e in self._queue:
             e.hold.clear()
-        out += self._pump()
+        out = self._pump()
         self._finished = True
         return out + [DONE]
 
+    def completion(self) -> dict:
+        """Whole mode: the held completion with every decision applied (see the module docstring)."""
+        assert self.whole and self._body is not None, "completion() needs add_completion() first"
+        for e in self._queue:
+            if e.choice is None or e.obj is None:
+                continue
+            ch = self._choices[e.choice]
+            kept_whole = {}
+            for path, spans in e.fields.items():
+                value = _get(e.obj, path)
+                upto = len(value) if not ch.cut else self._field_cut(ch, e, path, spans, len(value))
+                kept_whole[path] = upto == len(value)
+                _put(e.obj, path, self._render(ch, value, spans, 0, upto))
+            if ch.cut:
+                e.obj["finish_reason"] = ch.reason
+                _drop_cut_tool_calls(e.obj, kept_whole)
+            e.obj.update(ch.notes)
+        return self._body
+
     # -- internals -----------------------------------------------------------------------------------------------
-    def _place(self, c: int, pieces: list[Piece]) -> list[Piece]:
-        ch = self._choices[c]
-        placed = []
+    def _place(self, pieces: Sequence[Piece], pending: Mapping[int, Sequence[FieldSpan]]) -> None:
+        """Record where the pieces' characters live (global offsets) and hold the pending ones."""
         for p in pieces:
-            start = ch.length
-            ch.length += len(p.text)
+            ch = self._choices.setdefault(p.choice, _Choice())
+            ch.length = max(ch.length, p.end)
             for span in (p.span, *p.mirrors):
-                spans = span.ref.fields.setdefault(span.path, [])
-                spans.append(_Span(span.start, span.end, start + span.offset))
+                entry = self._by_ref.get(id(span.ref))
+                if entry is None:  # the chunk is gone (its choice was cut)
+                    continue
+                spans = entry.fields.setdefault(span.path, [])
+                spans.append(_Span(span.start, span.end, p.start + span.offset))
                 spans.sort(key=lambda s: s.start)
-            placed.append(replace(p, start=start))
-        for e in self._held.pop(c, []):
-            e.hold.clear()
-        pending: list[FieldSpan] = self._splitter.pending(c)
-        for span in pending:
-            entry = span.ref
-            entry.fields.setdefault(span.path, [])
-            entry.hold[span.path] = min(entry.hold.get(span.path, span.start), span.start)
-            self._held.setdefault(c, []).append(entry)
-        return placed
+        for c, spans in pending.items():
+            for e in self._held.pop(c, []):
+                e.hold.clear()
+            for span in spans:
+                entry = self._by_ref.get(id(span.ref))
+                if entry is None:
+                    continue
+                entry.fields.setdefault(span.path, [])
+                entry.hold[span.path] = min(entry.hold.get(span.path, span.start), span.start)
+                self._held.setdefault(c, []).append(entry)
 
     def _pump(self) -> list[bytes]:
+        if self.whole:
+            return []
         out: list[bytes] = []
         blocked: set[int] = set()
         barrier = False
@@ -307,7 +369,9 @@ class Releaser:
             data, done = self._emit(e)
             if data:
                 out.append(data)
-            if not done:
+            if done:
+                self._by_ref.pop(id(e.obj), None)
+            else:
                 blocked.add(e.choice)
                 rest.append(e)
         self._queue = rest
@@ -390,14 +454,6 @@ class Releaser:
         return "".join(out)
 
 
-def _raw(event: Event) -> bytes:
-    """The event as relayed untouched: its data string (``data: `` with the space), or all its fields when it has
-    fields other than ``data`` (``event: error``, ``id:``, a bare ``error:``)."""
-    if event.data is not None and all(name == "data" for name, _ in event.fields):
-        return encode_data(event.data)
-    return encode_event(event)
-
-
 def _redacted(redactions: list[list], text: str, g: int) -> str:
     """``text`` (global offsets ``[g, g+len)``) with the redactions applied."""
     if not redactions:
@@ -449,3 +505,16 @@ def _minimal(src: dict, new: dict[Path, str]) -> dict:
                 dst = dst.setdefault(k, [] if isinstance(path[i + 1], int) else {})
         dst[path[-1]] = text
     return out
+
+
+def _drop_cut_tool_calls(choice_obj: dict, kept_whole: dict[Path, bool]) -> None:
+    """Of a cut choice's ``message.tool_calls`` keep only the calls whose arguments were kept whole (they lie before
+    the cut point); ``tool_calls`` becomes ``None`` when none is left. A call without argument text carries nothing
+    the guard scored and is dropped too."""
+    msg = choice_obj.get("message")
+    calls = msg.get(TOOL_CALLS_FIELD) if isinstance(msg, dict) else None
+    if not isinstance(calls, list):
+        return
+    kept = [call for j, call in enumerate(calls)
+            if kept_whole.get(("message", TOOL_CALLS_FIELD, j, "function", ARGUMENTS_FIELD))]
+    msg[TOOL_CALLS_FIELD] = kept or None

@@ -11,8 +11,8 @@ chat template (``docs/ARCHITECTURE.md``, "ChatRenderer")::
 
 Control ids (``</think>`` 151668, ``<tool_call>`` 151657, ``</tool_call>`` 151658, ``<|im_end|>`` 151645) split the
 text into segments that are encoded independently, like the tokenizer's added-token split. Within a segment, text is
-NFC-normalised, split by the Qwen3 pre-tokenizer regex (``../shared/notes/qwen3guard-stream.md``) and BPE-encoded per
-pretoken. Two facts make a prefix final:
+NFC-normalised, split by the Qwen3 pre-tokenizer regex (the ``tokenizer.json`` of the Qwen3 checkpoints) and
+BPE-encoded per pretoken. Two facts make a prefix final:
 
 * NFC: text before a code point with ``ccc == 0`` and ``NFC_Quick_Check == Yes`` (a "boundary before" in UAX #15)
   normalises independently of what follows; the open cluster after the last such point is held back.

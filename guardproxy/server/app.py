@@ -20,6 +20,7 @@ how a disconnect reaches the upstream request and the guard streams (their ``fin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -32,9 +33,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
 from guardproxy.tenants import Tenant, TenantRegistry, extract_api_key
-from guardproxy.server import handler as moderation
+from guardproxy.server import handler
 from guardproxy.server import relay as relays
+from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
+from guardproxy.server.metrics import Metrics
 from guardproxy.server.relay import MODERATED
 from guardproxy.wire.errors import ProxyError
 from guardproxy.server.upstream import Upstream, UpstreamError, build_upstreams
@@ -60,7 +63,7 @@ class ProxyState:
     engine: Any
     upstreams: dict[str, Upstream]
     tenants: TenantRegistry
-    metrics: moderation.Metrics = field(default_factory=moderation.Metrics)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def max_body_bytes(self) -> int:
@@ -132,16 +135,31 @@ async def request_id_and_errors(request: web.Request, handler):
         state.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, read within ``limits.client_body_timeout`` seconds.
+
+    Raises:
+        ProxyError: 408 ``request_timeout`` when the client is too slow to send it; 413 (from aiohttp) beyond
+            ``limits.max_body_bytes``.
+    """
+    timeout = request.app[STATE].config.limits.client_body_timeout
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise ProxyError(408, f"The request body was not received within {timeout:g} seconds.",
+                         code="request_timeout") from None
+
+
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object.
+    """The request body (:func:`read_body`) as a JSON object.
 
     JSON is parsed with orjson, which rejects invalid UTF-8 and lone surrogates (``"\\ud800"``) instead of producing
     a ``str`` that cannot be encoded again.
 
     Raises:
-        ProxyError: 400 for invalid JSON / not an object, 413 for an oversized body.
+        ProxyError: 400 for invalid JSON / not an object, 408 / 413 from :func:`read_body`.
     """
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -160,15 +178,15 @@ def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
 
 
 async def moderated(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions and /v1/completions: authenticate, validate, moderate (see moderation.py)."""
+    """POST /v1/chat/completions and /v1/completions: authenticate, validate, moderate (:mod:`.handler`)."""
     state = request.app[STATE]
     tenant = resolve_tenant(state, request)
     body = await read_json(request)
     legacy = request.path == "/v1/completions"
-    ctx = moderation.RequestContext(
+    ctx = RequestContext(
         request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
         metrics=state.metrics, limits=state.config.limits)
-    return await moderation.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
+    return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
 
 
 async def method_not_allowed(request: web.Request) -> web.StreamResponse:
@@ -180,7 +198,9 @@ async def method_not_allowed(request: web.Request) -> web.StreamResponse:
 async def relay(request: web.Request) -> web.StreamResponse:
     """Any other /v1/* route: authenticated, then relayed (:func:`guardproxy.server.relay.relay`)."""
     state = request.app[STATE]
-    return await relays.relay(request, _upstream(state, resolve_tenant(state, request)), request[REQUEST_ID])
+    up = _upstream(state, resolve_tenant(state, request))
+    relays.check_route(request)
+    return await relays.relay(request, up, await read_body(request), request[REQUEST_ID])
 
 
 async def healthz(request: web.Request) -> web.Response:

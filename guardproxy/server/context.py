@@ -3,12 +3,23 @@ Used by every stage of the request glue (:mod:`guardproxy.server.handler`)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from guardproxy.config import Limits, Policy
 from guardproxy.server.metrics import Metrics
 from guardproxy.server.upstream import Upstream
+from guardproxy.tenants import Tenant
+
+
+class GuardEngine(Protocol):
+    """What the request glue needs of the guard engine (:class:`guardproxy.guard.engine.GuardEngine`)."""
+
+    renderer: Any  #: the ``ChatRenderer`` of the checkpoint's tokenizer
+
+    async def aopen(self, messages: list[dict]) -> tuple[Any, Any]:
+        """Prefill a conversation; ``(GuardStream, prompt Verdict)``."""
+        ...
 
 
 @dataclass
@@ -16,14 +27,13 @@ class RequestContext:
     """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits."""
 
     request_id: str
-    tenant: Any
+    tenant: Tenant
     upstream: Upstream
-    engine: Any
+    engine: GuardEngine
     metrics: Metrics
-    limits: Any
-    started: float = field(default_factory=time.monotonic)
+    limits: Limits
 
     @property
-    def policy(self):
-        """The tenant's :class:`guardproxy.config.Policy`."""
+    def policy(self) -> Policy:
+        """The tenant's policy."""
         return self.tenant.policy

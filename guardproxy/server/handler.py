@@ -2,50 +2,37 @@
 
 :func:`handle` is the per-request entry; the stages follow the data path, one module each:
 
-- :mod:`guardproxy.server.context`: :class:`Metrics` (per server) and :class:`RequestContext` (per request).
 - :mod:`guardproxy.server.request`: :func:`parse_request` -> :class:`ParsedRequest` (limits ``MAX_DEPTH``, ``MAX_N``).
 - :mod:`guardproxy.server.prompt`: :func:`check_prompt` -> :class:`PromptOutcome` (query head; block -> HTTP 400 in
   Azure's content_filter shape before any SSE byte), :func:`guard_headers`.
-- :mod:`guardproxy.moderation.choice`: :class:`ChoiceGuard`, one choice's retokenizer -> guard stream -> decider.
-- :mod:`guardproxy.server.streamed`: SSE responses (:func:`stream_moderated`, :func:`checked_event` against hostile
-  upstreams, :func:`sniff_stream`, :func:`annotation`).
-- :mod:`guardproxy.server.unary`: JSON responses (:func:`json_moderated`).
+- :mod:`guardproxy.server.streamed` (SSE) and :mod:`guardproxy.server.unary` (JSON): the response, through the one
+  response moderator (:mod:`guardproxy.moderation.response`).
+- :mod:`guardproxy.server.relay`: upstream errors and fail-open relays, passed on unmoderated.
 
 With ``prompt_mode: parallel`` the upstream request starts together with the prompt check and its output is held
 until the verdict. Failure: an upstream error before the stream is passed on unchanged (status + body,
-:func:`relay_unmoderated`); after the stream started see :mod:`guardproxy.server.streamed`. ``fail_mode: open``
-relays unmoderated when the guard is overloaded, visibly (``x-guard-status`` header / SSE comment, metric, log).
-
-Every public name of these stages is re-exported here (``from guardproxy.server.handler import ...``).
+:func:`guardproxy.server.relay.relay_unmoderated`); after the stream started see :mod:`guardproxy.server.streamed`.
+``fail_mode: open`` relays unmoderated when the guard is overloaded, visibly (``x-guard-status`` header / SSE
+comment, metric, log).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
-from guardproxy.moderation.choice import ChoiceGuard
 from guardproxy.server.context import RequestContext
-from guardproxy.server.metrics import Metrics
-from guardproxy.server.relay import relay_unmoderated
 from guardproxy.server.http import json_response
-from guardproxy.wire.errors import ProxyError, error_frame, prompt_blocked
-from guardproxy.server.unary import json_moderated
 from guardproxy.server.prompt import PromptOutcome, check_prompt, guard_headers
-from guardproxy.server.request import MAX_DEPTH, MAX_N, ParsedRequest, parse_request
-from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
-from guardproxy.server.streamed import annotation, checked_event, sniff_stream, stream_moderated
+from guardproxy.server.relay import relay_unmoderated
+from guardproxy.server.request import parse_request
+from guardproxy.server.streamed import sniff_stream, stream_moderated
+from guardproxy.server.unary import json_moderated
 from guardproxy.server.upstream import UpstreamError, UpstreamResponse
+from guardproxy.wire.errors import ProxyError, prompt_blocked
 
-__all__ = [
-    "MAX_DEPTH", "MAX_N", "ChoiceGuard", "Metrics", "ParsedRequest", "PromptOutcome", "RequestContext", "annotation",
-    "check_prompt", "checked_event", "guard_headers", "handle", "json_moderated", "parse_request",
-    "relay_unmoderated", "sniff_stream", "stream_moderated",
-]
-
-log = logging.getLogger("guardproxy.moderation")  # one logger name for the whole request glue
+__all__ = ["handle"]
 
 
 async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: bytes, *, legacy: bool

@@ -15,16 +15,10 @@ from typing import Any
 
 from guardproxy.server.context import RequestContext
 from guardproxy.moderation.decider import decide_prompt
+from guardproxy.moderation.response import guard_failure
 from guardproxy.wire.errors import ProxyError
 
 log = logging.getLogger("guardproxy.moderation")  # one logger name for the whole request glue
-
-
-def _engine_errors() -> tuple[type[BaseException], ...]:
-    """The engine's admission/closed errors (imported lazily: the engine module loads torch)."""
-    from guardproxy.guard.engine import EngineClosed, EngineOverloaded
-
-    return EngineOverloaded, EngineClosed
 
 
 @dataclass
@@ -65,16 +59,15 @@ async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutco
         _close_when_done(task)
         raise
     except Exception as e:
-        overloaded = isinstance(e, _engine_errors()[0])
-        kind = "overloaded" if overloaded else "failed"
-        if not overloaded:
+        failure = guard_failure(policy, e)
+        if failure.kind != "overloaded":
             log.error("request %s: guard failed on the prompt: %s: %s", ctx.request_id, type(e).__name__, e)
-        ctx.metrics.guard_failures.labels(kind=kind, fail_mode=policy.fail_mode).inc()
-        if policy.fail_mode == "open":
-            log.warning("request %s: guard %s, fail_mode open: relaying UNMODERATED", ctx.request_id, kind)
+        ctx.metrics.guard_failures.labels(kind=failure.kind, fail_mode=policy.fail_mode).inc()
+        if failure.open:
+            log.warning("request %s: guard %s, fail_mode open: relaying UNMODERATED", ctx.request_id, failure.kind)
             return PromptOutcome(None, None, "unmoderated")
-        code = "guard_overloaded" if overloaded else "guard_unavailable"
-        raise ProxyError(503, f"The content guard is {kind}; try again later.", code=code,
+        code = "guard_overloaded" if failure.kind == "overloaded" else "guard_unavailable"
+        raise ProxyError(503, f"The content guard is {failure.kind}; try again later.", code=code,
                          type="service_unavailable") from None
     ctx.metrics.guard_latency.labels(stage="prompt").observe(time.monotonic() - t0)
     action = decide_prompt(policy, verdict).action

@@ -40,9 +40,8 @@ def normalized_path(raw_path: str) -> str:
     return "/" + "/".join(out)
 
 
-async def relay(request: web.Request, up: Upstream, request_id: str) -> web.StreamResponse:
-    """Forward a request to another /v1/* route of ``up`` (credentials and hop-by-hop headers aside), body streamed
-    back.
+def check_route(request: web.Request) -> str:
+    """The normalised path of a request for another /v1/* route, if it may be relayed.
 
     Raises:
         ProxyError: 404 ``unmoderated_route`` for a path that normalises to a generation route (another spelling
@@ -52,7 +51,17 @@ async def relay(request: web.Request, up: Upstream, request_id: str) -> web.Stre
     if any(path == p or path.startswith(p + "/") for p in UNMODERATED_GENERATION):
         raise ProxyError(404, f"Route {request.path} is not available through guardproxy (it cannot be moderated"
                               f"{'; use ' + path if path in MODERATED else ''}).", code="unmoderated_route")
-    raw = await request.read()
+    return path
+
+
+async def relay(request: web.Request, up: Upstream, raw: bytes, request_id: str) -> web.StreamResponse:
+    """Forward a request (body ``raw``) to another /v1/* route of ``up`` (credentials and hop-by-hop headers aside),
+    response body streamed back.
+
+    Raises:
+        ProxyError: see :func:`check_route`.
+    """
+    path = check_route(request)
     resp = await up.send(request.method, path, headers=request.headers, content=raw or None,
                          params=request.query_string or None)
     out = web.StreamResponse(status=resp.status, headers=resp.headers)

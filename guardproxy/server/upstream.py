@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from guardproxy.wire.errors import ProxyError
+
 #: RFC 9110 7.6.1 hop-by-hop fields, plus fields the proxy recomputes itself.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -196,3 +198,18 @@ def build_upstreams(config) -> dict[str, Upstream]:
         first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
         forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
     )) for name, u in config.upstreams.items()}
+
+
+async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
+    """All of ``body`` (an upstream body iterator), refused as soon as more than ``limit`` bytes arrived.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large``.
+    """
+    parts, size = [], 0
+    async for data in body:
+        size += len(data)
+        if size > limit:
+            raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
+        parts.append(data)
+    return b"".join(parts)

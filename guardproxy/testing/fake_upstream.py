@@ -14,7 +14,8 @@ Every request is recorded (:class:`Recorded`: method, path, headers, JSON body) 
 whether the client went away before the body was finished (``closed_early``), so tests can assert that the proxy
 forwarded no client credential and closed the upstream on a client disconnect.
 
-Fixture bytes: ``../shared/fixtures/sse/*.sse`` (see their README and manifest.json).
+Fixture bytes: the shared SSE fixtures beside the checkout (:data:`FIXTURES_DIR`, ``*.sse`` with a README and
+``manifest.json``).
 """
 
 from __future__ import annotations
@@ -269,14 +270,15 @@ TEST_KEY = "sk-guardproxy-test-key"
 
 
 def proxy_config(upstream_url: str, policy: dict | None = None, *, max_body_bytes: int = 1024 * 1024,
-                 upstream: dict | None = None, guard_model: str = "unused"):
+                 upstream: dict | None = None, guard_model: str = "unused", limits: dict | None = None):
     """A validated :class:`guardproxy.config.Config`: one upstream, one tenant (key :data:`TEST_KEY`) with
-    ``policy`` (a dict in the policy-file schema; default = the default policy)."""
+    ``policy`` (a dict in the policy-file schema; default = the default policy); ``upstream`` and ``limits`` add
+    keys to the upstream's and the limits' settings."""
     from guardproxy.config import config_from_dict
     from guardproxy.tenants import hash_api_key
 
     return config_from_dict({
-        "limits": {"max_body_bytes": max_body_bytes},
+        "limits": {"max_body_bytes": max_body_bytes, **(limits or {})},
         "upstreams": {"up": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "idle_timeout": 5,
                              "first_byte_timeout": 5, **(upstream or {})}},
         "guard": {"model": guard_model},

@@ -1,27 +1,66 @@
-"""Upstream chunks as the proxy reads them: validation and normalisation before anything is relayed.
+"""Upstream chunks as the proxy reads them: where their text lives, validation, and one parse per event.
 
-:func:`normalize_chunk` makes every client-visible text of a ``chat.completion.chunk`` / ``text_completion`` chunk
-(or of a non-streamed completion) a string, or refuses the chunk (:class:`BadChunk`): data the guard cannot read is
-never relayed raw.
+Every piece of text a client shows or acts on sits in one of the fields of the table below; the normaliser
+(:func:`normalize_chunk`) and the channel splitter (``guardproxy.moderation.channels``) both read this table, so a
+field is either moderated everywhere or nowhere. Field lists follow the shapes upstreams send (OpenAI chat
+completion chunks; ``reasoning_content`` of SGLang, llama.cpp and DeepSeek; ``reasoning`` of vLLM, Ollama and
+OpenRouter; OpenRouter's ``reasoning_details``; legacy ``text_completion`` choices).
+
+:func:`read_event` turns a decoded SSE event into a :class:`Chunk` exactly once: its JSON is parsed and normalised
+here and the parsed object is handed on to the releaser and the splitter, never parsed again. Data the guard cannot
+read (not JSON, not an object, ``choices`` not a list of objects, a choice index out of range) raises
+:class:`BadChunk`: it is never relayed raw.
 """
 
 from __future__ import annotations
 
-from guardproxy.wire.jsonio import dumps
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["BadChunk", "normalize_chunk"]
+import orjson
 
-#: Text-bearing keys of an OpenRouter ``reasoning_details`` item (``reasoning.text`` / ``reasoning.summary``).
+from guardproxy.wire.jsonio import dumps, loads
+from guardproxy.wire.sse import Event, encode_data, encode_event
+
+__all__ = [
+    "ARGUMENTS_FIELD", "BadChunk", "CHOICE_TEXT_FIELDS", "CONTENT_FIELDS", "Chunk", "DELTA_TEXT_FIELDS",
+    "DETAILS_FIELD", "DETAIL_TEXT_FIELDS", "REASONING_FIELDS", "TOOL_CALLS_FIELD", "choice_index", "normalize_chunk",
+    "read_event",
+]
+
+# -- where text lives -------------------------------------------------------------------------------------------
+#: String fields of a ``delta`` (streamed) / ``message`` (whole completion) carrying reasoning, in render order.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+#: String fields of a ``delta`` / ``message`` carrying the answer a client shows.
+CONTENT_FIELDS = ("content", "refusal")
+#: Every string field of a ``delta`` / ``message`` that a client shows.
+DELTA_TEXT_FIELDS = REASONING_FIELDS + CONTENT_FIELDS
+#: List of OpenRouter reasoning items on a ``delta`` / ``message``, and their text-bearing keys
+#: (``reasoning.text`` / ``reasoning.summary`` items).
+DETAILS_FIELD = "reasoning_details"
 DETAIL_TEXT_FIELDS = ("text", "summary")
+#: List of tool calls on a ``delta`` / ``message``; each call's ``function.arguments`` is text the client acts on.
+TOOL_CALLS_FIELD = "tool_calls"
+ARGUMENTS_FIELD = "arguments"
+#: String fields directly on a choice (legacy ``/v1/completions``).
+CHOICE_TEXT_FIELDS = ("text",)
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def choice_index(choice: dict, position: int) -> int:
+    """The index of a choice object: its ``index`` when that is an integer, else its ``position`` in ``choices``
+    (the rule :func:`normalize_chunk` writes into every chunk it passes)."""
+    idx = choice.get("index")
+    return idx if _is_index(idx) else position
 
 
 class BadChunk(ValueError):
     """A chunk the proxy cannot moderate: ``choices`` not a list of objects, a choice ``index`` outside ``[0, n)``,
     or a text container (``delta``, ``tool_calls``, ``function``, ``reasoning_details``) of the wrong type."""
-
-
-#: Text fields of a choice / delta that a client shows; non-string values are moderated as their JSON text.
-_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
 
 
 def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
@@ -56,9 +95,9 @@ def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
         if idx is None:
             ch["index"] = idx = j
             changed = True
-        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n:
+        if not _is_index(idx) or not 0 <= idx < n:
             raise BadChunk(f"choice index {idx!r} is outside [0, {n})")
-        changed |= _stringify(ch, ("text",))
+        changed |= _stringify(ch, CHOICE_TEXT_FIELDS)
         if stream and "delta" not in ch and "message" in ch:
             ch["delta"] = ch.pop("message")
             changed = True
@@ -68,16 +107,16 @@ def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
             continue
         if not isinstance(delta, dict):
             raise BadChunk(f"'{key}' is not an object")
-        changed |= _stringify(delta, _DELTA_TEXT)
-        for item in _items(delta, "reasoning_details"):
+        changed |= _stringify(delta, DELTA_TEXT_FIELDS)
+        for item in _items(delta, DETAILS_FIELD):
             changed |= _stringify(item, DETAIL_TEXT_FIELDS)
-        for item in _items(delta, "tool_calls"):
+        for item in _items(delta, TOOL_CALLS_FIELD):
             fn = item.get("function")
             if fn is None:
                 continue
             if not isinstance(fn, dict):
                 raise BadChunk("'tool_calls[].function' is not an object")
-            changed |= _stringify(fn, ("arguments",))
+            changed |= _stringify(fn, (ARGUMENTS_FIELD,))
     return changed
 
 
@@ -98,3 +137,65 @@ def _stringify(d: dict, keys: tuple[str, ...]) -> bool:
             d[k] = dumps(v).decode()
             changed = True
     return changed
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One upstream SSE event, parsed once.
+
+    Attributes:
+        event: the decoded event.
+        obj: the event's JSON object, normalised (:func:`normalize_chunk`), for a data event other than
+            ``[DONE]``; ``None`` for comments, ``[DONE]`` and events without data (``event:`` / ``id:`` / a bare
+            ``error:`` field).
+        raw: the bytes that relay the event unchanged: its original ``data`` when normalising changed nothing,
+            else the re-serialised object; other fields (``event:``, ``id:``) are kept.
+    """
+
+    event: Event
+    obj: dict | None
+    raw: bytes
+
+    @property
+    def choices(self) -> list[dict]:
+        """The chunk's choice objects (``[]`` for usage / filter-result chunks and for non-data events)."""
+        choices = self.obj.get("choices") if self.obj is not None else None
+        return choices if isinstance(choices, list) else []
+
+
+def _raw(event: Event) -> bytes:
+    """The event as relayed untouched: its data string (``data: `` with the space), or all its fields when it has
+    fields other than ``data`` (``event: error``, ``id:``, a bare ``error:``)."""
+    if event.data is not None and all(name == "data" for name, _ in event.fields):
+        return encode_data(event.data)
+    return encode_event(event)
+
+
+def read_event(ev: Event, n: int) -> Chunk:
+    """Parse and check one upstream event (see the module docstring).
+
+    Args:
+        ev: a decoded SSE event.
+        n: choice indices must lie in ``[0, n)``.
+    Raises:
+        BadChunk: a data field that is not a JSON object (or is nested too deeply to parse), a chunk
+            :func:`normalize_chunk` refuses, or bare JSON without SSE framing (a server that answered an error
+            object under ``text/event-stream``; its ``error.message`` is kept in the exception's text).
+    """
+    if ev.kind == "other" and ev.fields and ev.fields[0][0].lstrip().startswith("{"):  # bare JSON, not SSE
+        err = loads(":".join(ev.fields[0]))
+        err = err.get("error") if isinstance(err, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise BadChunk(f"upstream sent JSON without SSE framing{': ' + msg if isinstance(msg, str) else ''}")
+    if ev.kind != "data" or ev.is_done:
+        return Chunk(ev, None, _raw(ev))
+    try:
+        obj, changed = orjson.loads(ev.data), False
+    except orjson.JSONDecodeError:
+        obj, changed = loads(ev.data), True
+    if not isinstance(obj, dict):
+        raise BadChunk("an SSE data field is not a JSON object")
+    if normalize_chunk(obj, n, stream=True) or changed:
+        data = dumps(obj).decode()
+        ev = dataclasses.replace(ev, data=data, fields=(*[(k, v) for k, v in ev.fields if k != "data"], ("data", data)))
+    return Chunk(ev, obj, _raw(ev))

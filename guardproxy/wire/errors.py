@@ -1,12 +1,14 @@
-"""Error bodies in the shapes OpenAI clients understand.
+"""Error bodies and content-filter shapes that OpenAI clients understand (prompt and response).
 
 - OpenAI: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status (the openai SDK maps the status
   to ``BadRequestError``, ``AuthenticationError``, ... and reads ``error.code`` / ``error.param``).
 - Azure OpenAI prompt filter: HTTP 400, ``{"error": {"code": "content_filter", "param": "prompt", "message",
   "status": 400, "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {...}}}}``.
-  Source: ``../shared/notes/openai-streams.md`` ("What a client expects from a moderating proxy").
+  (Azure OpenAI content filtering documentation.)
 - Mid-stream infrastructure failure: an SSE frame ``data: {"error": {...}}`` (the SDKs raise on a data frame whose
   JSON has a truthy top-level ``error``), always followed by ``data: [DONE]``.
+- Response annotations: Azure-style ``content_filter_results`` / ``content_filter_offsets`` fields on a choice
+  (:func:`content_filter_annotation`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import orjson
 #: OpenAI error ``type`` per HTTP status (as the OpenAI API uses them).
 _TYPE_BY_STATUS = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
     502: "upstream_error", 503: "service_unavailable", 504: "upstream_timeout",
 }
 
@@ -83,3 +85,21 @@ def error_frame(message: str, *, type: str = "server_error", code: str | None = 
     """An SSE data frame carrying an OpenAI error object (the SDKs raise ``APIError`` on it)."""
     return b"data: " + orjson.dumps(openai_error(message, type=type, code=code)) + b"\n\n"
 
+
+
+def content_filter_annotation(action: str, level: str, category: str, probability: float, start: int,
+                              end: int) -> dict:
+    """Choice fields that describe a response action (``policy.annotations: true``), in the style of Azure OpenAI's
+    content filter annotations: ``content_filter_results`` (``{"guard": {"filtered", "action", "risk_level",
+    "category", "risk_probability"}}``) and ``content_filter_offsets`` (``start_offset`` / ``end_offset``: the span
+    in the choice's moderated characters, its global offsets; for a cut both are the cut point). SDKs ignore both.
+
+    Args:
+        action: ``"flag"``, ``"redact"`` or ``"cut"`` (only a flag leaves the text unfiltered).
+    """
+    return {
+        "content_filter_results": {"guard": {
+            "filtered": action != "flag", "action": action, "risk_level": level, "category": category,
+            "risk_probability": round(float(probability), 6)}},
+        "content_filter_offsets": {"start_offset": start, "end_offset": end},
+    }

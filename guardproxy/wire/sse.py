@@ -1,7 +1,7 @@
 """Incremental Server-Sent Events decoder (bytes -> :class:`Event`) and encoder (objects -> bytes).
 
 Framing follows the WHATWG HTML "server-sent events" parsing rules, with the leniencies real LLM upstreams need
-(``../shared/notes/openai-streams.md``, section "SSE framing"):
+(TGI's ``data:`` without a space, llama.cpp's batched events and bare ``error:`` lines, OpenRouter's comments):
 
 * lines end in LF, CRLF or a lone CR, and a CR ending one read may be followed by its LF at the start of the next;
 * ``data:`` with or without the space; several ``data`` lines of one event are joined with ``"\\n"``;

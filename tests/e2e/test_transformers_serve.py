@@ -11,7 +11,7 @@ import asyncio
 
 import httpx
 import openai
-import pytest
+
 from tests.e2e.e2e_upstream import tiny_llm, transformers_upstream  # noqa: F401  (pytest fixtures)
 
 from guardproxy.testing.fake_upstream import TEST_KEY, RunningProxy, proxy_config

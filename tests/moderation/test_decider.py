@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardproxy.config import Policy
-from guardproxy.moderation.decider import Allow, Cut, Decider, Flag, Redact, decide_prompt
+from guardproxy.moderation.decider import MAX_WORD_BACK, Allow, Cut, Decider, Flag, Redact, decide_prompt
 
 LEVEL = {"S": "Safe", "C": "Controversial", "U": "Unsafe"}
 
@@ -403,3 +403,76 @@ def test_redactions_are_exactly_the_debounced_streaks(response, ok, levels, leng
     expected = [(spans[a].start, spans[b].end) for a, b in maximal_runs(levels, ok) if b - a + 1 >= k]
     assert got == expected
     assert d.safe_upto == (spans[-1].end if spans else 0)
+
+
+# -- word starts: the release bound, cut points and redaction starts ------------------------------------------------
+def word_start(text: str, at: int, floor: int, max_back: int = MAX_WORD_BACK) -> int:
+    """Oracle: ``at`` moved back over non-whitespace chars to its word's start (never below ``floor``, at most
+    ``max_back`` chars), scanning the whole text."""
+    if at >= len(text) or text[at].isspace():
+        return at
+    lo = max(floor, at - max_back)
+    while at > lo and not text[at - 1].isspace():
+        at -= 1
+    return at
+
+
+_word = st.text(st.sampled_from(list("abcxyz東🙂")), min_size=1, max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(_word, min_size=1, max_size=12), seps=st.lists(st.sampled_from([" ", "\n", "  "]), max_size=12),
+       data=st.data(), k=st.integers(1, 3), hold=st.integers(0, 3), unsafe=st.sampled_from(["cut", "redact"]))
+def test_release_bound_and_span_starts_are_word_starts(words, seps, data, k, hold, unsafe):
+    text = "".join(w + (seps[i] if i < len(seps) else " ") for i, w in enumerate(words))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(text) - 1), max_size=30)))) if len(text) > 1 else []
+    spans = [Span(i, a, b) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(text)]))]
+    levels = data.draw(st.text(st.sampled_from("SSSU"), min_size=len(spans), max_size=len(spans)))
+    d = Decider(make_policy(response={"unsafe": unsafe}, debounce=k, hold_back=hold))
+    parts = sorted(set(data.draw(st.lists(st.integers(0, len(text)), max_size=8))))
+    for a, b in zip([0, *parts], [*parts, len(text)]):  # the text arrives in any pieces, before its tokens
+        d.text(text[a:b])
+    bound = 0
+    for span, c in zip(spans, levels):
+        before = d.release_bound
+        for a in d.push(span, Verdict(LEVEL[c])):
+            if isinstance(a, Cut):
+                first = span.id
+                while first > 0 and levels[first - 1] == "U":
+                    first -= 1
+                run_start = spans[first].start
+                assert a.at == word_start(text, run_start, before)
+            elif isinstance(a, Redact):
+                assert a.start == word_start(text, a.start, before) and a.start >= before
+        if d.cut is None:
+            bound = word_start(text, d.safe_upto, bound)
+            assert d.release_bound == bound
+        assert d.release_bound >= before  # never moves back
+
+
+def test_async_release_bound_is_the_token_bound_and_cuts_stay_on_the_token():
+    text = "the zebrafish"
+    d = Decider(make_policy(release="async"))
+    d.text(text)
+    d.push(Span(0, 0, 3), Verdict("Safe"))
+    d.push(Span(1, 3, 8), Verdict("Safe"))
+    assert d.release_bound == 8  # inside "zebrafish": async release sends text as it comes
+    (cut,) = d.push(Span(2, 8, 13), Verdict("Unsafe")) + d.push(Span(3, 13, 13), Verdict("Unsafe"))
+    assert cut.at == 8
+
+
+def test_buffered_cut_moves_to_the_word_start_and_flag_spans_too():
+    text = "say zebrafish now"
+    d = Decider(make_policy(response={"controversial": "flag"}))
+    d.text(text)
+    d.push(Span(0, 0, 3), Verdict("Safe"))
+    d.push(Span(1, 3, 8), Verdict("Safe"))  # " zebr"
+    (flag,) = d.push(Span(2, 8, 13), Verdict("Controversial")) + d.push(Span(3, 13, 17), Verdict("Controversial"))
+    assert isinstance(flag, Flag) and flag.start == 4  # the word "zebrafish", not the token "afish"
+    d2 = Decider(make_policy(hold_back=0))
+    d2.text(text)
+    d2.push(Span(0, 0, 3), Verdict("Safe"))
+    d2.push(Span(1, 3, 8), Verdict("Safe"))
+    assert d2.safe_upto == 8 and d2.release_bound == 4  # "say ": the bound never sits inside "zebr..."
+    (cut,) = d2.push(Span(2, 8, 13), Verdict("Unsafe")) + d2.push(Span(3, 13, 17), Verdict("Unsafe"))
+    assert cut.at == 4

@@ -11,13 +11,39 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.moderation.channels import ChannelSplitter
+from dataclasses import dataclass, field
+
+from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.releaser import Releaser
+from guardproxy.moderation.response import hold
+from guardproxy.wire.chunks import read_event
 from guardproxy.wire.jsonio import loads
 from guardproxy.wire.sse import DONE, Event, SSEDecoder, encode_comment, encode_data
 from guardproxy.testing.fake_upstream import FIXTURES_DIR as FIXTURES
 
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.sse"))
+
+
+@dataclass
+class Step:
+    pieces: list[Piece] = field(default_factory=list)
+    out: list[bytes] = field(default_factory=list)
+
+
+class Pipe:
+    """A releaser fed the way the response moderator feeds it: every event parsed once, split, held."""
+
+    def __init__(self):
+        self.splitter, self.rel = ChannelSplitter(), Releaser()
+
+    def add(self, ev: Event) -> Step:
+        if self.rel.upstream_done and ev.kind != "comment":
+            return Step()
+        return Step(*hold(self.splitter, self.rel, read_event(ev, 16)))
+
+    def eof(self) -> Step:
+        pieces = self.splitter.flush()
+        return Step(pieces, self.rel.eof(pieces))
 
 
 # -- client side ---------------------------------------------------------------------------------------------------
@@ -117,9 +143,10 @@ def test_eager_release_is_transparent(name, size, sse_manifest):
     if size == 1 and name == "large_tool_arguments":
         size = 3  # keeps the run short; 1-byte reads of this file are covered by test_sse
     events = upstream_events(name, size)
-    rel, out = Releaser(), []
+    pipe, out = Pipe(), []
+    rel = pipe.rel
     for ev in events:
-        step = rel.add(ev)
+        step = pipe.add(ev)
         out += step.out
         for p in step.pieces:
             assert rel.length(p.choice) >= p.end
@@ -137,7 +164,8 @@ def test_eager_release_is_transparent(name, size, sse_manifest):
 def run_random(name: str, size: int | None, rng: random.Random, redact: bool = False, per_char: bool = False):
     """Random release points (and optionally random redactions); checks the prefix invariant after every call.
     Returns (client, upstream moderated text per choice, expected client text per choice)."""
-    rel, out = Releaser(), []
+    pipe, out = Pipe(), []
+    rel = pipe.rel
     upstream: dict[int, str] = {}
     spans: dict[int, list[tuple[int, int]]] = {}
 
@@ -151,7 +179,7 @@ def run_random(name: str, size: int | None, rng: random.Random, redact: bool = F
                                           per_char)) + (len(MASK) if not per_char else 0)
 
     for ev in upstream_events(name, size):
-        step = rel.add(ev)
+        step = pipe.add(ev)
         out += step.out
         for p in step.pieces:
             assert p.start == len(upstream.get(p.choice, ""))
@@ -213,9 +241,10 @@ def test_random_redactions_replace_exactly_those_chars(name, size, rng, per_char
 # -- cut ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("at", [0, 3, 9])
 def test_cut_choice_1_of_n2_leaves_choice_0_intact(at, sse_manifest):
-    rel, out, cut_done = Releaser(), [], False
+    pipe, out, cut_done = Pipe(), [], False
+    rel = pipe.rel
     for ev in upstream_events("n2_interleaved", 7):
-        step = rel.add(ev)
+        step = pipe.add(ev)
         out += step.out
         for p in step.pieces:
             if p.choice == 0:
@@ -244,10 +273,11 @@ def test_cut_choice_1_of_n2_leaves_choice_0_intact(at, sse_manifest):
 
 
 def test_cut_drops_a_partly_released_chunk_and_a_pending_finish():
-    rel = Releaser()
-    rel.add(Event(data=encode_data(_chunk(content="Hello world")).decode()[6:-2]))
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(Event(data=encode_data(_chunk(content="Hello world")).decode()[6:-2]))
     out = rel.release(0, 5)
-    rel.add(Event(data=encode_data(_chunk(finish="stop")).decode()[6:-2]))
+    pipe.add(Event(data=encode_data(_chunk(finish="stop")).decode()[6:-2]))
     out += rel.cut(0) + rel.finish()
     client = Client(out)
     assert client.choices[0]["content"] == "Hello"
@@ -255,8 +285,9 @@ def test_cut_drops_a_partly_released_chunk_and_a_pending_finish():
 
 
 def test_cut_of_legacy_completion_uses_text_shape():
-    rel = Releaser()
-    rel.add(_ev({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(_ev({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
                  "choices": [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": None}]}))
     (final,) = rel.cut(0)
     assert loads(final[6:-2]) == {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
@@ -279,9 +310,10 @@ def _chunks(out: list[bytes]) -> list[dict]:
 
 
 def test_split_chunk_keeps_fields_once_and_finish_last():
-    rel = Releaser()
+    pipe = Pipe()
+    rel = pipe.rel
     tool = {"index": 1, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"q\": 12}"}}
-    step = rel.add(_ev({**_chunk(finish="tool_calls", role="assistant", content="Hi!", tool_calls=[tool]),
+    step = pipe.add(_ev({**_chunk(finish="tool_calls", role="assistant", content="Hi!", tool_calls=[tool]),
                         "usage": {"total_tokens": 9}}))
     assert [(p.kind, p.start, p.end) for p in step.pieces] == [("content", 0, 3), (("tool", 1), 3, 12)]
     parts = _chunks(rel.release(0, 2) + rel.release(0, 2) + rel.release(0, 6) + rel.release(0, 100))
@@ -302,19 +334,21 @@ def test_split_chunk_keeps_fields_once_and_finish_last():
 
 
 def test_release_is_clamped_to_received_text():
-    rel = Releaser()
-    rel.add(_ev(_chunk(content="abc")))
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(_ev(_chunk(content="abc")))
     assert len(rel.release(0, 10**9)) == 1
-    step = rel.add(_ev(_chunk(content="def")))
+    step = pipe.add(_ev(_chunk(content="def")))
     assert step.out == [] and rel.released(0) == 3  # the early huge `upto` did not pre-release "def"
 
 
 def test_multi_choice_chunk_is_split_per_choice():
-    rel = Releaser()
+    pipe = Pipe()
+    rel = pipe.rel
     obj = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "usage": {"total_tokens": 1},
            "choices": [{"index": 0, "delta": {"content": "aa"}, "finish_reason": None},
                        {"index": 1, "delta": {"content": "bb"}, "finish_reason": None}]}
-    step = rel.add(_ev(obj))
+    step = pipe.add(_ev(obj))
     assert [(p.choice, p.start) for p in step.pieces] == [(0, 0), (1, 0)]
     one = _chunks(rel.release(1, 2))
     assert one[0]["choices"] == [obj["choices"][1]] and one[0]["usage"] == {"total_tokens": 1}
@@ -323,10 +357,11 @@ def test_multi_choice_chunk_is_split_per_choice():
 
 
 def test_inline_think_tags_are_glue_and_pending_prefix_is_held():
-    rel = Releaser()
-    s1 = rel.add(_ev(_chunk(content="<thi")))
+    pipe = Pipe()
+    rel = pipe.rel
+    s1 = pipe.add(_ev(_chunk(content="<thi")))
     assert s1.pieces == [] and rel.release(0, 0) == []
-    s2 = rel.add(_ev(_chunk(content="nk>plan</think>Answer")))
+    s2 = pipe.add(_ev(_chunk(content="nk>plan</think>Answer")))
     assert [(p.kind, p.text, p.start) for p in s2.pieces] == [("reasoning", "plan", 0), ("content", "Answer", 4)]
     # once decided as a tag, the first chunk (tag chars only) goes out whole and untouched
     assert s2.out == [encode_data(_chunk(content="<thi"))] and rel.release(0, 0) == []
@@ -336,15 +371,16 @@ def test_inline_think_tags_are_glue_and_pending_prefix_is_held():
 
 # -- ordering, keep-alives, barriers, [DONE] ----------------------------------------------------------------------
 def test_comments_go_out_while_text_is_held_and_barriers_wait():
-    rel = Releaser()
-    first = rel.add(_ev({"id": "", "object": "", "created": 0, "model": "", "choices": [],
+    pipe = Pipe()
+    rel = pipe.rel
+    first = pipe.add(_ev({"id": "", "object": "", "created": 0, "model": "", "choices": [],
                          "prompt_filter_results": []}))
     assert len(first.out) == 1  # nothing before it: goes out at once
-    rel.add(_ev(_chunk(content="secret")))
-    assert rel.add(Event(comment=" keep-alive")).out == [encode_comment(" keep-alive")]
+    pipe.add(_ev(_chunk(content="secret")))
+    assert pipe.add(Event(comment=" keep-alive")).out == [encode_comment(" keep-alive")]
     usage = _ev({"id": "c1", "choices": [], "usage": {"total_tokens": 3}})
-    assert rel.add(usage).out == []  # waits for choice 0's text
-    rel.add(_ev(_chunk(1, content="other")))  # after the barrier: waits for it
+    assert pipe.add(usage).out == []  # waits for choice 0's text
+    pipe.add(_ev(_chunk(1, content="other")))  # after the barrier: waits for it
     assert rel.release(1, 5) == []
     out = rel.release(0, 6)
     assert [_chunks([o])[0]["choices"][0]["index"] if _chunks([o])[0]["choices"] else "usage" for o in out] == [
@@ -353,35 +389,39 @@ def test_comments_go_out_while_text_is_held_and_barriers_wait():
 
 
 def test_error_event_and_bare_error_line_are_relayed_in_order():
-    rel = Releaser()
-    rel.add(_ev(_chunk(content="ab")))
-    assert rel.add(Event(event="error", data='{"error": 1}', fields=(("event", "error"), ("data", '{"error": 1}')))).out == []
-    assert rel.add(Event(fields=(("error", "{}"),))).out == []
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(_ev(_chunk(content="ab")))
+    assert pipe.add(Event(event="error", data='{"error": 1}', fields=(("event", "error"), ("data", '{"error": 1}')))).out == []
+    assert pipe.add(Event(fields=(("error", "{}"),))).out == []
     out = rel.release(0, 2) + rel.finish()
     assert out[1:] == [b'event: error\ndata: {"error": 1}\n\n', b"error: {}\n\n", DONE]
 
 
 def test_events_after_upstream_done_are_ignored():
-    rel = Releaser()
-    rel.add(_ev(_chunk(content="a")))
-    rel.add(Event(data="[DONE]", fields=(("data", "[DONE]"),)))
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(_ev(_chunk(content="a")))
+    pipe.add(Event(data="[DONE]", fields=(("data", "[DONE]"),)))
     assert rel.upstream_done
-    assert rel.add(_ev(_chunk(content="late"))).pieces == []
+    assert pipe.add(_ev(_chunk(content="late"))).pieces == []
     client = Client(rel.finish())
     assert client.choices[0]["content"] == "a" and client.done == [1]
 
 
 def test_eof_flushes_pending_tag_prefix_as_pieces():
-    rel = Releaser()
-    assert rel.add(_ev(_chunk(content=" <th"))).pieces == []
-    step = rel.eof()
+    pipe = Pipe()
+    rel = pipe.rel
+    assert pipe.add(_ev(_chunk(content=" <th"))).pieces == []
+    step = pipe.eof()
     assert [(p.kind, p.text) for p in step.pieces] == [("content", " <th")]
     assert rel.release(0, 4) == [encode_data(_chunk(content=" <th"))]
 
 
 def test_redact_clips_to_unreleased_text_and_masks():
-    rel = Releaser()
-    rel.add(_ev(_chunk(content="0123456789")))
+    pipe = Pipe()
+    rel = pipe.rel
+    pipe.add(_ev(_chunk(content="0123456789")))
     out = rel.release(0, 4)
     assert rel.redact(0, 2, 6) == (4, 6)
     assert rel.redact(0, 8, 20, "#", per_char=True) == (8, 10)
@@ -437,12 +477,13 @@ def synthetic_stream(draw):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=synthetic_stream(), rng=st.randoms(use_true_random=False), per_char=st.booleans())
 def test_synthetic_streams_prefix_and_redaction_invariants(stream, rng, per_char):
-    rel, out = Releaser(), []
+    pipe, out = Pipe(), []
+    rel = pipe.rel
     upstream: dict[int, str] = {}
     spans: dict[int, list[tuple[int, int]]] = {}
     reference = Client([encode_data(e.json()) for e in stream])  # what the upstream alone would show
     for ev in stream:
-        step = rel.add(ev)
+        step = pipe.add(ev)
         out += step.out
         if ev.kind == "comment":
             assert step.out == [encode_comment("")]  # keep-alives are never held
@@ -472,3 +513,32 @@ def test_synthetic_streams_prefix_and_redaction_invariants(stream, rng, per_char
             k: (t["id"], t["name"]) for k, t in ref.items()}
         if not spans.get(c):
             assert acc == reference.choices[c]
+
+
+# -- whole completions ----------------------------------------------------------------------------------------------
+def _whole(body: dict) -> Releaser:
+    sp, rel = ChannelSplitter("message"), Releaser(whole=True)
+    rel.add_completion(body, sp.split(body) + sp.flush())
+    return rel
+
+
+def test_whole_completion_renders_cut_redaction_and_notes_and_sends_nothing():
+    body = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "reasoning_content": "think", "content": "<b>hello world</b>"},
+         "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "keep me"}, "finish_reason": "length"},
+        {"index": 2, "text": "legacy text here", "finish_reason": "stop"}]}
+    rel = _whole(body)
+    assert rel.length(0) == len("think<b>hello world</b>") and rel.length(2) == len("legacy text here")
+    assert rel.release(0, 8) == [] and rel.redact(0, 8, 13, "#") == (8, 13)
+    assert rel.release(0, 19) == [] and rel.cut(0, annotation={"note": 1}) == []
+    assert rel.annotate(1, {"flag": True}) == []
+    assert rel.release(2, 7) == [] and rel.cut(2) == []
+    out = rel.completion()
+    assert out is body
+    c0, c1, c2 = out["choices"]
+    assert c0["message"] == {"role": "assistant", "reasoning_content": "think", "content": "<b># world"}
+    assert c0["finish_reason"] == "content_filter" and c0["note"] == 1
+    assert c1 == {"index": 1, "message": {"role": "assistant", "content": "keep me"}, "finish_reason": "length",
+                  "flag": True}
+    assert c2["text"] == "legacy " and c2["finish_reason"] == "content_filter"

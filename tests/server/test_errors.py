@@ -5,7 +5,9 @@ Real aiohttp server on loopback, real httpx and openai SDK clients, the fake ups
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -175,3 +177,27 @@ async def test_metrics_endpoint(stack):
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'guardproxy_requests_total{route="/nope",status="404"} 1.0' in r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+async def test_slow_request_body_is_408_within_client_body_timeout(path):
+    """A client that announces a body and sends only part of it gets 408 in OpenAI's shape once
+    ``limits.client_body_timeout`` has passed; nothing reaches the upstream."""
+    async with FakeUpstream() as fake:
+        config = proxy_config(fake.base_url, limits={"client_body_timeout": 0.3})
+        async with RunningProxy(config, engine=None) as proxy:
+            host, port = proxy.base_url.split("//")[1].split("/")[0].split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+            writer.write(head.encode() + b'{"model": "m", ')
+            await writer.drain()
+            t0 = time.monotonic()
+            raw = await asyncio.wait_for(reader.read(65536), 5)
+            elapsed = time.monotonic() - t0
+            writer.close()
+    status, _, rest = raw.partition(b"\r\n")
+    assert b" 408 " in status and 0.25 < elapsed < 3, (raw[:200], elapsed)
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_timeout" and body["error"]["type"] == "invalid_request_error"
+    assert fake.requests == []
