@@ -1,5 +1,6 @@
-"""Command line: ``guardproxy serve --config FILE [--host H] [--port P] [--guard-model DIR_OR_HUB_ID]`` and
-``guardproxy classify ...`` (dispatched to :mod:`guardproxy.eval.classify`).
+"""Command line: ``guardproxy serve --config FILE [--host H] [--port P] [--guard-model DIR_OR_HUB_ID]``,
+``guardproxy check-config FILE``, ``guardproxy hash-key KEY`` and ``guardproxy classify ...`` (dispatched to
+:mod:`guardproxy.eval.classify`).
 
 Start-up problems (a bad config, a guard model that cannot be loaded, a port in use) print one clear ``error:``
 message to stderr and exit with status 2, never a traceback.
@@ -93,6 +94,27 @@ def serve(args) -> int:
     return 0
 
 
+def hash_key(args) -> int:
+    """``guardproxy hash-key KEY``: print the sha256 hex a tenant's ``api_key_sha256`` stores."""
+    from guardproxy.tenants import hash_api_key
+
+    print(hash_api_key(args.key))
+    return 0
+
+
+def check_config(args) -> int:
+    """``guardproxy check-config FILE``: validate a config and its policies; errors name the file and key."""
+    from guardproxy.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(cfg.tenants)} tenant(s), {len(cfg.upstreams)} upstream(s), policies: {', '.join(cfg.policies)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guardproxy`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -104,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _serve_parser(sub)
     sub.add_parser("classify", help="offline classification (see `guardproxy classify --help`)")
+    sub.add_parser("hash-key", help="print the sha256 hex of an API key (for tenants[].api_key_sha256)"
+                   ).add_argument("key")
+    sub.add_parser("check-config", help="validate a config file and its policies").add_argument("config")
     args = ap.parse_args(argv)
-    return serve(args)
+    return {"serve": serve, "hash-key": hash_key, "check-config": check_config}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -316,7 +315,7 @@ class TenantConfig(_Strict):
             h = h.strip().lower()
             if not _SHA256_RE.match(h):
                 raise ValueError(
-                    f"[{i}] expected 64 hex digits (sha256 of the API key; `python -m guardproxy.config hash-key KEY`)"
+                    f"[{i}] expected 64 hex digits (sha256 of the API key; `guardproxy hash-key KEY`)"
                 )
             out.append(h)
         return out
@@ -471,30 +470,3 @@ def load_config(path: str | Path) -> Config:
     """Load ``path`` (YAML), its policies and upstream keys from the environment. Raises ConfigError."""
     path = Path(path)
     return config_from_dict(_read_yaml(path), base_dir=path.parent, source=str(path))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m guardproxy.config hash-key KEY`` | ``check CONFIG.yaml``: print a key hash / validate a config."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m guardproxy.config")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("hash-key", help="print the sha256 hex of an API key").add_argument("key")
-    sub.add_parser("check", help="validate a config file and its policies").add_argument("config")
-    args = ap.parse_args(argv)
-    if args.cmd == "hash-key":
-        from guardproxy.tenants import hash_api_key
-
-        print(hash_api_key(args.key))
-        return 0
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"ok: {len(cfg.tenants)} tenant(s), {len(cfg.upstreams)} upstream(s), policies: {', '.join(cfg.policies)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.config import Config, ConfigError, Policy, config_from_dict, load_config, load_policy, main
+from guardproxy.cli import main
+from guardproxy.config import Config, ConfigError, Policy, config_from_dict, load_config, load_policy
 from guardproxy.guard.labels import CATEGORIES, canonical_category
 from guardproxy.tenants import TenantRegistry, hash_api_key
 
@@ -163,10 +164,10 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_cli_check_prints_error_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams: {u: {base_url: http://x}}\nlisten: {port: many}\n")
-    assert main(["check", str(bad)]) == 2
+    assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "listen.port" in err and "Traceback" not in err
-    assert main(["check", str(EXAMPLE)]) == 0
+    assert main(["check-config", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out.startswith("ok: 1 tenant(s)")
     assert main(["hash-key", "abc"]) == 0
     assert capsys.readouterr().out.strip() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
