@@ -190,6 +190,8 @@ class ChannelSplitter:
             for key in CONTENT_FIELDS:
                 if isinstance(delta.get(key), str) and delta[key]:
                     out += self._content(c, st, delta[key], (self.container, key), ref)
+            if tools and st.pending:
+                out += self._flush(c)  # undecided content (a possible tag prefix) ends where the tool calls start
             out += tools
         else:
             for key in CHOICE_TEXT_FIELDS:

@@ -47,7 +47,7 @@ class ChoiceModerator:
     def push(self, piece: Piece) -> None:
         """The choice's next piece (arrival order). A channel the policy does not moderate keeps its global offsets
         but is never read by the guard."""
-        self.decider.text(piece.text)
+        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None)
         kind = piece.kind if moderated(self.policy, piece.kind) else "unmoderated"
         self._pending += self._retok.push(kind, piece.text, name=piece.name)
 

@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Protocol, Union
+
+import regex
 
 from guardproxy.config import ACTION_SEVERITY, Policy
 from guardproxy.guard.labels import canonical_category, canonical_level
@@ -73,47 +74,78 @@ __all__ = [
 _RANK = {"Safe": 0, "Controversial": 1, "Unsafe": 2}
 #: Most characters a word start may lie before the offset it is looked up for (longer "words" are cut there).
 MAX_WORD_BACK = 48
-_SPACE = re.compile(r"\s")
+_BOUNDARY = regex.compile(r"\b", flags=regex.WORD | regex.V1)
 _TIERS = ("Controversial", "Unsafe")
 
 
 class _WordStarts:
-    """Where the whitespace-delimited words of one choice's text start, built incrementally.
+    """Where the words of one choice's text start, by Unicode's default word boundaries (UAX #29, as the ``regex``
+    module's ``WORD`` flag implements them: punctuation and whitespace end a word, each ideograph is a word of its
+    own, a katakana run or a letter/digit run such as ``it's`` or ``3.14`` is one word), built incrementally.
 
-    ``push(text)`` appends text (global offsets continue); ``start(at, floor)`` is the start of the word holding
-    char ``at``: ``at`` itself when that char is whitespace or not received yet, else moved back over non-whitespace
-    chars, but never below ``floor`` nor more than :data:`MAX_WORD_BACK` chars. ``forget(before)`` drops the index
-    of chars before ``before - 4096`` (lookups there may then stop short; the decider only looks near its bound).
+    ``push(text)`` appends text (global offsets continue); ``start(at, floor, scored)`` is the start of the word
+    holding char ``at``: ``at`` itself when that char is whitespace or not received yet, else the last boundary at
+    or before ``at``, but never below ``floor`` nor more than :data:`MAX_WORD_BACK` chars back. A boundary counts
+    only with the two chars after it known (``3.`` may still become ``3.14``), and only within the text scored so
+    far (``scored``: the end of the newest scored token) plus one char, or anywhere once :meth:`close` said no more
+    text comes: what is decided then depends on the scored tokens alone, never on how much text happened to have
+    arrived (the streamed and the whole-completion path see the same boundaries). Each lookup reads a window of
+    about :data:`MAX_WORD_BACK` chars around ``at``: O(window), never the whole text. ``forget(before)`` drops text more than 4096 chars before ``before`` (the decider only looks near
+    its release bound).
     """
 
     def __init__(self) -> None:
+        self._chunks: list[str] = []
+        self._starts: list[int] = []  # global offset of each chunk
+        self._head = 0  # chunks before it are forgotten
         self._n = 0
-        self._spaces: list[int] = []  # offsets of whitespace chars, ascending
-        self._head = 0  # entries before it are forgotten
+        self._closed = False
 
     def push(self, text: str) -> None:
-        base = self._n
-        self._spaces.extend(base + m.start() for m in _SPACE.finditer(text))
-        self._n += len(text)
+        if text:
+            self._starts.append(self._n)
+            self._chunks.append(text)
+            self._n += len(text)
 
-    def start(self, at: int, floor: int) -> int:
+    def close(self) -> None:
+        self._closed = True
+
+    def _slice(self, a: int, b: int) -> str:
+        """Chars ``[a, b)`` of the text (``a`` clamped to what is not forgotten)."""
+        i = max(self._head, bisect.bisect_right(self._starts, a, self._head) - 1)
+        out = []
+        while i < len(self._chunks) and self._starts[i] < b:
+            s = self._starts[i]
+            out.append(self._chunks[i][max(0, a - s) : b - s])
+            i += 1
+        return "".join(out)
+
+    def start(self, at: int, floor: int, scored: int) -> int:
         if at >= self._n:
-            return at
-        i = bisect.bisect_left(self._spaces, at, self._head)
-        if i < len(self._spaces) and self._spaces[i] == at:
             return at
         lo = max(floor, at - MAX_WORD_BACK)
         if at <= lo:
             return at
-        space = self._spaces[i - 1] if i > self._head else -1
-        return max(lo, space + 1)
+        trusted = self._n if self._closed else min(self._n - 2, scored - 1)
+        w0 = max(self._starts[self._head] if self._head < len(self._starts) else 0, lo - 4)
+        window = self._slice(w0, min(self._n, at + 4, max(at + 1, trusted + 2)))
+        if window[at - w0].isspace():
+            return at
+        best = lo
+        for m in _BOUNDARY.finditer(window, pos=max(0, lo - w0)):
+            p = w0 + m.start()
+            if p > at:
+                break
+            if (p > w0 or w0 == 0) and p <= trusted:
+                best = p
+        return best
 
     def forget(self, before: int) -> None:
         cut = before - 4096
-        while self._head < len(self._spaces) and self._spaces[self._head] < cut:
+        while self._head + 1 < len(self._starts) and self._starts[self._head + 1] <= cut:
             self._head += 1
-        if self._head > 1024 and self._head * 2 > len(self._spaces):
-            del self._spaces[: self._head]
+        if self._head > 1024 and self._head * 2 > len(self._starts):
+            del self._starts[: self._head], self._chunks[: self._head]
             self._head = 0
 
 
@@ -233,6 +265,10 @@ class Decider:
         self._runs: dict[str, Optional[_Run]] = {t: None for t in _TIERS}
         self._region: Optional[_Region] = None
         self._words = _WordStarts()
+        self._text_len = 0
+        self._unit: object = None  # the unit (a tool call) the latest text belongs to
+        self._units: list[list] = []  # [start, end or None while open] of every unit, in order
+        self._unscored_unit = 0  # index of the first unit not scored through its end
         self._bound = 0
         self.cut: Optional[Cut] = None
         self.finished = False
@@ -246,12 +282,50 @@ class Decider:
     @property
     def release_bound(self) -> int:
         """Char offset the releaser may release up to (exclusive): :attr:`safe_upto` moved back to a word start in
-        buffered release (see the module docstring); never decreases."""
-        return self._bound
+        buffered release, and never past the first char of a unit (see :meth:`text`) not scored through its end (see
+        the module docstring); never decreases."""
+        bound = self._bound
+        if self.cut is not None:
+            return min(bound, self.cut.at) if self.buffered else bound
+        if not self.buffered or self.finished or not self._units:
+            return bound
+        units = self._units
+        while self._unscored_unit < len(units) and units[self._unscored_unit][1] is not None \
+                and units[self._unscored_unit][1] <= self._max_end:
+            self._unscored_unit += 1
+        if self._unscored_unit < len(units):
+            bound = min(bound, units[self._unscored_unit][0])
+        held = [r.start for t, r in self._runs.items() if r is not None and self._holding[t]]
+        if self._region is not None:
+            held.append(self._region.start)
+        if held:  # a unit a cut may still start in is held whole
+            unit = self._unit_at(min(held))
+            if unit is not None:
+                bound = min(bound, unit[0])
+        return bound
 
-    def text(self, text: str) -> None:
-        """The next characters of the choice (every piece, moderated or not, in global-offset order)."""
+    def _unit_at(self, at: int) -> Optional[list]:
+        """The unit ``[start, end]`` holding char ``at``, if any."""
+        i = bisect.bisect_right(self._units, at, key=lambda u: u[0]) - 1
+        if i >= 0 and (self._units[i][1] is None or at < self._units[i][1]):
+            return self._units[i]
+        return None
+
+    def text(self, text: str, unit: object = None) -> None:
+        """The next characters of the choice (every piece, moderated or not, in global-offset order).
+
+        ``unit``: a key for text that must reach the client whole or not at all (a tool call's arguments: the
+        client acts on the complete call). In buffered release the bound stays at a unit's first char until text
+        of another unit (or of none) arrives, or :meth:`finish`; a cut inside a unit starts at the unit's first
+        char, so a cut tool call is never sent in part."""
+        if unit != self._unit:
+            if self._units and self._units[-1][1] is None:
+                self._units[-1][1] = self._text_len
+            self._unit = unit
+            if unit is not None:
+                self._units.append([self._text_len, None])
         self._words.push(text)
+        self._text_len += len(text)
 
     @property
     def done(self) -> bool:
@@ -314,6 +388,7 @@ class Decider:
         if self.finished:
             return []
         self.finished = True
+        self._words.close()
         out: list[Action] = []
         if self.cut is None:
             if self._region is not None:
@@ -336,7 +411,7 @@ class Decider:
             if region is not None and region.start < run.start:
                 out.append(self._close_region(end=min(region.end, run.start)))
             self._region = None
-            self.cut = Cut(tier, category, i, prob, at=self._word_start(run.start))
+            self.cut = Cut(tier, category, i, prob, at=self._cut_at(run.start))
             out.append(self.cut)
         elif action == "redact":
             region = self._region
@@ -356,7 +431,7 @@ class Decider:
                 run.severity = sev
                 cls = Flag if action == "flag" else Allow
                 # a flag changes no text: its span starts at the word's start in either release mode
-                out.append(cls(tier, category, i, prob, start=self._words.start(run.start, 0), end=span.end))
+                out.append(cls(tier, category, i, prob, start=self._words.start(run.start, 0, self._max_end), end=span.end))
         return out
 
     def _region_held(self) -> bool:
@@ -379,12 +454,18 @@ class Decider:
 
     def _word_start(self, at: int) -> int:
         """``at`` moved back to its word's start in buffered release (never below the release bound given)."""
-        return self._words.start(at, self._bound) if self.buffered else at
+        return self._words.start(at, self._bound, self._max_end) if self.buffered else at
+
+    def _cut_at(self, at: int) -> int:
+        """Where a cut of a run starting at ``at`` starts: its word's start, or the start of the unit it is in."""
+        at = self._word_start(at)
+        unit = self._unit_at(at) if self.buffered else None
+        return at if unit is None else unit[0]
 
     def _update_safe(self) -> None:
         self._set_safe()
         if self.buffered and self.cut is None:
-            self._bound = self._words.start(self._safe, self._bound)
+            self._bound = self._words.start(self._safe, self._bound, self._max_end)
             self._words.forget(self._bound)
         else:
             self._bound = max(self._bound, self._safe)

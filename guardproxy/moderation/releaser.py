@@ -35,6 +35,10 @@ Guarantees:
 * ``cut`` ends a choice with a chunk ``{"index": c, "delta": {}, "logprobs": null, "finish_reason": reason}``
   (legacy completions: ``"text": ""``) carrying the request's ``id``/``object``/``created``/``model``/
   ``system_fingerprint``; later upstream events of that choice are ignored.
+* A chunk carrying a choice's ``finish_reason`` waits (its text may go out, split off) until :meth:`allow_finish`
+  says the choice was scored through its end, so a detection at the very end still cuts it, and
+  ``finish_reason: "tool_calls"`` never reaches a client for arguments still being scored. Barriers after it (the
+  usage chunk) wait with it.
 * ``data: [DONE]`` is emitted by :meth:`finish` only, last and exactly once, whether or not the upstream sent one;
   upstream data events after an upstream ``[DONE]`` are ignored.
 
@@ -103,6 +107,7 @@ class _Choice:
     cut: bool = False
     reason: str | None = None  # finish_reason of a cut
     notes: dict = field(default_factory=dict)  # whole mode: annotation fields for the choice object
+    finish_ok: bool = False  # the chunk carrying finish_reason may go out (the choice was scored through its end)
     finished: bool = False
     legacy: bool = False
 
@@ -265,6 +270,12 @@ class Releaser:
         self._held.pop(choice, None)
         return [self._own_chunk(choice, reason, annotation)] + self._pump()
 
+    def allow_finish(self, choice: int) -> list[bytes]:
+        """Let the chunk carrying ``choice``'s ``finish_reason`` go out (once its text is released). Returns what
+        became sendable."""
+        self._choices.setdefault(choice, _Choice()).finish_ok = True
+        return self._pump()
+
     def annotate(self, choice: int, fields: dict) -> list[bytes]:
         """Queue an annotation chunk for ``choice``: an empty delta (``finish_reason: null``) whose choice object
         carries ``fields`` (e.g. ``content_filter_results``; clients ignore unknown fields). It goes out after
@@ -298,7 +309,7 @@ class Releaser:
             return []
         self._upstream_done = True
         for ch in self._choices.values():
-            ch.upto = _INF
+            ch.upto, ch.finish_ok = _INF, True
         for e in self._queue:
             e.hold.clear()
         out = self._pump()
@@ -380,7 +391,7 @@ class Releaser:
     def _emit(self, e: _Entry) -> tuple[bytes | None, bool]:
         ch = self._choices[e.choice]
         g0, g1 = e.g_range
-        final = not e.hold and ch.upto >= g1
+        final = not e.hold and ch.upto >= g1 and (ch.finish_ok or e.obj is None or e.obj.get("finish_reason") is None)
         if final and not e.started and not self._touched(ch, g0, g1):
             self._finish_entry(ch, e)
             return e.raw, True

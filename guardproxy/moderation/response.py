@@ -42,7 +42,7 @@ from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
 from guardproxy.moderation.decider import Action, Cut, Flag, Redact
 from guardproxy.moderation.releaser import Releaser
-from guardproxy.wire.chunks import Chunk, choice_index, read_event
+from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
 from guardproxy.wire.errors import content_filter_annotation
 from guardproxy.wire.sse import Event, encode_comment
 
@@ -169,9 +169,13 @@ class ResponseModerator:
         for ev in events:
             if self.releaser.upstream_done and ev.kind != "comment":
                 continue  # after [DONE]: ignored, never parsed
-            pieces, sendable = hold(self.splitter, self.releaser, read_event(ev, self.max_choices))
+            chunk = read_event(ev, self.max_choices)
+            pieces, sendable = hold(self.splitter, self.releaser, chunk)
             out += sendable
             self._push(pieces)
+            for j, ch in enumerate(chunk.choices):
+                if ch.get("finish_reason") is not None:
+                    out += self._finish_choice(choice_index(ch, j))
         return out + self._release_unheld()
 
     def eof(self, events: Sequence[Event] = ()) -> list[bytes]:
@@ -181,8 +185,8 @@ class ResponseModerator:
         pieces = self.splitter.flush()
         out += self.releaser.eof(pieces)
         self._push(pieces)
-        for cm in self.choices.values():
-            cm.finish()
+        for c in self.releaser.choices:
+            out += self._finish_choice(c)
         return out + self._release_unheld()
 
     def finish(self) -> list[bytes]:
@@ -245,7 +249,18 @@ class ResponseModerator:
             if cm is None:
                 cm = self.choices[p.choice] = ChoiceModerator(p.choice, self.renderer, self.policy,
                                                               buffered=self.buffered)
+            elif cm.finished:
+                raise BadChunk(f"text for choice {p.choice} after its finish_reason")
             cm.push(p)
+
+    def _finish_choice(self, c: int) -> list[bytes]:
+        """The upstream finished choice ``c``: score it through its end (its finish chunk waits for that), or let
+        the finish go now when it has no text."""
+        cm = self.choices.get(c)
+        if cm is None or self.unmoderated:
+            return self.releaser.allow_finish(c)
+        cm.finish()
+        return []
 
     def _release_unheld(self) -> list[bytes]:
         """Async release or unmoderated: everything received goes out at once."""
@@ -254,6 +269,8 @@ class ResponseModerator:
         out: list[bytes] = []
         for c in self.releaser.choices:
             out += self.releaser.release(c, self.releaser.length(c))
+            if self.unmoderated:
+                out += self.releaser.allow_finish(c)
         return out
 
     def _apply(self, cm: ChoiceModerator, actions: list[Action]) -> list[bytes]:
@@ -280,4 +297,6 @@ class ResponseModerator:
                 out += rel.annotate(c, d.annotation())
         if self.buffered:
             out += rel.release(c, cm.decider.release_bound)
+        if cm.decider.finished:
+            out += rel.allow_finish(c)
         return out

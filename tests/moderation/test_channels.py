@@ -206,3 +206,12 @@ def test_unclosed_think_and_pending_prefix_resolution():
     sp = ChannelSplitter()
     ps = sp.split(chunk(content="<think>abc</th"), ref=0) + sp.split(chunk(finish="length"), ref=1)
     assert [(p.kind, p.text) for p in ps] == [("reasoning", "abc"), ("reasoning", "</th")]
+
+
+def test_undecided_content_before_tool_calls_in_one_delta_stays_before_them():
+    """Whitespace-only content may still open a <think> tag; tool calls in the same delta decide it as content, in
+    template order (content, then the calls), as when the two arrive in separate deltas."""
+    sp = ChannelSplitter("message")
+    ps = sp.split({"choices": [{"index": 0, "message": {"content": "\n ", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]})
+    assert [(p.kind, p.text, p.start) for p in ps] == [("content", "\n ", 0), (("tool", 0), "{}", 2)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -406,18 +407,21 @@ def test_redactions_are_exactly_the_debounced_streaks(response, ok, levels, leng
 
 
 # -- word starts: the release bound, cut points and redaction starts ------------------------------------------------
-def word_start(text: str, at: int, floor: int, max_back: int = MAX_WORD_BACK) -> int:
-    """Oracle: ``at`` moved back over non-whitespace chars to its word's start (never below ``floor``, at most
-    ``max_back`` chars), scanning the whole text."""
+def word_start(text: str, at: int, floor: int, scored: int, max_back: int = MAX_WORD_BACK) -> int:
+    """Oracle: ``at`` moved back to the last UAX #29 word boundary at or before it (found over the whole text at once)
+    that lies before ``scored`` (the end of the newest scored token) and has two chars after it, never below
+    ``floor``, at most ``max_back`` chars."""
     if at >= len(text) or text[at].isspace():
         return at
     lo = max(floor, at - max_back)
-    while at > lo and not text[at - 1].isspace():
-        at -= 1
-    return at
+    if at <= lo:
+        return at
+    trusted = min(len(text) - 2, scored - 1)
+    bounds = [m.start() for m in regex.finditer(r"\b", text, flags=regex.WORD | regex.V1)]
+    return max([lo] + [b for b in bounds if lo <= b <= min(at, trusted)])
 
 
-_word = st.text(st.sampled_from(list("abcxyz東🙂")), min_size=1, max_size=60)
+_word = st.text(st.sampled_from(list("abcxyz東京タワ🙂.,'-ไก่\u0301")), min_size=1, max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
@@ -441,11 +445,11 @@ def test_release_bound_and_span_starts_are_word_starts(words, seps, data, k, hol
                 while first > 0 and levels[first - 1] == "U":
                     first -= 1
                 run_start = spans[first].start
-                assert a.at == word_start(text, run_start, before)
+                assert a.at == word_start(text, run_start, before, span.end)
             elif isinstance(a, Redact):
-                assert a.start == word_start(text, a.start, before) and a.start >= before
+                assert a.start == word_start(text, a.start, before, span.end) and a.start >= before
         if d.cut is None:
-            bound = word_start(text, d.safe_upto, bound)
+            bound = word_start(text, d.safe_upto, bound, max(s.end for s in spans[: span.id + 1]))
             assert d.release_bound == bound
         assert d.release_bound >= before  # never moves back
 

@@ -33,13 +33,19 @@ class Step:
 class Pipe:
     """A releaser fed the way the response moderator feeds it: every event parsed once, split, held."""
 
-    def __init__(self):
+    def __init__(self, allow_finish: bool = True):
         self.splitter, self.rel = ChannelSplitter(), Releaser()
+        self.allow_finish = allow_finish  # a choice counts as scored through its end as soon as it finishes
 
     def add(self, ev: Event) -> Step:
         if self.rel.upstream_done and ev.kind != "comment":
             return Step()
-        return Step(*hold(self.splitter, self.rel, read_event(ev, 16)))
+        chunk = read_event(ev, 16)
+        step = Step(*hold(self.splitter, self.rel, chunk))
+        for ch in chunk.choices:
+            if ch.get("finish_reason") is not None and self.allow_finish:
+                step.out += self.rel.allow_finish(ch["index"])
+        return step
 
     def eof(self) -> Step:
         pieces = self.splitter.flush()
@@ -542,3 +548,26 @@ def test_whole_completion_renders_cut_redaction_and_notes_and_sends_nothing():
     assert c1 == {"index": 1, "message": {"role": "assistant", "content": "keep me"}, "finish_reason": "length",
                   "flag": True}
     assert c2["text"] == "legacy " and c2["finish_reason"] == "content_filter"
+
+
+def test_finish_chunk_and_the_usage_after_it_wait_until_the_choice_is_scored_through_its_end():
+    pipe = Pipe(allow_finish=False)
+    rel = pipe.rel
+    pipe.add(_ev(_chunk(content="Hi!", finish="tool_calls", tool_calls=[
+        {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}])))
+    usage = pipe.add(_ev({"id": "c1", "choices": [], "usage": {"total_tokens": 3}}))
+    out = usage.out + rel.release(0, 100)
+    parts = _chunks(out)
+    assert [p["choices"][0]["finish_reason"] for p in parts] == [None]  # the text, split off the finish
+    assert parts[0]["choices"][0]["delta"]["content"] == "Hi!" and not any(p.get("usage") for p in parts)
+    out += rel.cut(0)  # a late detection still ends the choice: content_filter, never tool_calls
+    client = Client(out + rel.finish())
+    assert client.choices[0]["finish"] == ["content_filter"] and client.usage
+
+    pipe = Pipe(allow_finish=False)
+    pipe.add(_ev(_chunk(content="Hi!", finish="stop")))
+    out = pipe.rel.release(0, 3)
+    assert [p["choices"][0]["finish_reason"] for p in _chunks(out)] == [None]
+    out += pipe.rel.allow_finish(0)
+    assert _chunks(out)[-1]["choices"][0]["finish_reason"] == "stop"
+    assert Client(out + pipe.rel.finish()).choices[0]["finish"] == ["stop"]

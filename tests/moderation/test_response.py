@@ -157,7 +157,7 @@ def by_choice(decisions) -> dict:
     return out
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(answer=answers(), policy=policies, seed=st.integers(0, 2**16), salt=st.integers(0, 34))
 def test_streamed_and_whole_paths_decide_and_edit_alike(renderer, answer, policy, seed, salt):
     raw, streamed = run_stream(renderer, policy, answer, random.Random(seed), salt)
