@@ -14,6 +14,14 @@ from pathlib import Path
 
 import torch
 
+from guardproxy.guard.errors import (  # noqa: F401  (re-exported: the loading errors are part of this module's API)
+    BadConfig,
+    CheckpointError,
+    CheckpointNotFound,
+    HubUnavailable,
+    MissingCheckpointFile,
+    NotAGuardModel,
+)
 from guardproxy.guard.labels import GuardLabels
 
 #: The eight head tensors (``NAME.weight`` at top level): response pathway then prompt ("query") pathway,
@@ -36,30 +44,6 @@ _REQUIRED_CONFIG = (
     "vocab_size", "rms_norm_eps", "guard_inner_size",
 )  # fmt: skip
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-
-
-class CheckpointError(Exception):
-    """Base class of every loading error."""
-
-
-class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """Neither a local directory nor a Hub id that could be resolved."""
-
-
-class HubUnavailable(CheckpointNotFound):
-    """A Hub id that is not in the local Hugging Face cache while the Hub cannot be reached."""
-
-
-class MissingCheckpointFile(CheckpointError, FileNotFoundError):
-    """The directory lacks ``config.json``, the safetensors weights (or a shard) or ``tokenizer.json``."""
-
-
-class NotAGuardModel(CheckpointError):
-    """The weights have no Qwen3Guard-Stream head tensors (e.g. a plain Qwen3 LM) or the config lacks guard keys."""
-
-
-class BadConfig(CheckpointError, ValueError):
-    """``config.json`` is unreadable, lacks a required key, or describes an unsupported variant."""
 
 
 def resolve(model: str | Path, *, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
+from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
 
@@ -57,18 +58,6 @@ IM_START = 151644  # <|im_start|> (notes, "Tokenizer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ids of "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
 ANCHOR_HEADER_LEN = 5
-
-
-class EngineOverloaded(Exception):
-    """Admission refused: ``max_streams`` live streams or ``kv_budget_tokens`` held (fail fast)."""
-
-
-class EngineClosed(Exception):
-    """The engine was closed: new work is refused and pending work fails with this."""
-
-
-class StreamClosed(Exception):
-    """Work on (or pending for) a stream after its ``close()``."""
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
