@@ -53,11 +53,11 @@ from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
 from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
+from guardproxy.guard.tokens import ASSISTANT_HEADER, IM_START
 
-IM_START = 151644  # <|im_start|> (notes, "Tokenizer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: ids of "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
-ANCHOR_HEADER_LEN = 5
+#: ids of the assistant header "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
+ANCHOR_HEADER_LEN = len(ASSISTANT_HEADER)
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -4,7 +4,8 @@ Two families:
 
 * engine admission and life cycle (:class:`EngineOverloaded`, :class:`EngineClosed`, :class:`StreamClosed`), raised by
   :mod:`guardproxy.guard.engine`; the proxy maps them to a tenant's fail mode;
-* checkpoint loading (:class:`CheckpointError` and its subclasses), raised by :mod:`guardproxy.guard.checkpoint`.
+* checkpoint loading (:class:`CheckpointError` and its subclasses), raised by :mod:`guardproxy.guard.checkpoint` and,
+  for a tokenizer that disagrees with the control-token table, by :func:`guardproxy.guard.tokens.check_tokenizer`.
 
 ``guardproxy.guard.engine`` and ``guardproxy.guard.checkpoint`` re-export the classes they raise.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "MissingCheckpointFile",
     "NotAGuardModel",
     "StreamClosed",
+    "TokenizerMismatch",
 ]
 
 
@@ -58,3 +60,8 @@ class NotAGuardModel(CheckpointError):
 
 class BadConfig(CheckpointError, ValueError):
     """``config.json`` is unreadable, lacks a required key, or describes an unsupported variant."""
+
+
+class TokenizerMismatch(CheckpointError, ValueError):
+    """``tokenizer.json`` disagrees with the control/template token ids the guard inserts itself
+    (:mod:`guardproxy.guard.tokens`); the message names the token, the expected id and what the tokenizer has."""

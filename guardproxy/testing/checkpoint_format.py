@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from guardproxy.guard.checkpoint import QUERY_HEAD, RESPONSE_HEAD  # noqa: F401  (the tensor names, defined once)
+from guardproxy.guard.tokens import ENDOFTEXT, IM_END
 
 #: Risk-level order of both heads (index -> label). Source: notes, "Labels".
 RISK_LEVEL_MAP = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
@@ -67,8 +68,8 @@ def guard_config(shape: str | dict, *, max_position_embeddings: int = 8192, rope
         "model_type": "qwen3",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": IM_END,
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "max_position_embeddings": max_position_embeddings,
