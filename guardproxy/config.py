@@ -264,13 +264,22 @@ class GuardSettings(_Strict):
 
     model: str = "Qwen/Qwen3Guard-Stream-0.6B"  # Hub id or local checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: str = "auto"  # auto | a name of guardproxy.guard.dtypes.DTYPE_NAMES (float32, bfloat16, float16)
     max_streams: int = Field(64, ge=1)
     kv_budget_tokens: int = Field(262144, ge=1)
     prefill_chunk: int = Field(256, ge=1)
     max_context: Optional[int] = Field(None, ge=1)
     reanchor_window: Optional[int] = Field(None, ge=1)  # response ids kept when a response outgrows the context
     num_threads: Optional[int] = Field(None, ge=1)  # torch intra-op threads of the engine thread (None: torch default)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from guardproxy.guard.dtypes import DTYPE_NAMES  # the one list of names (torch-free)
+
+        if v != "auto" and v not in DTYPE_NAMES:
+            raise ValueError(f"expected auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, got {v!r}")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from guardproxy.eval import scoring as metrics
+from guardproxy.guard.dtypes import DTYPE_NAMES
 
 #: Attempts (with back-off) when the engine refuses a stream because it is full; offline runs can wait.
 _OVERLOAD_RETRIES = 200
@@ -254,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=2, help="consecutive tokens needed for a flag (default 2)")
     p.add_argument("--concurrency", type=int, default=16, help="streams classified at once (default 16)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default by device)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default by device)")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the checkpoint's)")
     p.add_argument(
         "--latency-edges",
@@ -284,13 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from guardproxy.guard.engine import GuardEngine
 
-        dtype = None
-        if args.dtype:
-            import torch
-
-            dtype = getattr(torch, args.dtype)
         engine = GuardEngine.from_pretrained(
-            args.model, device=args.device, dtype=dtype, max_streams=max(64, args.concurrency),
+            args.model, device=args.device, dtype=args.dtype, max_streams=max(64, args.concurrency),
             max_context=args.max_context,
         )
     except Exception as e:  # noqa: BLE001 - a clear one-line error, no traceback

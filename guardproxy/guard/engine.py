@@ -50,12 +50,12 @@ from dataclasses import dataclass, field
 import torch
 
 from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
+from guardproxy.guard.dtypes import torch_dtype
 from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
 from guardproxy.guard.tokens import ASSISTANT_HEADER, IM_START
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ids of the assistant header "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
 ANCHOR_HEADER_LEN = len(ASSISTANT_HEADER)
 
@@ -259,16 +259,14 @@ class GuardEngine:
 
         Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
         it misses the float32 parity and the oneDNN weight packing). ``dtype`` may be a ``torch.dtype`` or its name
-        (``"float32"``, ``"bfloat16"``, ``"float16"``, as in the server config).
+        (:data:`guardproxy.guard.dtypes.DTYPE_NAMES`, as in the server config).
         Raises:
             guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``); ValueError for an
             unknown dtype name.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
+            dtype = torch_dtype(dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ck = load_checkpoint(model, dtype=dtype, device=device)
         return cls(ck, max_streams=max_streams, kv_budget_tokens=kv_budget_tokens, prefill_chunk=prefill_chunk,
