@@ -3,7 +3,7 @@
 Two families:
 
 * engine admission and life cycle (:class:`EngineOverloaded`, :class:`EngineClosed`, :class:`StreamClosed`), raised by
-  :mod:`guardproxy.guard.engine`; the proxy maps them to a tenant's fail mode;
+  :mod:`guardproxy.guard.engine` and :mod:`guardproxy.guard.scheduler`; the proxy maps them to a tenant's fail mode;
 * checkpoint loading (:class:`CheckpointError` and its subclasses), raised by :mod:`guardproxy.guard.checkpoint` and,
   for a tokenizer that disagrees with the control-token table, by :func:`guardproxy.guard.tokens.check_tokenizer`.
 
