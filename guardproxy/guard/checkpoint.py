@@ -3,7 +3,8 @@
 A checkpoint is ``config.json`` (stock Qwen3 config + guard keys + four label maps), ``*.safetensors`` (one file or
 shards listed in ``model.safetensors.index.json``; backbone under ``model.``, eight head tensors at top level,
 ``lm_head.*`` ignored) and ``tokenizer.json``. Loaded natively: no ``trust_remote_code``, no transformers model class.
-Source of the format: ``../shared/notes/qwen3guard-stream.md`` ("Checkpoints", "Architecture").
+Source of the format: the published checkpoints (``Qwen/Qwen3Guard-Stream-0.6B``, ``-4B``, ``-8B`` on the Hugging Face
+Hub) and the Qwen3Guard technical report, arXiv 2510.14276.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``config.json`` (a stock Qwen3 config plus the guard keys and four label maps),
 ``model.safetensors`` (backbone under ``model.``, eight head tensors at top level, no ``lm_head`` since embeddings are
-tied) and the tokenizer files. Facts and sources: ``../shared/notes/qwen3guard-stream.md``.
+tied) and the tokenizer files, as in the published ``Qwen/Qwen3Guard-Stream-*`` checkpoints (see
+:mod:`guardproxy.guard.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from guardproxy.guard.checkpoint import QUERY_HEAD, RESPONSE_HEAD  # noqa: F401  (the tensor names, defined once)
 from guardproxy.guard.tokens import ENDOFTEXT, IM_END
 
-#: Risk-level order of both heads (index -> label). Source: notes, "Labels".
+#: Risk-level order of both heads (index -> label), as in the published configs.
 RISK_LEVEL_MAP = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
 #: Response-head categories (index -> label), short names as the model card prints them.
 RESPONSE_CATEGORY_MAP = {
