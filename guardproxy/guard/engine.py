@@ -51,7 +51,17 @@ from guardproxy.guard.dtypes import torch_dtype
 from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
-from guardproxy.guard.scheduler import FEED, PROMPT, Planned, Scheduler, StreamState, fit_prompt
+from guardproxy.guard.scheduler import (
+    DEFAULT_KV_BUDGET_TOKENS,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_PREFILL_CHUNK,
+    FEED,
+    PROMPT,
+    Planned,
+    Scheduler,
+    StreamState,
+    fit_prompt,
+)
 
 __all__ = ["EngineClosed", "EngineOverloaded", "EngineStats", "GuardEngine", "GuardStream", "StreamClosed",
            "fit_prompt"]  # fmt: skip
@@ -191,9 +201,9 @@ class GuardEngine:
         self,
         checkpoint: Checkpoint,
         *,
-        max_streams: int = 64,
-        kv_budget_tokens: int = 262144,
-        prefill_chunk: int = 256,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_context: int | None = None,
         max_batch_tokens: int | None = None,
         num_threads: int | None = None,
@@ -225,8 +235,9 @@ class GuardEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, *, device=None, dtype=None, max_streams: int = 64, kv_budget_tokens: int = 262144,
-        prefill_chunk: int = 256, max_context: int | None = None, **kw,
+        cls, model: str, *, device=None, dtype=None, max_streams: int = DEFAULT_MAX_STREAMS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_context: int | None = None, **kw,
     ) -> "GuardEngine":  # fmt: skip
         """Load a checkpoint (local dir or Hub id) and start the engine thread.
 

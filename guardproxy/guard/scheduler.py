@@ -70,6 +70,8 @@ PROMPT, FEED, ANCHOR = "prompt", "feed", "anchor"
 ANCHOR_HEADER_LEN = len(ASSISTANT_HEADER)
 #: Smallest supported context (the cut prompt, the header and a window must fit with room to feed).
 MIN_CONTEXT = 32
+#: Default bounds (the engine's defaults too): live streams, KV positions held in total, ids of one stream per step.
+DEFAULT_MAX_STREAMS, DEFAULT_KV_BUDGET_TOKENS, DEFAULT_PREFILL_CHUNK = 64, 262144, 256
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -222,9 +224,9 @@ class Scheduler:
         self,
         *,
         max_context: int,
-        max_streams: int = 64,
-        kv_budget_tokens: int = 262144,
-        prefill_chunk: int = 256,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_batch_tokens: int | None = None,
         reanchor_window: int | None = None,
     ):
