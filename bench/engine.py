@@ -41,14 +41,15 @@ from pathlib import Path
 
 import torch
 
+from guardproxy.guard.tokens import ASSISTANT_HEADER, DOUBLE_NEWLINE, END_THINK, ENDOFTEXT, IM_END, IM_START
 from guardproxy.testing.checkpoint_format import guard_config, random_state_dict, save_checkpoint
 
 CACHE = Path(os.environ.get("GUARDPROXY_BENCH_CACHE", "/tmp/guardproxy-bench"))
-IM_START, IM_END, USER = 151644, 151645, 872
-#: "\n<|im_start|>assistant\n<think>\n\n</think>\n\n" as the official template renders it (notes, "How the official
-#: code streams").
-HEADER = [198, 151644, 77091, 198, 151667, 271, 151668, 271]
-N_REGULAR = 151643  # regular BPE ids are 0..151642
+USER = 872  # "user"
+#: "\n<|im_start|>assistant\n<think>\n\n</think>\n\n" as the official template renders it (Qwen3Guard-Stream's
+#: streaming code): the assistant header, then the empty think block.
+HEADER = [*ASSISTANT_HEADER, DOUBLE_NEWLINE, END_THINK, DOUBLE_NEWLINE]
+N_REGULAR = ENDOFTEXT  # regular BPE ids are 0..151642
 
 
 def checkpoint(shape: str, seed: int = 0) -> Path:

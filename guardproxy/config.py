@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from guardproxy.guard.dtypes import DTYPE_NAMES
 from guardproxy.guard.labels import CATEGORIES, PROMPT_ONLY_CATEGORIES, RISK_LEVELS, canonical_category, canonical_level
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,13 +259,21 @@ class GuardSettings(_Strict):
 
     model: str = "Qwen/Qwen3Guard-Stream-0.6B"  # Hub id or local checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: str = "auto"  # auto | a name of guardproxy.guard.dtypes.DTYPE_NAMES (float32, bfloat16, float16)
     max_streams: int = Field(64, ge=1)
     kv_budget_tokens: int = Field(262144, ge=1)
     prefill_chunk: int = Field(256, ge=1)
     max_context: Optional[int] = Field(None, ge=1)
     reanchor_window: Optional[int] = Field(None, ge=1)  # response ids kept when a response outgrows the context
     num_threads: Optional[int] = Field(None, ge=1)  # torch intra-op threads of the engine thread (None: torch default)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+
+        if v != "auto" and v not in DTYPE_NAMES:
+            raise ValueError(f"expected auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, got {v!r}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -377,10 +386,14 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)  # error marks name the file, not "<unicode string>"
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (SafeLoader subclass)
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ A prompt-only row (last message not from the assistant) has ``response_start == 
 ``flag == null``. When the conversation exceeds the checkpoint's context the engine drops the oldest turns (never
 the last user turn); ``input_ids`` then holds what the model saw and ``prompt_tokens_dropped`` says how many prompt
 ids were cut (such rows are left out of the latency bins, whose spans index the uncut sequence). A response longer
-than the context is scored on the engine's re-anchored window (see ``guardproxy.guard.engine``). A row that cannot
+than the context is scored on the engine's re-anchored window (see ``guardproxy.guard.scheduler``). A row that cannot
 be processed becomes ``{"row": i, "error": "..."}`` and the run continues.
 
 Rows with a ``label`` (Qwen3GuardTest layout: ``label``, ``unsafe_start_index``, ``unsafe_end_index``) are also
@@ -39,7 +39,9 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from guardproxy.eval import scoring as metrics
+from guardproxy.eval import scoring
+from guardproxy.guard.dtypes import DTYPE_NAMES
+from guardproxy.guard.errors import EngineOverloaded
 
 #: Attempts (with back-off) when the engine refuses a stream because it is full; offline runs can wait.
 _OVERLOAD_RETRIES = 200
@@ -77,7 +79,7 @@ def parse_row(row: Any) -> list[dict]:
 
 def flag_of(tokens: list, k: int) -> dict | None:
     """``{"index", "risk_level", "category"}`` of the first k-consecutive streak in ``tokens`` (verdicts), or None."""
-    hit = metrics.first_flag([v.risk_level for v in tokens], k)
+    hit = scoring.first_flag([v.risk_level for v in tokens], k)
     if hit is None:
         return None
     level, index = hit
@@ -85,8 +87,11 @@ def flag_of(tokens: list, k: int) -> dict | None:
 
 
 async def _aopen(engine, ids: list[int]):
-    from guardproxy.guard.engine import EngineOverloaded
+    """``engine.aopen(ids)``, retried with back-off while the engine is full (offline runs can wait).
 
+    Raises:
+        EngineOverloaded: still full after ``_OVERLOAD_RETRIES`` attempts; other engine errors at once.
+    """
     for attempt in range(_OVERLOAD_RETRIES):
         try:
             return await engine.aopen(ids)
@@ -170,10 +175,10 @@ async def classify_lines(engine, lines: Iterable[Any], *, k: int = 2, concurrenc
 
 @dataclass
 class Scoreboard:
-    """Collects the labelled rows (Qwen3GuardTest layout) and computes the published metrics."""
+    """Collects the labelled rows (Qwen3GuardTest layout) and computes the published metrics (F1, latency bins)."""
 
     k: int = 2
-    edges: tuple[int, ...] = metrics.OFFICIAL_LATENCY_EDGES
+    edges: tuple[int, ...] = scoring.OFFICIAL_LATENCY_EDGES
     response: list[tuple[str, str]] = field(default_factory=list)  # (prediction, label)
     prompt: list[tuple[str, str]] = field(default_factory=list)
     offsets: list[int | None] = field(default_factory=list)
@@ -197,16 +202,16 @@ class Scoreboard:
             return
         flag = out["flag"]
         offset, missing_span = None, False
-        if label == metrics.UNSAFE and out.get("prompt_tokens_dropped"):
+        if label == scoring.UNSAFE and out.get("prompt_tokens_dropped"):
             missing_span = True  # spans index the uncut sequence
-        elif label == metrics.UNSAFE:
+        elif label == scoring.UNSAFE:
             start, end = row.get("unsafe_start_index"), row.get("unsafe_end_index")
             missing_span = start is None or end is None
             if not missing_span:
                 pos = out["response_start"] + flag["index"] if flag else None
-                offset = metrics.latency_offset(pos, int(start), int(end))  # ValueError on a bad span
-        self.response.append((flag["risk_level"] if flag else metrics.SAFE, label))
-        if label == metrics.UNSAFE:
+                offset = scoring.latency_offset(pos, int(start), int(end))  # ValueError on a bad span
+        self.response.append((flag["risk_level"] if flag else scoring.SAFE, label))
+        if label == scoring.UNSAFE:
             if missing_span:
                 self.unsafe_without_span += 1
             else:
@@ -217,12 +222,12 @@ class Scoreboard:
         out: dict[str, Any] = {"rows": self.rows, "errors": self.errors, "k": self.k, "f1": {}}
         for kind, pairs in (("response", self.response), ("prompt", self.prompt)):
             if pairs:
-                scores = metrics.f1_strict_loose([p for p, _ in pairs], [t for _, t in pairs])
+                scores = scoring.f1_strict_loose([p for p, _ in pairs], [t for _, t in pairs])
                 out["f1"][kind] = {"n": len(pairs), **{m: s.to_json() for m, s in scores.items()}}
         if self.offsets or self.unsafe_without_span:
             out["latency"] = {
-                "bins": metrics.latency_bins(self.offsets, self.edges),
-                **metrics.latency_rates(self.offsets, within=128),
+                "bins": scoring.latency_bins(self.offsets, self.edges),
+                **scoring.latency_rates(self.offsets, within=128),
                 "unsafe_without_span": self.unsafe_without_span,
             }
         return out
@@ -254,11 +259,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=2, help="consecutive tokens needed for a flag (default 2)")
     p.add_argument("--concurrency", type=int, default=16, help="streams classified at once (default 16)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default by device)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default by device)")
     p.add_argument("--max-context", type=int, help="context limit in tokens (default: the checkpoint's)")
     p.add_argument(
         "--latency-edges",
-        default=",".join(map(str, metrics.OFFICIAL_LATENCY_EDGES)),
+        default=",".join(map(str, scoring.OFFICIAL_LATENCY_EDGES)),
         help="latency bin edges in tokens (default: the official 32,64,128,256; e.g. 8,16,32,64,128)",
     )
     p.add_argument("--summary-json", help="also write the metrics summary as JSON to this file")
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         edges = tuple(int(x) for x in args.latency_edges.split(",") if x.strip())
-        metrics.latency_bins([], edges)
+        scoring.latency_bins([], edges)
         if args.k < 1 or args.concurrency < 1:
             raise ValueError("--k and --concurrency must be >= 1")
     except ValueError as e:
@@ -284,13 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from guardproxy.guard.engine import GuardEngine
 
-        dtype = None
-        if args.dtype:
-            import torch
-
-            dtype = getattr(torch, args.dtype)
         engine = GuardEngine.from_pretrained(
-            args.model, device=args.device, dtype=dtype, max_streams=max(64, args.concurrency),
+            args.model, device=args.device, dtype=args.dtype, max_streams=max(64, args.concurrency),
             max_context=args.max_context,
         )
     except Exception as e:  # noqa: BLE001 - a clear one-line error, no traceback

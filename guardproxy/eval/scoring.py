@@ -1,4 +1,4 @@
-"""Evaluation metrics of streaming moderation: the k-consecutive decision, F1 strict/loose, detection-latency bins.
+"""Scoring of streaming moderation: the k-consecutive decision, F1 strict/loose, detection-latency bins.
 
 Pure functions over label strings and token indices; no model, no I/O. The definitions follow the official evaluation
 script of Qwen3Guard (``QwenLM/Qwen3Guard``, ``eval/eval_stream.py``: ``consecutive_unsafe``, ``calculate_metrics``,
@@ -74,6 +74,7 @@ class F1Score:
     n: int
 
     def to_json(self) -> dict:
+        """The fields as a plain dict (``f1``, ``precision``, ``recall``, ``tp``, ``fp``, ``fn``, ``n``)."""
         return asdict(self)
 
 

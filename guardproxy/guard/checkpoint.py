@@ -3,7 +3,8 @@
 A checkpoint is ``config.json`` (stock Qwen3 config + guard keys + four label maps), ``*.safetensors`` (one file or
 shards listed in ``model.safetensors.index.json``; backbone under ``model.``, eight head tensors at top level,
 ``lm_head.*`` ignored) and ``tokenizer.json``. Loaded natively: no ``trust_remote_code``, no transformers model class.
-Source of the format: ``../shared/notes/qwen3guard-stream.md`` ("Checkpoints", "Architecture").
+Source of the format: the published checkpoints (``Qwen/Qwen3Guard-Stream-0.6B``, ``-4B``, ``-8B`` on the Hugging Face
+Hub) and the Qwen3Guard technical report, arXiv 2510.14276.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from pathlib import Path
 
 import torch
 
+from guardproxy.guard.errors import (  # noqa: F401  (re-exported: the loading errors are part of this module's API)
+    BadConfig,
+    CheckpointError,
+    CheckpointNotFound,
+    HubUnavailable,
+    MissingCheckpointFile,
+    NotAGuardModel,
+)
 from guardproxy.guard.labels import GuardLabels
 
 #: The eight head tensors (``NAME.weight`` at top level): response pathway then prompt ("query") pathway,
@@ -36,30 +45,6 @@ _REQUIRED_CONFIG = (
     "vocab_size", "rms_norm_eps", "guard_inner_size",
 )  # fmt: skip
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-
-
-class CheckpointError(Exception):
-    """Base class of every loading error."""
-
-
-class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """Neither a local directory nor a Hub id that could be resolved."""
-
-
-class HubUnavailable(CheckpointNotFound):
-    """A Hub id that is not in the local Hugging Face cache while the Hub cannot be reached."""
-
-
-class MissingCheckpointFile(CheckpointError, FileNotFoundError):
-    """The directory lacks ``config.json``, the safetensors weights (or a shard) or ``tokenizer.json``."""
-
-
-class NotAGuardModel(CheckpointError):
-    """The weights have no Qwen3Guard-Stream head tensors (e.g. a plain Qwen3 LM) or the config lacks guard keys."""
-
-
-class BadConfig(CheckpointError, ValueError):
-    """``config.json`` is unreadable, lacks a required key, or describes an unsupported variant."""
 
 
 def resolve(model: str | Path, *, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:

@@ -1,6 +1,8 @@
-"""GuardEngine: one thread owns the model and every stream's KV cache; each scheduler step packs the pending work of
-all live streams (decode chunks + chunked prompt prefills) into ONE forward pass (continuous batching, as vLLM /
-SGLang do for generation, applied to classification).
+"""GuardEngine: one thread owns the model and every stream's KV cache; each step packs the pending work of all live
+streams (decode chunks + chunked prompt prefills) into ONE forward pass (continuous batching, as vLLM / SGLang do for
+generation, applied to classification). What runs in a step, admission and re-anchors are decided by the pure
+:class:`~guardproxy.guard.scheduler.Scheduler`, called under the engine's lock; the engine owns the thread, the
+futures, the KV caches and the forward pass.
 
 Life of a stream (contract: ``docs/ARCHITECTURE.md``)::
 
@@ -14,23 +16,19 @@ Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8
 
 * **Overlong conversation.** A prompt longer than ``prompt_limit = max_context - max_context // 8`` is cut:
   messages by ``ChatRenderer.render_prompt(messages, max_tokens=prompt_limit)`` (same rule, cutting the last user
-  content at a character boundary), ids by :func:`fit_prompt`: whole turns (segments starting at ``<|im_start|>``)
-  are dropped oldest first, the last (user) turn never; if that turn alone is too long its first 3 ids
-  (``<|im_start|>user\\n``) and its LAST ids are kept.
+  content at a character boundary), ids by :func:`~guardproxy.guard.scheduler.fit_prompt`: whole turns (segments
+  starting at ``<|im_start|>``) are dropped oldest first, the last (user) turn never; if that turn alone is too long
+  its first 3 ids (``<|im_start|>user\\n``) and its LAST ids are kept.
   The ``max_context // 8`` reserve leaves room for the header and the first response tokens.
 * **Overlong response.** When a stream's cache is full, it re-anchors: the cache is refilled (prefill, no verdicts)
-  with ``fit_prompt(prompt, max_context // 4) + response[:5] + response[-W:]``, ``W = max_context // 2``
-  (``response`` = every id fed after the prompt; its first 5 ids are the assistant header
+  with ``fit_prompt(prompt, max_context // 4) + response[:5] + response[-W:]`` (``W = reanchor_window``, default
+  ``max_context // 2``; ``response`` = every id fed after the prompt; its first 5 ids are the assistant header
   ``\\n<|im_start|>assistant\\n<think>``; when the response is shorter than 5 + W it is kept whole), positions
   restart at 0, and feeding continues on that window. Verdicts after a re-anchor therefore equal a full forward of
-  the re-anchored sequence; ``GuardStream.context_ids`` shows what the cache holds.
-
-  Cost: the re-anchored sequence holds ``A = p + 5 + W`` ids (``p`` = the cut prompt, <= ``max_context // 4``) and
-  leaves room for ``max_context - A`` fed ids. The cache keeps the prefix it already holds at the same positions
-  (from the second re-anchor on, always the prompt head + header), so a re-anchor re-runs only the ``W`` window ids
-  (``A`` at most) and the forward work per fed id is about ``1 + W / (max_context - A)``: 2.0 for a short prompt, 3.0
-  with a ``max_context // 4`` prompt (measured: 112k fed ids -> 219k forward ids with a short prompt).
-  ``reanchor_window`` (``W``) trades context for work: ``W = max_context // 4 - 5`` keeps it under 1.5.
+  the re-anchored sequence; ``GuardStream.context_ids`` shows what the cache holds. A re-anchor re-runs only the
+  window (the cache keeps the prefix it shares): about 2.0 forward ids per fed id for a short prompt, 3.0 with a
+  ``max_context // 4`` prompt, under 1.5 with ``reanchor_window = max_context // 4 - 5`` ("Re-anchor cost" in
+  :mod:`guardproxy.guard.scheduler`).
 
 Bounds (fail fast, never an unbounded queue): at most ``max_streams`` live streams and ``kv_budget_tokens`` KV
 positions held in total (prompt + fed ids of every live stream). ``open``/``fork`` past either bound, and a ``feed``
@@ -41,7 +39,6 @@ stream stays usable.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import threading
 import time
@@ -50,46 +47,24 @@ from dataclasses import dataclass, field
 import torch
 
 from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
-from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed  # noqa: F401  (re-exported)
+from guardproxy.guard.dtypes import torch_dtype
+from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
+from guardproxy.guard.scheduler import (
+    DEFAULT_KV_BUDGET_TOKENS,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_PREFILL_CHUNK,
+    FEED,
+    PROMPT,
+    Planned,
+    Scheduler,
+    StreamState,
+    fit_prompt,
+)
 
-IM_START = 151644  # <|im_start|> (notes, "Tokenizer")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: ids of "\n<|im_start|>assistant\n<think>" kept at the head of a re-anchored response window.
-ANCHOR_HEADER_LEN = 5
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def fit_prompt(ids: list[int], limit: int) -> list[int]:
-    """Cut prompt ids to at most ``limit`` tokens, dropping whole turns oldest first, never the last turn.
-
-    A turn is a segment starting at ``<|im_start|>`` (id 151644). If the last turn alone exceeds ``limit``, its first
-    3 ids (``<|im_start|>ROLE\\n``) and its last ``limit - 3`` ids are kept. Ids without any ``<|im_start|>`` keep
-    their last ``limit`` ids.
-
-    Raises:
-        ValueError: ``limit < 4``.
-    """
-    if limit < 4:
-        raise ValueError(f"limit must be >= 4, got {limit}")
-    if len(ids) <= limit:
-        return list(ids)
-    starts = [i for i, t in enumerate(ids) if t == IM_START]
-    if not starts:
-        return list(ids[-limit:])
-    for s in starts:
-        if len(ids) - s <= limit:
-            return list(ids[s:])
-    last = starts[-1]
-    return list(ids[last : last + 3]) + list(ids[len(ids) - (limit - 3) :])
+__all__ = ["EngineClosed", "EngineOverloaded", "EngineStats", "GuardEngine", "GuardStream", "StreamClosed",
+           "fit_prompt"]  # fmt: skip
 
 
 @dataclass
@@ -118,14 +93,30 @@ class EngineStats:
         return self.batch_streams_total / self.steps if self.steps else 0.0
 
 
-@dataclass
-class _Job:
-    kind: str  # "prompt" (verdict at the last id, query heads), "feed" (verdict per id), "anchor" (no output)
-    ids: list[int]
-    future: concurrent.futures.Future | None
+@dataclass(eq=False)
+class _Reply:
+    """Where a job's results go: its future and what the finished chunks produced."""
+
+    future: concurrent.futures.Future
     want_logits: bool = False
-    done: int = 0
     outs: list = field(default_factory=list)
+
+    def collect(self, item: Planned, logits: dict[str, torch.Tensor], rows: slice, labels: GuardLabels) -> None:
+        """Keep what a chunk produced: logits rows, a verdict per fed id, or the prompt verdict at its last id."""
+        if self.want_logits:
+            self.outs.append({k: v[rows] for k, v in logits.items()})
+        elif item.job.kind == FEED:
+            self.outs.extend(verdicts(logits["risk"][rows], logits["category"][rows], labels.risk, labels.category))
+        elif item.job.kind == PROMPT and item.completes:
+            last = slice(rows.stop - 1, rows.stop)
+            self.outs.extend(verdicts(logits["query_risk"][last], logits["query_category"][last], labels.query_risk,
+                                      labels.query_category))  # fmt: skip
+
+    def value(self, kind: str):
+        """The job's result: concatenated logits, the prompt verdict, or the fed ids' verdicts."""
+        if self.want_logits:
+            return {k: torch.cat([o[k] for o in self.outs]) for k in self.outs[0]}
+        return self.outs[0] if kind == PROMPT else self.outs
 
 
 class GuardStream:
@@ -134,22 +125,26 @@ class GuardStream:
     Thread-safe: ``feed`` may be called from any thread; calls on one stream are processed in call order.
     """
 
-    def __init__(self, engine: "GuardEngine", prompt: list[int], cache):
+    def __init__(self, engine: "GuardEngine", state: StreamState, cache):
         self._engine = engine
+        self._state = state
         self._cache = cache
-        self.prompt_ids: list[int] = prompt  #: the (possibly cut) prompt this stream was opened with
-        self._ctx: list[int] = []
-        self._jobs: collections.deque[_Job] = collections.deque()
-        self._held = len(prompt)
-        self._resp_head: list[int] = []
-        self._resp_tail: collections.deque[int] = collections.deque(maxlen=engine.window)
-        self.response_tokens = 0  #: ids fed after the prompt and processed so far
-        self.closed = False
+        state.handle = self
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The (possibly cut) prompt this stream was opened with."""
+        return self._state.prompt_ids
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the engine closed)."""
+        return self._state.closed
 
     @property
     def context_ids(self) -> list[int]:
         """Ids whose keys/values the cache holds now, position 0 first (changes on a re-anchor)."""
-        return list(self._ctx)
+        return list(self._state.ctx)
 
     def feed(self, ids: list[int]) -> list[Verdict]:
         """Score ``ids`` (response ids, header included) and return one Verdict per id (response heads).
@@ -157,16 +152,16 @@ class GuardStream:
         Raises:
             EngineOverloaded: the KV budget would be exceeded. StreamClosed / EngineClosed.
         """
-        return self._engine._submit(self, "feed", ids).result()
+        return self._engine._submit(self, ids).result()
 
     async def afeed(self, ids: list[int]) -> list[Verdict]:
         """Async :meth:`feed`; resolved from the engine thread (``asyncio.wrap_future`` -> call_soon_threadsafe)."""
-        return await asyncio.wrap_future(self._engine._submit(self, "feed", ids))
+        return await asyncio.wrap_future(self._engine._submit(self, ids))
 
     def feed_logits(self, ids: list[int]) -> dict[str, torch.Tensor]:
         """Like :meth:`feed` but returns the raw float32 logits of all four heads at each fed position:
         ``risk`` [n, R], ``category`` [n, C], ``query_risk`` [n, QR], ``query_category`` [n, QC] (parity, evaluation)."""
-        return self._engine._submit(self, "feed", ids, want_logits=True).result()
+        return self._engine._submit(self, ids, want_logits=True).result()
 
     def fork(self) -> "GuardStream":
         """A new stream with a copy of this stream's KV cache and history (n > 1 choices after one prompt prefill).
@@ -194,20 +189,21 @@ class GuardEngine:
         num_threads: torch intra-op threads set by the engine thread (default: leave torch's setting). On a CPU
             shared with other busy processes, 1 thread avoids OpenMP barrier stalls.
         reanchor_window: response ids kept by a re-anchor after the header (default ``max_context // 2``; at most
-            ``max_context - max_context // 4 - 6``). See "Cost" in the module docstring.
+            ``max_context - max_context // 4 - 6``). See "Re-anchor cost" in :mod:`guardproxy.guard.scheduler`.
         pack_weights: projection weights in oneDNN's prepacked layout (``GuardModel(pack=...)``; default: the large
             ones on CPU float32). Batches of 4-16 streams step 1.5-2x faster; a lone stream ~8% slower.
     Raises:
         ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
+        TokenizerMismatch: the checkpoint's tokenizer disagrees with :mod:`guardproxy.guard.tokens`.
     """
 
     def __init__(
         self,
         checkpoint: Checkpoint,
         *,
-        max_streams: int = 64,
-        kv_budget_tokens: int = 262144,
-        prefill_chunk: int = 256,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_context: int | None = None,
         max_batch_tokens: int | None = None,
         num_threads: int | None = None,
@@ -217,19 +213,11 @@ class GuardEngine:
         cfg = checkpoint.config
         self.config = cfg
         self.labels: GuardLabels = checkpoint.labels
-        self.max_context = int(max_context or cfg.get("max_position_embeddings", 8192))
-        if self.max_context < 32:
-            raise ValueError(f"max_context must be >= 32, got {self.max_context}")
-        self.prompt_limit = self.max_context - self.max_context // 8
-        self.anchor_prompt_limit = self.max_context // 4
-        self.window = self.max_context // 2 if reanchor_window is None else int(reanchor_window)
-        # the re-anchored sequence (prompt head + header + window) must leave room for at least one fed id
-        if not 1 <= self.window <= self.max_context - self.anchor_prompt_limit - ANCHOR_HEADER_LEN - 1:
-            raise ValueError(f"reanchor_window must be in 1..{self.max_context - self.anchor_prompt_limit - 6}, "
-                             f"got {self.window}")  # fmt: skip
-        self.max_streams, self.kv_budget_tokens = max_streams, kv_budget_tokens
-        self.prefill_chunk = prefill_chunk
-        self.max_batch_tokens = max_batch_tokens or 2 * prefill_chunk
+        self._sched = Scheduler(
+            max_context=int(max_context or cfg.get("max_position_embeddings", 8192)), max_streams=max_streams,
+            kv_budget_tokens=kv_budget_tokens, prefill_chunk=prefill_chunk, max_batch_tokens=max_batch_tokens,
+            reanchor_window=reanchor_window,
+        )  # fmt: skip
         self._num_threads = num_threads
         self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights)
         self.device, self.dtype = self.model.device, self.model.dtype
@@ -241,38 +229,48 @@ class GuardEngine:
         except ImportError:  # template module not available: open() accepts ids only
             pass
         self._cv = threading.Condition()
-        self._streams: dict[int, GuardStream] = {}
-        self._pending: dict[int, GuardStream] = {}  # streams with jobs, in arrival order
-        self._kv_used = 0
         self._closed = False
-        self._s = dict(steps=0, tokens=0, batch_streams_total=0, last_batch_streams=0, last_batch_tokens=0,
-                       max_batch_streams=0, reanchors=0, rejected=0)  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="guard-engine", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_pretrained(
-        cls, model: str, *, device=None, dtype=None, max_streams: int = 64, kv_budget_tokens: int = 262144,
-        prefill_chunk: int = 256, max_context: int | None = None, **kw,
+        cls, model: str, *, device=None, dtype=None, max_streams: int = DEFAULT_MAX_STREAMS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_context: int | None = None, **kw,
     ) -> "GuardEngine":  # fmt: skip
         """Load a checkpoint (local dir or Hub id) and start the engine thread.
 
         Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
         it misses the float32 parity and the oneDNN weight packing). ``dtype`` may be a ``torch.dtype`` or its name
-        (``"float32"``, ``"bfloat16"``, ``"float16"``, as in the server config).
+        (:data:`guardproxy.guard.dtypes.DTYPE_NAMES`, as in the server config).
         Raises:
-            guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``); ValueError for an
-            unknown dtype name.
+            guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``; TokenizerMismatch);
+            ValueError for an unknown dtype name.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
+            dtype = torch_dtype(dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ck = load_checkpoint(model, dtype=dtype, device=device)
         return cls(ck, max_streams=max_streams, kv_budget_tokens=kv_budget_tokens, prefill_chunk=prefill_chunk,
                    max_context=max_context, **kw)  # fmt: skip
+
+    # ---- limits (owned by the scheduler) --------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """Context limit in positions."""
+        return self._sched.max_context
+
+    @property
+    def prompt_limit(self) -> int:
+        """Longest prompt kept, in ids (``max_context - max_context // 8``)."""
+        return self._sched.prompt_limit
+
+    @property
+    def window(self) -> int:
+        """``W``: response ids a re-anchor keeps after the header."""
+        return self._sched.window
 
     # ---- public API -------------------------------------------------------------------------------------------
     def open(self, messages_or_ids) -> tuple[GuardStream, Verdict]:
@@ -305,11 +303,12 @@ class GuardEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters (see :class:`EngineStats`)."""
         with self._cv:
-            alloc = sum(s._cache.k.numel() * 2 * s._cache.k.element_size() for s in self._streams.values())
+            sc = self._sched
+            alloc = sum(s.handle._cache.k.numel() * 2 * s.handle._cache.k.element_size() for s in sc.live.values())
             return EngineStats(
-                live_streams=len(self._streams), max_streams=self.max_streams, kv_tokens_used=self._kv_used,
-                kv_budget_tokens=self.kv_budget_tokens, kv_bytes_allocated=alloc, pending_streams=len(self._pending),
-                **self._s,
+                live_streams=len(sc.live), max_streams=sc.max_streams, kv_tokens_used=sc.kv_used,
+                kv_budget_tokens=sc.kv_budget_tokens, kv_bytes_allocated=alloc, pending_streams=len(sc.pending),
+                **sc.counters.as_dict(),
             )  # fmt: skip
 
     def close(self) -> None:
@@ -322,8 +321,8 @@ class GuardEngine:
         if threading.current_thread() is not self._thread:
             self._thread.join()
         with self._cv:
-            for s in list(self._streams.values()):
-                self._drop(s, EngineClosed("engine closed"))
+            for s in list(self._sched.live.values()):
+                self._drop(s.handle, EngineClosed("engine closed"))
 
     def __enter__(self):
         return self
@@ -331,41 +330,27 @@ class GuardEngine:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- admission ----------------------------------------------------------------------------------------------
+    # ---- admission (the scheduler decides, under the lock) -----------------------------------------------------
     def _prompt_ids(self, messages_or_ids) -> list[int]:
         items = list(messages_or_ids)
         if items and all(isinstance(t, int) for t in items):
-            ids = items
-        elif items and all(isinstance(m, dict) for m in items):
+            return items  # cut at id level by the scheduler (fit_prompt)
+        if items and all(isinstance(m, dict) for m in items):
             if self.renderer is None:
                 raise RuntimeError("no ChatRenderer available (guardproxy.guard.template); pass prompt ids")
-            # text-level cut by the renderer (oldest turns, then the start of the last user content) ...
-            ids = self.renderer.render_prompt(items, max_tokens=self.prompt_limit)
-        else:
-            raise ValueError("open() takes a non-empty list of message dicts or of token ids")
-        return fit_prompt(ids, self.prompt_limit)  # ... and the same rule at id level for ids
-
-    def _admit(self, tokens: int) -> None:  # caller holds the lock
-        if self._closed:
-            raise EngineClosed("engine closed")
-        if len(self._streams) >= self.max_streams:
-            self._s["rejected"] += 1
-            raise EngineOverloaded(f"{len(self._streams)} live streams (max_streams={self.max_streams})")
-        if self._kv_used + tokens > self.kv_budget_tokens:
-            self._s["rejected"] += 1
-            raise EngineOverloaded(
-                f"KV budget: {self._kv_used} + {tokens} tokens > kv_budget_tokens={self.kv_budget_tokens}"
-            )
+            # text-level cut by the renderer (oldest turns, then the start of the last user content)
+            return self.renderer.render_prompt(items, max_tokens=self.prompt_limit)
+        raise ValueError("open() takes a non-empty list of message dicts or of token ids")
 
     def _open(self, messages_or_ids, want_logits: bool):
         ids = self._prompt_ids(messages_or_ids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
-            self._admit(len(ids))
-            stream = GuardStream(self, ids, self.model.new_cache(self.max_context))
-            self._streams[id(stream)] = stream
-            self._kv_used += len(ids)
-            self._enqueue(stream, _Job("prompt", list(ids), fut, want_logits))
+            if self._closed:
+                raise EngineClosed("engine closed")
+            state = self._sched.open(ids, _Reply(fut, want_logits))
+            stream = GuardStream(self, state, self.model.new_cache(self.max_context))
+            self._cv.notify()
         return stream, fut
 
     def _wait_open(self, stream: GuardStream, fut):
@@ -375,12 +360,7 @@ class GuardEngine:
             stream.close()
             raise
 
-    def _enqueue(self, stream: GuardStream, job: _Job) -> None:  # caller holds the lock
-        stream._jobs.append(job)
-        self._pending.setdefault(id(stream), stream)
-        self._cv.notify()
-
-    def _submit(self, stream: GuardStream, kind: str, ids, want_logits: bool = False) -> concurrent.futures.Future:
+    def _submit(self, stream: GuardStream, ids, want_logits: bool = False) -> concurrent.futures.Future:
         ids = [int(t) for t in ids]
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
@@ -391,12 +371,8 @@ class GuardEngine:
             if not ids:
                 fut.set_result(self._empty_logits() if want_logits else [])
                 return fut
-            if self._kv_used + len(ids) > self.kv_budget_tokens:
-                self._s["rejected"] += 1
-                raise EngineOverloaded(f"KV budget: {self._kv_used} + {len(ids)} > {self.kv_budget_tokens}")
-            self._kv_used += len(ids)
-            stream._held += len(ids)
-            self._enqueue(stream, _Job(kind, ids, fut, want_logits))
+            self._sched.feed(stream._state, ids, _Reply(fut, want_logits))
+            self._cv.notify()
         return fut
 
     def _empty_logits(self) -> dict[str, torch.Tensor]:
@@ -406,36 +382,19 @@ class GuardEngine:
 
     def _fork(self, parent: GuardStream) -> GuardStream:
         with self._cv:
-            if parent.closed:
-                raise StreamClosed("stream closed")
-            if parent._jobs:
-                raise RuntimeError("fork() while the stream has work in flight; fork after open/feed returned")
-            self._admit(parent._cache.length)
-            child = GuardStream(self, parent.prompt_ids, parent._cache.clone())
-            child._ctx = list(parent._ctx)
-            child._held = parent._cache.length
-            child._resp_head = list(parent._resp_head)
-            child._resp_tail.extend(parent._resp_tail)
-            child.response_tokens = parent.response_tokens
-            self._streams[id(child)] = child
-            self._kv_used += child._held
-            return child
+            if self._closed:
+                raise EngineClosed("engine closed")
+            state = self._sched.fork(parent._state)  # StreamClosed / RuntimeError / EngineOverloaded
+            return GuardStream(self, state, parent._cache.clone())
 
     def _close_stream(self, stream: GuardStream) -> None:
         with self._cv:
-            if not stream.closed:
-                self._drop(stream, StreamClosed("stream closed"))
+            self._drop(stream, StreamClosed("stream closed"))
 
     def _drop(self, stream: GuardStream, exc: Exception) -> None:  # caller holds the lock
-        stream.closed = True
-        self._streams.pop(id(stream), None)
-        self._pending.pop(id(stream), None)
-        self._kv_used -= stream._held
-        stream._held = 0
-        for job in stream._jobs:
-            if job.future is not None and not job.future.done():
-                job.future.set_exception(exc)
-        stream._jobs.clear()
+        for job in self._sched.close(stream._state):
+            if job.payload is not None and not job.payload.future.done():
+                job.payload.future.set_exception(exc)
         stream._cache = None  # a step in flight keeps its own reference until it ends
 
     # ---- engine thread ----------------------------------------------------------------------------------------
@@ -445,127 +404,62 @@ class GuardEngine:
         last_step_s = 0.0
         while True:
             with self._cv:
-                while not self._closed and not self._pending:
+                while not self._closed and not self._sched.pending:
                     self._cv.wait()
                 # Coalesce: streams whose previous verdicts were just delivered usually come back within
                 # microseconds; wait a sliver of a step (<= 5% of the last step, <= 20 ms) for them so the batch
                 # stays full instead of alternating between half batches.
                 deadline = time.monotonic() + min(0.02, 0.05 * last_step_s)
-                while not self._closed and len(self._pending) < self._s["last_batch_streams"]:
+                while not self._closed and len(self._sched.pending) < self._sched.counters.last_batch_streams:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(left)
                 if self._closed:
                     return
-                plan = self._schedule()
+                plan, chunks = self._plan()
             t0 = time.monotonic()
             try:
-                ids = torch.tensor([t for _, job, n in plan for t in job.ids[job.done : job.done + n]],
-                                   dtype=torch.long, device=self.device)  # fmt: skip
-                chunks = [Chunk(s._cache, s._cache.length, n) for s, _, n in plan]
+                ids = torch.tensor([t for item in plan for t in item.ids], dtype=torch.long, device=self.device)
                 logits = self.model.heads_logits(self.model.forward(ids, chunks))
                 logits = {k: v.cpu() for k, v in logits.items()}
                 err = None
             except Exception as e:  # fail this step's jobs, keep the engine alive
-                err = e
+                logits, err = None, e
             last_step_s = time.monotonic() - t0
             with self._cv:
-                done = self._commit(plan, logits if err is None else None, err)
+                done = self._commit(plan, chunks, logits, err)
             for fut, value, exc in done:
                 if not fut.done():
                     fut.set_exception(exc) if exc is not None else fut.set_result(value)
 
-    def _schedule(self) -> list[tuple[GuardStream, _Job, int]]:
-        """Pick one chunk per pending stream: decode (feed) work first, then prefills, up to max_batch_tokens."""
-        streams = list(self._pending.values())
-        rot = self._s["steps"] % len(streams)
-        streams = streams[rot:] + streams[:rot]  # round robin across steps
-        streams.sort(key=lambda s: s._jobs[0].kind != "feed")  # stable: decode first
-        plan, total = [], 0
-        for s in streams:
-            if plan and total >= self.max_batch_tokens:
-                break
-            job = s._jobs[0]
-            cache = s._cache
-            if job.kind == "feed" and cache.length >= self.max_context:
-                self._reanchor(s)
-                job = s._jobs[0]
-            n = min(len(job.ids) - job.done, self.prefill_chunk, self.max_context - cache.length)
-            if plan:
-                n = min(n, max(1, self.max_batch_tokens - total))
-            cache.ensure(cache.length + n)
-            plan.append((s, job, n))
-            total += n
-        return plan
+    def _plan(self) -> tuple[list[Planned], list[Chunk]]:  # caller holds the lock
+        """The scheduler's next step and, per chunk, the cache it runs on (held by the step even if its stream
+        closes meanwhile). A re-anchor keeps only a prefix of the cache: its length is set to the chunk's start."""
+        plan = self._sched.schedule()
+        chunks = []
+        for item in plan:
+            cache = item.stream.handle._cache
+            cache.length = item.start
+            cache.ensure(item.start + item.n)
+            chunks.append(Chunk(cache, item.start, item.n))
+        return plan, chunks
 
-    def _reanchor(self, s: GuardStream) -> None:
-        """Refill the cache with prompt head + response header + last W response ids (see module docstring)."""
-        # _resp_tail is a deque(maxlen=W) of the ids after the header: head + tail == response[:5] + response[-W:]
-        seq = fit_prompt(s.prompt_ids, self.anchor_prompt_limit) + s._resp_head + list(s._resp_tail)
-        # Keys/values at a position depend only on the ids up to it: the prefix the cache already holds at the same
-        # positions (the prompt head + header from the previous re-anchor, or an uncut prompt) is kept, not re-run.
-        keep = _common_prefix_len(s._ctx, seq)
-        old = s._cache.length
-        s._cache.length = keep
-        s._ctx = seq[:keep]
-        s._held += len(seq) - old
-        self._kv_used += len(seq) - old
-        if keep < len(seq):
-            s._jobs.appendleft(_Job("anchor", seq[keep:], None))
-        self._s["reanchors"] += 1
-
-    def _commit(self, plan, logits, err):
-        done = []
+    def _commit(self, plan: list[Planned], chunks: list[Chunk], logits, err):  # caller holds the lock
+        """Hand the step's outputs to the jobs, let the scheduler account for it; returns (future, value, error)
+        for every job that finished or failed."""
         off = 0
-        self._s["steps"] += 1
-        self._s["last_batch_streams"] = len(plan)
-        self._s["last_batch_tokens"] = sum(n for _, _, n in plan)
-        self._s["batch_streams_total"] += len(plan)
-        self._s["max_batch_streams"] = max(self._s["max_batch_streams"], len(plan))
-        for s, job, n in plan:
-            sl = slice(off, off + n)
-            off += n
-            if s.closed:
+        for item, chunk in zip(plan, chunks):
+            rows = slice(off, off + item.n)
+            off += item.n
+            if item.stream.closed:
                 continue
-            if err is not None:
-                s._jobs.popleft()
-                if job.kind == "feed":  # un-reserve the ids that will never be processed
-                    rem = len(job.ids) - job.done
-                    s._held -= rem
-                    self._kv_used -= rem
-                if job.future is not None:
-                    done.append((job.future, None, err))
-                if not s._jobs:
-                    self._pending.pop(id(s), None)
-                continue
-            ids = job.ids[job.done : job.done + n]
-            s._cache.length += n
-            s._ctx.extend(ids)
-            self._s["tokens"] += n
-            if job.kind == "feed":
-                head = max(0, ANCHOR_HEADER_LEN - len(s._resp_head))
-                s._resp_head.extend(ids[:head])
-                s._resp_tail.extend(ids[head:])  # deque(maxlen=W): keeps the last W
-                s.response_tokens += n
-            job.done += n
-            if job.want_logits:
-                job.outs.append({k: v[sl] for k, v in logits.items()})
-            elif job.kind == "feed":
-                job.outs.extend(verdicts(logits["risk"][sl], logits["category"][sl], self.labels.risk,
-                                         self.labels.category))  # fmt: skip
-            elif job.kind == "prompt" and job.done == len(job.ids):
-                last = slice(off - 1, off)
-                job.outs.extend(verdicts(logits["query_risk"][last], logits["query_category"][last],
-                                         self.labels.query_risk, self.labels.query_category))  # fmt: skip
-            if job.done == len(job.ids):
-                s._jobs.popleft()
-                if job.future is not None:
-                    if job.want_logits:
-                        value = {k: torch.cat([o[k] for o in job.outs]) for k in job.outs[0]}
-                    else:
-                        value = job.outs[0] if job.kind == "prompt" else job.outs
-                    done.append((job.future, value, None))
-                if not s._jobs:
-                    self._pending.pop(id(s), None)
+            chunk.cache.length = item.start + (item.n if err is None else 0)
+            if err is None and item.job.payload is not None:
+                item.job.payload.collect(item, logits, rows, self.labels)
+        done = []
+        for job in self._sched.commit(plan, failed=err is not None):
+            if job.payload is not None:
+                done.append((job.payload.future, None, err) if err is not None else
+                            (job.payload.future, job.payload.value(job.kind), None))  # fmt: skip
         return done

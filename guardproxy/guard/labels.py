@@ -2,9 +2,8 @@
 
 Label names and their order always come from ``config.json`` (``response_risk_level_map``,
 ``response_category_map``, ``query_risk_level_map``, ``query_category_map``; string keys ``"0"``, ``"1"``, ...), never
-from a hard-coded list: several third-party ports got the risk order wrong (source:
-``../shared/notes/qwen3guard-stream.md``, "Labels"). In the published configs risk index 0 = Safe, 1 = Unsafe,
-2 = Controversial.
+from a hard-coded list: several third-party ports got the risk order wrong. In the published configs
+(``Qwen/Qwen3Guard-Stream-*`` on the Hugging Face Hub) risk index 0 = Safe, 1 = Unsafe, 2 = Controversial.
 """
 
 from __future__ import annotations

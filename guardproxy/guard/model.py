@@ -1,6 +1,6 @@
 """Compact Qwen3 backbone + Qwen3Guard-Stream heads over per-stream KV caches (gpt-fast / nano-vllm style).
 
-Architecture (source: ``../shared/notes/qwen3guard-stream.md``, "Architecture"; transformers' ``modeling_qwen3``):
+Architecture (Qwen3Guard technical report, arXiv 2510.14276; transformers' ``modeling_qwen3`` for the backbone):
 embedding -> L x [RMSNorm -> GQA attention (q/k per-head RMSNorm BEFORE rotate-half RoPE) -> residual ->
 RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm = h; then at every position two head pathways,
 ``pre`` (Linear H->guard_inner) -> RMSNorm -> risk head / category head, for the response and the prompt ("query").
@@ -19,8 +19,8 @@ CPU performance notes (0.6b shape, float32, 1 thread, AMD EPYC Zen 4; measured f
   (5.8 vs 5.6-9 ms per layer: the fused kernel's per-head small GEMMs, not the call count, set the cost), and
   gathering the caches into a padded tensor first took 1.7x longer; a fixed pool would also cost
   max_streams x max_context x 229 KB of float32 KV up front.
-* Chunked prefill over a cached past uses an additive float mask, which keeps SDPA on the fused flash kernel; the
-  previous boolean [g*n, S] mask ran the math path, 3-5x slower at S = 8192 (see tests/test_engine_perf_shapes.py).
+* Chunked prefill over a cached past uses an additive float mask, which keeps SDPA on the fused flash kernel; a
+  boolean [g*n, S] mask runs the math path, 3-5x slower at S = 8192 (see tests/guard/test_engine_perf_shapes.py).
 """
 
 from __future__ import annotations

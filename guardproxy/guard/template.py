@@ -8,8 +8,8 @@ text and control tokens (``<|im_start|>``, ``<think>``, ``<tool_call>``...) are 
 message text is BPE-encoded with added/special-token parsing OFF. For text that contains no added-token strings the
 result is identical to ``tokenizer(apply_chat_template(...))`` (tested against transformers).
 
-Source of the ids and of the rendering rules: ``../shared/notes/qwen3guard-stream.md`` ("Tokenizer", "How the
-official code streams") and the Qwen3 chat template.
+The control ids come from :mod:`guardproxy.guard.tokens`; the rendering rules are those of the Qwen3 chat template,
+rendered as the Qwen3Guard-Stream streaming code reads a conversation (Qwen3Guard technical report, arXiv 2510.14276).
 
 Deliberate deviations from the real template (all make the guard see MORE of what the model sees, never less):
 
@@ -29,15 +29,19 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-ENDOFTEXT = 151643
-IM_START = 151644
-IM_END = 151645
-TOOL_CALL = 151657
-END_TOOL_CALL = 151658
-TOOL_RESPONSE = 151665
-END_TOOL_RESPONSE = 151666
-THINK = 151667
-END_THINK = 151668
+from guardproxy.guard import tokens
+from guardproxy.guard.tokens import (
+    END_THINK,
+    END_TOOL_CALL,
+    END_TOOL_RESPONSE,
+    IM_END,
+    IM_START,
+    NEWLINE,
+    THINK,
+    TOOL_CALL,
+    TOOL_RESPONSE,
+    check_tokenizer,
+)
 
 _TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -117,17 +121,21 @@ class ChatRenderer:
     """Renders OpenAI-style messages into Qwen3 token ids for the guard model.
 
     ``tokenizer_json`` is the path of a Qwen3 ``tokenizer.json`` (the checkpoint's). Loading takes ~1 s.
+    Control ids (``<|im_start|>``, ``<think>``, ``<tool_call>``...) are those of :mod:`guardproxy.guard.tokens`.
 
-    Ids: ``<|im_start|>`` 151644, ``<|im_end|>`` 151645, ``<think>`` 151667, ``</think>`` 151668, ``<tool_call>``
-    151657, ``</tool_call>`` 151658, ``<tool_response>`` 151665, ``</tool_response>`` 151666 (Qwen2.5/Qwen3 added
-    tokens, see the notes).
+    Raises:
+        TokenizerMismatch (a :class:`~guardproxy.guard.errors.CheckpointError`): the tokenizer gives one of those
+            control or template tokens another id (:func:`~guardproxy.guard.tokens.check_tokenizer`).
+        OSError / ValueError: the file cannot be read or parsed.
     """
 
-    #: ``"\\n<|im_start|>assistant\\n<think>"``: fed by the caller after the prompt's closing ``<|im_end|>``.
-    ASSISTANT_HEADER = [198, 151644, 77091, 198, 151667]
+    #: ``"\\n<|im_start|>assistant\\n<think>"``: fed by the caller after the prompt's closing ``<|im_end|>``
+    #: (a list copy of :data:`guardproxy.guard.tokens.ASSISTANT_HEADER`).
+    ASSISTANT_HEADER = list(tokens.ASSISTANT_HEADER)
 
     def __init__(self, tokenizer_json: str | Path):
         data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        check_tokenizer(data, str(tokenizer_json))
         data["added_tokens"] = []  # no added-token matching: control ids only ever come from the renderer
         self.tokenizer = Tokenizer.from_str(json.dumps(data))
 
@@ -262,7 +270,7 @@ class ChatRenderer:
     def _prompt_ids(self, msgs: list[dict], tools) -> list[int]:
         blocks = self._render(msgs, tools)
         ids = [t for b in blocks for t in self._encode_parts(b)]
-        assert ids[-1] == 198 and ids[-2] == IM_END, "a user turn always ends with <|im_end|>\\n"
+        assert ids[-1] == NEWLINE and ids[-2] == IM_END, "a user turn always ends with <|im_end|>\\n"
         return ids[:-1]
 
     def _fit_last_content(self, msgs: list[dict], tools, max_tokens: int) -> list[int] | None:

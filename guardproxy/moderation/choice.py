@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from guardproxy.config import Policy
+from guardproxy.guard.tokens import ASSISTANT_HEADER
 from guardproxy.moderation.channels import Kind, Piece
 from guardproxy.moderation.decider import Action, Decider
 from guardproxy.moderation.retokenizer import Retokenizer, TokenSpan
@@ -30,7 +31,7 @@ class ChoiceModerator:
 
     Args:
         index: the choice index.
-        renderer: the guard's ``ChatRenderer`` (its tokenizer and ``ASSISTANT_HEADER`` ids).
+        renderer: the guard's ``ChatRenderer`` (its tokenizer).
         policy: the tenant's policy.
         buffered: release mode of the decider (see :class:`~guardproxy.moderation.decider.Decider`).
     """
@@ -40,7 +41,7 @@ class ChoiceModerator:
         self.policy = policy
         self.decider = Decider(policy, buffered=buffered)
         self._retok = Retokenizer(renderer)
-        self._pending: list[TokenSpan] = [TokenSpan(i, 0, 0) for i in renderer.ASSISTANT_HEADER]
+        self._pending: list[TokenSpan] = [TokenSpan(i, 0, 0) for i in ASSISTANT_HEADER]
         self._inflight: list[TokenSpan] = []
         self.finished = False
 

@@ -42,9 +42,10 @@ from typing import Union
 import regex
 from tokenizers import Tokenizer
 
+from guardproxy.guard.tokens import END_THINK, END_TOOL_CALL, IM_END, TOOL_CALL
+
 __all__ = ["Retokenizer", "TokenSpan"]
 
-END_THINK, TOOL_CALL, END_TOOL_CALL, IM_END = 151668, 151657, 151658, 151645
 
 #: Code points before which NFC may NOT cut the text (they can combine with / reorder against the previous char).
 _NO_BOUNDARY_BEFORE = regex.compile(r"[\p{NFC_QC=N}\p{NFC_QC=M}\P{ccc=0}]")

@@ -219,7 +219,6 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics (requests, prompt blocks, response actions, guard latency, engine stats)."""
     state = request.app[STATE]
-    state.metrics.observe_engine(state.engine)
     resp = web.Response(body=generate_latest(state.metrics.registry))
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
@@ -236,7 +235,7 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=config.limits.max_body_bytes)
     app[STATE] = ProxyState(config=config, engine=engine,
                             upstreams=upstreams if upstreams is not None else build_upstreams(config),
-                            tenants=TenantRegistry(config))
+                            tenants=TenantRegistry(config), metrics=Metrics(engine=engine))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -1,17 +1,68 @@
-"""Prometheus metrics of one server (:class:`Metrics`, in its own registry)."""
+"""Prometheus metrics of one server (:class:`Metrics`, in its own registry).
+
+The guard engine's counters are not copied into a gauge: :class:`EngineCollector`, a custom collector registered in
+the same registry, reads ``engine.stats()`` when the registry is scraped and yields them as ``guardproxy_engine``
+samples with label ``stat`` (``guardproxy_engine{stat="live_streams"} 3``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ENGINE_METRIC = "guardproxy_engine"
+_ENGINE_HELP = "Guard engine statistics"
+
+
+def engine_stats(engine: Any) -> dict[str, float]:
+    """The numeric fields of ``engine.stats()`` by name; ``{}`` when there is no engine, it has no ``stats``, or
+    reading them fails (stats are best effort: a scrape never fails because of them).
+
+    ``stats`` may be a method or an attribute, returning a dataclass (:class:`~guardproxy.guard.engine.EngineStats`)
+    or a mapping; booleans and non-numbers are left out.
+    """
+    stats = getattr(engine, "stats", None)
+    try:
+        values = stats() if callable(stats) else (stats or {})
+        values = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
+    except Exception:  # noqa: BLE001 - best effort, see the docstring
+        return {}
+    return {str(k): v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class EngineCollector(Collector):
+    """Yields the attached engine's :func:`engine_stats` as the ``guardproxy_engine`` gauge family, label ``stat``,
+    each time the registry is collected. With no engine attached the family has no samples."""
+
+    def __init__(self, engine: Any = None) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        """The family's name, for the registry's duplicate check (without reading the engine)."""
+        return [GaugeMetricFamily(ENGINE_METRIC, _ENGINE_HELP, labels=["stat"])]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One gauge family with a sample per numeric engine stat."""
+        family = GaugeMetricFamily(ENGINE_METRIC, _ENGINE_HELP, labels=["stat"])
+        for name, value in engine_stats(self.engine).items():
+            family.add_metric([name], value)
+        yield family
 
 
 class Metrics:
-    """Prometheus metrics of one server, in their own registry (several servers can live in one process)."""
+    """Prometheus metrics of one server, in their own registry (several servers can live in one process).
 
-    def __init__(self) -> None:
+    Args:
+        engine: the guard engine whose ``stats()`` the ``guardproxy_engine`` family reports (None: no samples; see
+            :meth:`attach_engine`).
+    """
+
+    def __init__(self, engine: Any = None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("guardproxy_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.prompt_verdicts = Counter("guardproxy_prompt_verdicts", "Prompt verdicts by action",
@@ -26,16 +77,9 @@ class Metrics:
                                        ["stage"], registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.guard_tokens = Counter("guardproxy_guard_tokens", "Response tokens scored by the guard", registry=r)
-        self.engine_stats = Gauge("guardproxy_engine", "Guard engine statistics", ["stat"], registry=r)
+        self.engine_collector = EngineCollector(engine)
+        r.register(self.engine_collector)
 
-    def observe_engine(self, engine: Any) -> None:
-        """Copy the engine's numeric ``stats()`` (if it has them) into the ``guardproxy_engine`` gauge."""
-        stats = getattr(engine, "stats", None)
-        try:
-            values = stats() if callable(stats) else (stats or {})
-            values = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
-        except Exception:  # stats are best effort
-            return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.engine_stats.labels(stat=str(k)).set(v)
+    def attach_engine(self, engine: Any) -> None:
+        """Report ``engine``'s stats from now on (None: none). Cheap; the stats are read only when scraped."""
+        self.engine_collector.engine = engine

@@ -89,5 +89,6 @@ def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:
     if outcome.action == "flag" or policy.annotations:
         h["x-guard-prompt-action"] = outcome.action
         h["x-guard-prompt-risk-level"] = outcome.verdict.risk_level
-        h["x-guard-prompt-category"] = outcome.verdict.category
+        if outcome.verdict.risk_level != "Safe":  # a Safe verdict's category is only the argmax of nothing found
+            h["x-guard-prompt-category"] = outcome.verdict.category
     return h

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``config.json`` (a stock Qwen3 config plus the guard keys and four label maps),
 ``model.safetensors`` (backbone under ``model.``, eight head tensors at top level, no ``lm_head`` since embeddings are
-tied) and the tokenizer files. Facts and sources: ``../shared/notes/qwen3guard-stream.md``.
+tied) and the tokenizer files, as in the published ``Qwen/Qwen3Guard-Stream-*`` checkpoints (see
+:mod:`guardproxy.guard.checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 
 from guardproxy.guard.checkpoint import QUERY_HEAD, RESPONSE_HEAD  # noqa: F401  (the tensor names, defined once)
+from guardproxy.guard.tokens import ENDOFTEXT, IM_END
 
-#: Risk-level order of both heads (index -> label). Source: notes, "Labels".
+#: Risk-level order of both heads (index -> label), as in the published configs.
 RISK_LEVEL_MAP = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
 #: Response-head categories (index -> label), short names as the model card prints them.
 RESPONSE_CATEGORY_MAP = {
@@ -67,8 +69,8 @@ def guard_config(shape: str | dict, *, max_position_embeddings: int = 8192, rope
         "model_type": "qwen3",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": IM_END,
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "max_position_embeddings": max_position_embeddings,

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
+from guardproxy.guard.dtypes import DTYPE_NAMES, torch_dtype
 from guardproxy.testing.checkpoint_format import SHAPES, guard_config, random_state_dict, save_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_dtype(kind: str, shape: str) -> torch.dtype:
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["random", "planted"], required=True)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="backbone shape (random only)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (random only)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="storage dtype (default: bfloat16 for random 0.6b, else float32)")
     p.add_argument("--trigger", action="append", default=[], metavar="WORD=LEVEL:CATEGORY",
                    help="planted only, repeatable: e.g. zebrafish=Unsafe:Violent")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triggers = dict(parse_trigger(s) for s in args.trigger) or None
         out = make_checkpoint(args.out_dir, kind=args.kind, shape=args.shape, seed=args.seed,
-                              dtype=DTYPES[args.dtype] if args.dtype else None, triggers=triggers)
+                              dtype=torch_dtype(args.dtype) if args.dtype else None, triggers=triggers)
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     print(out)

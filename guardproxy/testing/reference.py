@@ -1,8 +1,8 @@
 """Reference forward of a Qwen3Guard-Stream checkpoint through transformers' own ``Qwen3Model``.
 
 This is the yardstick for parity tests and the baseline of the benchmark: one plain full-sequence forward of the
-stock transformers backbone, then the two head pathways applied at every position, exactly as described in
-``../shared/notes/qwen3guard-stream.md`` ("Architecture"). It never uses ``trust_remote_code``.
+stock transformers backbone, then the two head pathways applied at every position, as the Qwen3Guard technical
+report (arXiv 2510.14276) describes them. It never uses ``trust_remote_code``.
 """
 
 from __future__ import annotations

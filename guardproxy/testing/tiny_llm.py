@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from guardproxy.guard.tokens import DOUBLE_NEWLINE, END_THINK, ENDOFTEXT, IM_END, NEWLINE, THINK
+
 #: Default assistant text: ordinary English that contains the trigger words of the ``planted_checkpoint`` test fixture
 #: ("zebrafish" -> Unsafe, "marzipan" -> Controversial), so an end-to-end proxy test can see the guard fire.
 DEFAULT_CONTENT = "Hello there! My pet zebrafish likes marzipan cake every morning."
@@ -41,8 +43,8 @@ DEFAULT_REASONING = "The user greets me, so I reply kindly"
 
 #: Prompt-final ids that start the script: "\n" (198) ends "<|im_start|>assistant\n"; "\n\n" (271) ends the
 #: "<think>\n\n</think>\n\n" block that the Qwen3 template adds with ``enable_thinking=False``.
-START_IDS = (198, 271)
-THINK_OPEN, THINK_CLOSE, IM_END, ENDOFTEXT = 151667, 151668, 151645, 151643
+START_IDS = (NEWLINE, DOUBLE_NEWLINE)
+THINK_OPEN, THINK_CLOSE = THINK, END_THINK
 
 HIDDEN = 64
 VOCAB_SIZE = 151936  # Qwen3 checkpoints pad the 151,669 tokenizer ids to 151,936 rows

@@ -6,7 +6,8 @@ into a ``tokenizers`` BPE. We then add NFC normalisation, the Qwen3 pre-tokenize
 tokens at their published ids (151643..151668), and write ``tokenizer.json`` + ``tokenizer_config.json`` with the
 Qwen3 chat template, so ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it like a Hub checkpoint.
 
-Source of the facts: ``../shared/notes/qwen3guard-stream.md`` (section "Tokenizer").
+Sources: the added tokens and chat template of the published Qwen3 checkpoints (``tokenizer_config.json``); the
+ids the guard inserts itself are those of :mod:`guardproxy.guard.tokens` (a test checks the two agree).
 """
 
 from __future__ import annotations

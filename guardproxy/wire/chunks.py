@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from guardproxy.wire.jsonio import dumps, loads
-from guardproxy.wire.sse import Event, encode_data, encode_event
+from guardproxy.wire.sse import Event, SSEError, encode_data, encode_event
 
 __all__ = [
     "ARGUMENTS_FIELD", "BadChunk", "CHOICE_TEXT_FIELDS", "CONTENT_FIELDS", "Chunk", "DELTA_TEXT_FIELDS",
@@ -171,6 +171,23 @@ def _raw(event: Event) -> bytes:
     return encode_event(event)
 
 
+#: Field names an upstream event may carry: the SSE fields, and the bare ``error`` of older llama.cpp servers.
+SSE_FIELDS = frozenset({"data", "event", "id", "retry", "error"})
+
+
+def _bare_error(ev: Event) -> Chunk:
+    """An event with a bare ``error:`` field (older llama.cpp servers): relayed as a ``data: {"error": ...}`` frame,
+    the shape OpenAI clients raise on (they ignore unknown fields, so the error would otherwise vanish)."""
+    value = "\n".join(v for name, v in ev.fields if name == "error")
+    err = loads(value)
+    if isinstance(err, dict) and "error" in err:
+        err = err["error"]
+    if not isinstance(err, dict):
+        err = {"message": value if err is None else err if isinstance(err, str) else dumps(err).decode()}
+    obj = {"error": {"type": "upstream_error", **err}}
+    return Chunk(ev, obj, encode_data(obj))
+
+
 def read_event(ev: Event, n: int) -> Chunk:
     """Parse and check one upstream event (see the module docstring).
 
@@ -178,6 +195,7 @@ def read_event(ev: Event, n: int) -> Chunk:
         ev: a decoded SSE event.
         n: choice indices must lie in ``[0, n)``.
     Raises:
+        SSEError: a field that is no SSE field (an HTML page or binary junk under ``text/event-stream``).
         BadChunk: a data field that is not a JSON object (or is nested too deeply to parse), a chunk
             :func:`normalize_chunk` refuses, or bare JSON without SSE framing (a server that answered an error
             object under ``text/event-stream``; its ``error.message`` is kept in the exception's text).
@@ -187,6 +205,11 @@ def read_event(ev: Event, n: int) -> Chunk:
         err = err.get("error") if isinstance(err, dict) else None
         msg = err.get("message") if isinstance(err, dict) else err
         raise BadChunk(f"upstream sent JSON without SSE framing{': ' + msg if isinstance(msg, str) else ''}")
+    unknown = [name for name, _ in ev.fields if name not in SSE_FIELDS]
+    if unknown:
+        raise SSEError(f"upstream sent a line that is not SSE ({unknown[0][:40]!r})")
+    if ev.kind == "other" and any(name == "error" for name, _ in ev.fields):
+        return _bare_error(ev)
     if ev.kind != "data" or ev.is_done:
         return Chunk(ev, None, _raw(ev))
     try:

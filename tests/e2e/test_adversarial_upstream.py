@@ -512,3 +512,38 @@ async def test_bare_json_error_under_an_sse_content_type_is_not_swallowed(engine
     r = await relay(engine, b'{"error": {"message": "model not loaded", "code": 503}}\n')
     fs = well_formed(r.content)
     assert fs[-1]["error"]["code"] == "upstream_bad_event" and "model not loaded" in fs[-1]["error"]["message"]
+
+
+async def test_bare_error_field_reaches_the_sdk_as_an_error(engine):
+    """Older llama.cpp servers send a bare ``error: {...}`` line; the SDKs ignore unknown fields, so the proxy relays it
+    as a ``data: {"error": ...}`` frame they raise on, then ends the stream with [DONE]."""
+    body = sse_body([chunk({"content": "Part "}), b'error: {"code": 500, "message": "slot unavailable"}\n\n'],
+                    done=False)
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, write_size=3))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            r = await post(proxy, model)
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            with pytest.raises(openai.APIError, match="slot unavailable"):
+                async for _ in await client.chat.completions.create(model=model, messages=USER, stream=True):
+                    pass
+            await client.close()
+    fs = well_formed(r.content)
+    assert texts(fs)[0] == {0: "Part "}
+    assert fs[-1]["error"]["message"] == "slot unavailable" and b"\nerror:" not in r.content
+    await wait_idle(engine)
+
+
+@pytest.mark.parametrize("junk", [b"<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>\n\n",
+                                  b"\x00\x00\x00\x00\n\n", b"HTTP/1.1 200 OK\n\n"], ids=["html", "nul", "status"])
+@pytest.mark.parametrize("write_size", [None, 1])
+async def test_non_sse_lines_end_the_stream_with_upstream_bad_sse(engine, junk, write_size):
+    body = sse_body([chunk({"content": "Hello "})], done=False) + junk + sse_body([chunk({"content": "more"})])
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, write_size=write_size))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            r = await post(proxy, model)
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_bad_sse"
+    assert b"<html" not in r.content and b"\x00" not in r.content and b"more" not in r.content
+    await wait_idle(engine)

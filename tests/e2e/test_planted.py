@@ -98,6 +98,17 @@ async def test_prompt_block_legacy_completions_and_flag_passes(engine):
     assert 'action="flag",category="PII",risk_level="Controversial"' in m
 
 
+async def test_safe_prompt_headers_name_no_category(engine):
+    async with FakeUpstream() as fake:
+        fake.script("m", JSON({"id": "c", "object": "text_completion", "created": 1, "model": "m",
+                               "choices": [{"index": 0, "text": " fine.", "finish_reason": "stop"}]}))
+        async with RunningProxy(proxy_config(fake.base_url, {"annotations": True}), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/completions", headers=AUTH, json={"model": "m", "prompt": "Hi."})
+    assert r.status_code == 200 and r.headers["x-guard-prompt-risk-level"] == "Safe"
+    assert r.headers["x-guard-prompt-action"] == "allow" and "x-guard-prompt-category" not in r.headers
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Response: buffered cut, zero leak
 # ---------------------------------------------------------------------------------------------------------------------
