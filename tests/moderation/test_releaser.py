@@ -399,9 +399,11 @@ def test_error_event_and_bare_error_line_are_relayed_in_order():
     rel = pipe.rel
     pipe.add(_ev(_chunk(content="ab")))
     assert pipe.add(Event(event="error", data='{"error": 1}', fields=(("event", "error"), ("data", '{"error": 1}')))).out == []
-    assert pipe.add(Event(fields=(("error", "{}"),))).out == []
+    assert pipe.add(Event(fields=(("error", '{"message": "gone"}'),))).out == []
     out = rel.release(0, 2) + rel.finish()
-    assert out[1:] == [b'event: error\ndata: {"error": 1}\n\n', b"error: {}\n\n", DONE]
+    # a bare error: line becomes a data frame the SDKs raise on
+    assert out[1:] == [b'event: error\ndata: {"error": 1}\n\n',
+                       b'data: {"error":{"type":"upstream_error","message":"gone"}}\n\n', DONE]
 
 
 def test_events_after_upstream_done_are_ignored():
