@@ -63,16 +63,17 @@ from guardproxy.guard.scheduler import (
     fit_prompt,
 )
 
-__all__ = ["EngineClosed", "EngineOverloaded", "EngineStats", "GuardEngine", "GuardStream", "StreamClosed",
-           "fit_prompt"]  # fmt: skip
+__all__ = ["Admission", "EngineClosed", "EngineOverloaded", "EngineStats", "GuardEngine", "GuardStream",
+           "StreamClosed", "fit_prompt"]  # fmt: skip
 
 
 @dataclass
 class EngineStats:
-    """Counters for metrics export. Gauges: ``live_streams``, ``kv_tokens_used``, ``kv_bytes_allocated``,
-    ``pending_streams``, ``last_batch_*``; the rest are totals since start."""
+    """Counters for metrics export. Gauges: ``live_streams``, ``reserved_streams``, ``kv_tokens_used``,
+    ``kv_bytes_allocated``, ``pending_streams``, ``last_batch_*``; the rest are totals since start."""
 
     live_streams: int
+    reserved_streams: int
     max_streams: int
     kv_tokens_used: int
     kv_budget_tokens: int
@@ -163,17 +164,44 @@ class GuardStream:
         ``risk`` [n, R], ``category`` [n, C], ``query_risk`` [n, QR], ``query_category`` [n, QC] (parity, evaluation)."""
         return self._engine._submit(self, ids, want_logits=True).result()
 
-    def fork(self) -> "GuardStream":
+    def fork(self, admission: "Admission | None" = None) -> "GuardStream":
         """A new stream with a copy of this stream's KV cache and history (n > 1 choices after one prompt prefill).
+        With an ``admission`` holding a reserved stream, the copy takes it (no stream-count check).
 
         Raises:
             RuntimeError: this stream has work in flight. EngineOverloaded / StreamClosed / EngineClosed.
         """
-        return self._engine._fork(self)
+        return self._engine._fork(self, admission)
 
     def close(self) -> None:
         """Free the KV cache and fail pending work with :class:`StreamClosed`. Idempotent."""
         self._engine._close_stream(self)
+
+
+class Admission:
+    """Streams reserved at once for one request (:meth:`GuardEngine.admit`); :meth:`GuardEngine.aopen` and
+    :meth:`GuardStream.fork` take them one by one, :meth:`close` gives back those not taken. A context manager.
+
+    Attributes:
+        left: reserved streams not taken yet.
+    """
+
+    def __init__(self, engine: "GuardEngine", streams: int):
+        self._engine = engine
+        self.left = streams
+
+    def close(self) -> None:
+        """Give back the streams not taken. Idempotent."""
+        with self._engine._cv:
+            if self.left:
+                self._engine._sched.unreserve(self.left)
+                self.left = 0
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class GuardEngine:
@@ -285,9 +313,23 @@ class GuardEngine:
         stream, fut = self._open(messages_or_ids, False)
         return stream, self._wait_open(stream, fut)
 
-    async def aopen(self, messages_or_ids) -> tuple[GuardStream, Verdict]:
-        """Async :meth:`open`, resolved from the engine thread."""
-        stream, fut = self._open(messages_or_ids, False)
+    def admit(self, streams: int) -> Admission:
+        """Reserve ``streams`` streams at once (a request's prompt and the forks of its choices), so that it is served
+        whole or refused before any work; cheap (no tokenizing). See :class:`Admission`.
+
+        Raises:
+            EngineOverloaded: they do not all fit beside the live and reserved streams. EngineClosed.
+        """
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("engine closed")
+            self._sched.reserve(streams)
+            return Admission(self, streams)
+
+    async def aopen(self, messages_or_ids, admission: Admission | None = None) -> tuple[GuardStream, Verdict]:
+        """Async :meth:`open`, resolved from the engine thread; with an ``admission``, the stream takes one of its
+        reserved streams."""
+        stream, fut = self._open(messages_or_ids, False, admission)
         try:
             return stream, await asyncio.wrap_future(fut)
         except BaseException:
@@ -306,7 +348,7 @@ class GuardEngine:
             sc = self._sched
             alloc = sum(s.handle._cache.k.numel() * 2 * s.handle._cache.k.element_size() for s in sc.live.values())
             return EngineStats(
-                live_streams=len(sc.live), max_streams=sc.max_streams, kv_tokens_used=sc.kv_used,
+                live_streams=len(sc.live), reserved_streams=sc.reserved, max_streams=sc.max_streams, kv_tokens_used=sc.kv_used,
                 kv_budget_tokens=sc.kv_budget_tokens, kv_bytes_allocated=alloc, pending_streams=len(sc.pending),
                 **sc.counters.as_dict(),
             )  # fmt: skip
@@ -342,13 +384,16 @@ class GuardEngine:
             return self.renderer.render_prompt(items, max_tokens=self.prompt_limit)
         raise ValueError("open() takes a non-empty list of message dicts or of token ids")
 
-    def _open(self, messages_or_ids, want_logits: bool):
+    def _open(self, messages_or_ids, want_logits: bool, admission: Admission | None = None):
         ids = self._prompt_ids(messages_or_ids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._closed:
                 raise EngineClosed("engine closed")
-            state = self._sched.open(ids, _Reply(fut, want_logits))
+            reserved = admission is not None and admission.left > 0
+            state = self._sched.open(ids, _Reply(fut, want_logits), reserved=reserved)
+            if reserved:
+                admission.left -= 1
             stream = GuardStream(self, state, self.model.new_cache(self.max_context))
             self._cv.notify()
         return stream, fut
@@ -380,11 +425,14 @@ class GuardEngine:
                      query_category=self.labels.query_category)  # fmt: skip
         return {k: torch.empty(0, len(v)) for k, v in sizes.items()}
 
-    def _fork(self, parent: GuardStream) -> GuardStream:
+    def _fork(self, parent: GuardStream, admission: Admission | None = None) -> GuardStream:
         with self._cv:
             if self._closed:
                 raise EngineClosed("engine closed")
-            state = self._sched.fork(parent._state)  # StreamClosed / RuntimeError / EngineOverloaded
+            reserved = admission is not None and admission.left > 0
+            state = self._sched.fork(parent._state, reserved=reserved)  # StreamClosed / RuntimeError / Overloaded
+            if reserved:
+                admission.left -= 1
             return GuardStream(self, state, parent._cache.clone())
 
     def _close_stream(self, stream: GuardStream) -> None:

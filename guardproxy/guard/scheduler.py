@@ -11,7 +11,10 @@ job of as many streams as fit.
 KV positions *held* in total. A stream holds its cache positions plus the ids of its queued jobs
 (``held == len(ctx) + remaining ids``), reserved when the work is submitted, so a running stream can never run out of
 budget. :meth:`Scheduler.open` / :meth:`~Scheduler.fork` past either bound and a :meth:`~Scheduler.feed` that would
-push the total past the budget raise :class:`~guardproxy.guard.errors.EngineOverloaded` and change nothing.
+push the total past the budget raise :class:`~guardproxy.guard.errors.EngineOverloaded` and change nothing. A caller
+that needs several streams (a prompt and the forks of its choices) reserves them first, all at once
+(:meth:`Scheduler.reserve`): reserved streams count against ``max_streams`` until they are opened, forked or
+released, so a request is either admitted whole or refused before any work.
 
 **Step plan** (:meth:`Scheduler.schedule`): one chunk per pending stream, streams in arrival order rotated by the step
 count (round robin, so no stream starves), those whose head job is a feed (decode work, latency-critical) first, then
@@ -217,7 +220,8 @@ class Scheduler:
 
     Attributes:
         live: live streams by ``id()``. pending: streams with queued jobs, in arrival order.
-        kv_used: KV positions held in total (the sum of ``held``). counters: :class:`Counters`.
+        kv_used: KV positions held in total (the sum of ``held``). reserved: streams reserved, not yet opened.
+        counters: :class:`Counters`.
     """
 
     def __init__(
@@ -245,19 +249,45 @@ class Scheduler:
         self.live: dict[int, StreamState] = {}
         self.pending: dict[int, StreamState] = {}
         self.kv_used = 0
+        self.reserved = 0
         self.counters = Counters()
 
     # ---- admission --------------------------------------------------------------------------------------------
-    def _refuse_if_full(self, tokens: int, *, new_stream: bool) -> None:
-        """Raise :class:`EngineOverloaded` (and count it) when a new stream or ``tokens`` more would not fit."""
-        if new_stream and len(self.live) >= self.max_streams:
+    def _refuse_if_full(self, tokens: int, *, new_stream: bool, reserved: bool = False) -> None:
+        """Raise :class:`EngineOverloaded` (and count it) when a new stream or ``tokens`` more would not fit. A
+        ``reserved`` stream was counted by :meth:`reserve` already."""
+        if new_stream and reserved and self.reserved < 1:
+            raise RuntimeError("no stream reserved")
+        if new_stream and not reserved and len(self.live) + self.reserved >= self.max_streams:
             self.counters.rejected += 1
-            raise EngineOverloaded(f"{len(self.live)} live streams (max_streams={self.max_streams})")
+            raise EngineOverloaded(f"{len(self.live)} live and {self.reserved} reserved streams "
+                                   f"(max_streams={self.max_streams})")
         if self.kv_used + tokens > self.kv_budget_tokens:
             self.counters.rejected += 1
             raise EngineOverloaded(
                 f"KV budget: {self.kv_used} + {tokens} tokens > kv_budget_tokens={self.kv_budget_tokens}"
             )
+
+    def reserve(self, streams: int) -> None:
+        """Reserve ``streams`` new streams at once (see the module docstring).
+
+        Raises:
+            EngineOverloaded: they do not all fit beside the live and reserved ones (nothing is reserved).
+            ValueError: ``streams < 1``.
+        """
+        if streams < 1:
+            raise ValueError(f"reserve needs at least one stream, got {streams}")
+        if len(self.live) + self.reserved + streams > self.max_streams:
+            self.counters.rejected += 1
+            raise EngineOverloaded(f"{streams} streams do not fit: {len(self.live)} live and {self.reserved} "
+                                   f"reserved (max_streams={self.max_streams})")
+        self.reserved += streams
+
+    def unreserve(self, streams: int) -> None:
+        """Give back ``streams`` reserved streams that will not be opened."""
+        if not 0 <= streams <= self.reserved:
+            raise ValueError(f"cannot give back {streams} of {self.reserved} reserved streams")
+        self.reserved -= streams
 
     def _enqueue(self, s: StreamState, job: Job) -> None:
         s.jobs.append(job)
@@ -265,17 +295,20 @@ class Scheduler:
         self.kv_used += job.remaining
         self.pending.setdefault(id(s), s)
 
-    def open(self, prompt_ids: list[int], payload: Any = None) -> StreamState:
+    def open(self, prompt_ids: list[int], payload: Any = None, *, reserved: bool = False) -> StreamState:
         """Admit a stream and queue its prompt prefill (the ids cut by :func:`fit_prompt` to ``prompt_limit``).
+        ``reserved``: the stream is one of those :meth:`reserve` counted.
 
         Raises:
-            EngineOverloaded: ``max_streams`` live, or the prompt does not fit the KV budget.
-            ValueError: no ids.
+            EngineOverloaded: ``max_streams`` live (or reserved), or the prompt does not fit the KV budget.
+            ValueError: no ids. RuntimeError: ``reserved`` but none is.
         """
         ids = fit_prompt(prompt_ids, self.prompt_limit)
         if not ids:
             raise ValueError("a prompt needs at least one id")
-        self._refuse_if_full(len(ids), new_stream=True)
+        self._refuse_if_full(len(ids), new_stream=True, reserved=reserved)
+        if reserved:
+            self.reserved -= 1
         s = StreamState(ids, self.window)
         self.live[id(s)] = s
         self._enqueue(s, Job(PROMPT, list(ids), payload))
@@ -297,18 +330,21 @@ class Scheduler:
         self._enqueue(s, job)
         return job
 
-    def fork(self, parent: StreamState) -> StreamState:
+    def fork(self, parent: StreamState, *, reserved: bool = False) -> StreamState:
         """Admit a copy of an idle stream (same context, response head/tail); it holds ``len(parent.ctx)`` positions.
+        ``reserved``: the copy is one of the streams :meth:`reserve` counted.
 
         Raises:
-            StreamClosed: the parent is closed. RuntimeError: the parent has queued work.
-            EngineOverloaded: ``max_streams`` live or the copy does not fit the budget.
+            StreamClosed: the parent is closed. RuntimeError: the parent has queued work, or ``reserved`` but none
+            is. EngineOverloaded: ``max_streams`` live (or reserved) or the copy does not fit the budget.
         """
         if parent.closed:
             raise StreamClosed("stream closed")
         if parent.jobs:
             raise RuntimeError("fork() while the stream has work in flight; fork after open/feed returned")
-        self._refuse_if_full(len(parent.ctx), new_stream=True)
+        self._refuse_if_full(len(parent.ctx), new_stream=True, reserved=reserved)
+        if reserved:
+            self.reserved -= 1
         child = StreamState(parent.prompt_ids, self.window, parent.ctx, parent.head, parent.tail)
         self.live[id(child)] = child
         self.kv_used += child.held

@@ -17,8 +17,12 @@ class GuardEngine(Protocol):
 
     renderer: Any  #: the ``ChatRenderer`` of the checkpoint's tokenizer
 
-    async def aopen(self, messages: list[dict]) -> tuple[Any, Any]:
-        """Prefill a conversation; ``(GuardStream, prompt Verdict)``."""
+    def admit(self, streams: int) -> Any:
+        """Reserve a request's streams at once (an ``Admission``); raises ``EngineOverloaded``."""
+        ...
+
+    async def aopen(self, messages: list[dict], admission: Any = None) -> tuple[Any, Any]:
+        """Prefill a conversation (taking a reserved stream); ``(GuardStream, prompt Verdict)``."""
         ...
 
 

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import json_response
-from guardproxy.server.prompt import PromptOutcome, check_prompt, guard_headers
+from guardproxy.server.guard import ChoiceStreams
+from guardproxy.server.prompt import PromptOutcome, check_prompt, guard_headers, guard_unavailable
 from guardproxy.server.relay import relay_unmoderated
 from guardproxy.server.request import parse_request
 from guardproxy.server.streamed import sniff_stream, stream_moderated
@@ -56,7 +57,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        outcome = await check_prompt(ctx, req.messages)
+        outcome = await check_prompt(ctx, req.messages, req.n)
         if outcome.action == "block":
             return json_response(prompt_blocked(outcome.verdict), 400, guard_headers(outcome, policy))
         if up_task is None:
@@ -69,12 +70,17 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
         headers = guard_headers(outcome, policy)
         if resp.status >= 400 or outcome.stream is None:
             return await relay_unmoderated(ctx, request, resp, headers)
+        try:
+            streams = ChoiceStreams(outcome.stream, req.n, outcome.admission)
+        except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
+            return await relay_unmoderated(ctx, request, resp, guard_headers(guard_unavailable(ctx, e, "response"),
+                                                                             policy))
         if req.stream:
             body = resp.aiter_bytes()
             if "text/event-stream" not in resp.content_type:
                 body = await sniff_stream(ctx, resp, body)
-            return await stream_moderated(ctx, request, req, resp, outcome, headers, body)
-        return await json_moderated(ctx, req, resp, outcome, headers)
+            return await stream_moderated(ctx, request, req, resp, streams, headers, body)
+        return await json_moderated(ctx, req, resp, streams, headers)
     finally:
         if up_task is not None and resp is None:  # the upstream response was never taken over: close it too
             if not up_task.done():
@@ -82,8 +88,8 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
             up_task.add_done_callback(_close_response_when_done)
         if resp is not None:
             await resp.aclose()
-        if outcome is not None and outcome.stream is not None:
-            outcome.stream.close()
+        if outcome is not None:
+            outcome.close()
 
 
 

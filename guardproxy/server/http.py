@@ -17,4 +17,4 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(err: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
     """The HTTP response for a :class:`ProxyError`."""
-    return json_response(err.body(), err.status, headers)
+    return json_response(err.body(), err.status, {**err.headers, **(headers or {})})

@@ -26,14 +26,52 @@ class PromptOutcome:
     """Result of the prompt stage.
 
     Attributes:
-        stream: the guard stream holding the prefilled prompt (fork it per choice), or None when unmoderated.
+        stream: the guard stream holding the prefilled prompt (choice 0 continues on it, the other choices fork
+            it), or None when unmoderated.
         verdict: the prompt verdict (query head), or None when unmoderated.
         action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
+        admission: the engine streams reserved for the request's choices (forks take them), or None.
     """
 
     stream: Any
     verdict: Any
     action: str
+    admission: Any = None
+
+    def close(self) -> None:
+        """Free the prompt stream and the streams reserved but not taken. Idempotent."""
+        if self.stream is not None:
+            self.stream.close()
+        if self.admission is not None:
+            self.admission.close()
+
+
+#: ``Retry-After`` (seconds) on a 503 for an overloaded guard: soon, but not at once.
+RETRY_AFTER_S = 1
+
+
+def guard_unavailable(ctx: RequestContext, exc: BaseException, stage: str) -> PromptOutcome:
+    """Apply the fail mode to a guard failure before the response started (admission, prompt, forks).
+
+    Returns:
+        an ``unmoderated`` outcome under ``fail_mode: open`` (counted, logged).
+    Raises:
+        ProxyError: 503 ``guard_overloaded`` (with ``Retry-After``) or ``guard_unavailable`` under
+            ``fail_mode: closed``.
+    """
+    policy = ctx.policy
+    failure = guard_failure(policy, exc)
+    if failure.kind != "overloaded":
+        log.error("request %s: guard failed on the %s: %s: %s", ctx.request_id, stage, type(exc).__name__, exc)
+    ctx.metrics.guard_failures.labels(kind=failure.kind, fail_mode=policy.fail_mode).inc()
+    if failure.open:
+        log.warning("request %s: guard %s, fail_mode open: relaying UNMODERATED", ctx.request_id, failure.kind)
+        return PromptOutcome(None, None, "unmoderated")
+    if failure.kind == "overloaded":
+        raise ProxyError(503, "The content guard is overloaded; try again later.", code="guard_overloaded",
+                         type="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    raise ProxyError(503, f"The content guard is {failure.kind}; try again later.", code="guard_unavailable",
+                     type="service_unavailable") from None
 
 
 def _close_when_done(task: asyncio.Task) -> None:
@@ -44,31 +82,30 @@ def _close_when_done(task: asyncio.Task) -> None:
     task.add_done_callback(cb)
 
 
-async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutcome:
-    """Open the guard stream for ``messages`` and apply the tenant's prompt policy.
+async def check_prompt(ctx: RequestContext, messages: list[dict], n: int = 1) -> PromptOutcome:
+    """Reserve the request's ``n`` guard streams (one per choice, the first is the prompt stream itself), open the
+    prompt stream for ``messages`` and apply the tenant's prompt policy. The reservation comes first and costs no
+    tokenizing, so an overloaded guard refuses cheaply and a request is served whole or not at all.
 
     Raises:
-        ProxyError: 503 ``guard_overloaded`` / ``guard_unavailable`` under ``fail_mode: closed``.
+        ProxyError: see :func:`guard_unavailable`.
     """
     policy = ctx.policy
     t0 = time.monotonic()
-    task = asyncio.ensure_future(ctx.engine.aopen(messages))
+    try:
+        admission = ctx.engine.admit(n)
+    except Exception as e:
+        return guard_unavailable(ctx, e, "prompt")
+    task = asyncio.ensure_future(ctx.engine.aopen(messages, admission))
     try:
         gstream, verdict = await asyncio.shield(task)
     except asyncio.CancelledError:
         _close_when_done(task)
+        admission.close()
         raise
     except Exception as e:
-        failure = guard_failure(policy, e)
-        if failure.kind != "overloaded":
-            log.error("request %s: guard failed on the prompt: %s: %s", ctx.request_id, type(e).__name__, e)
-        ctx.metrics.guard_failures.labels(kind=failure.kind, fail_mode=policy.fail_mode).inc()
-        if failure.open:
-            log.warning("request %s: guard %s, fail_mode open: relaying UNMODERATED", ctx.request_id, failure.kind)
-            return PromptOutcome(None, None, "unmoderated")
-        code = "guard_overloaded" if failure.kind == "overloaded" else "guard_unavailable"
-        raise ProxyError(503, f"The content guard is {failure.kind}; try again later.", code=code,
-                         type="service_unavailable") from None
+        admission.close()
+        return guard_unavailable(ctx, e, "prompt")
     ctx.metrics.guard_latency.labels(stage="prompt").observe(time.monotonic() - t0)
     action = decide_prompt(policy, verdict).action
     ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=verdict.risk_level,
@@ -76,9 +113,10 @@ async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutco
     if action != "allow":
         log.info("request %s tenant %s: prompt %s (%s, %s)", ctx.request_id, ctx.tenant.name, action,
                  verdict.risk_level, verdict.category)
+    outcome = PromptOutcome(gstream, verdict, action, admission)
     if action == "block":
-        gstream.close()
-    return PromptOutcome(gstream, verdict, action)
+        outcome.close()
+    return outcome
 
 
 def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:

@@ -9,7 +9,7 @@ from typing import Any
 from guardproxy.wire.errors import ProxyError
 
 MAX_DEPTH = 128  # deepest nesting accepted in 'messages' (tool-call arguments are rendered by recursive code)
-MAX_N = 16  # largest n (choices per request) the proxy moderates; upstream choice indices must be below it
+MAX_N = 16  # largest n (choices per request) the proxy moderates; upstream choice indices must be below the n asked for
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from aiohttp import web
 
 from guardproxy.moderation.response import GuardFailure, ResponseModerator
 from guardproxy.server.context import RequestContext
-from guardproxy.server.guard import ChoiceStreams, score_pending
-from guardproxy.server.prompt import PromptOutcome
-from guardproxy.server.request import MAX_N, ParsedRequest
+from guardproxy.server.guard import OFFLOAD_BYTES, ChoiceStreams, off_loop, score_pending
+from guardproxy.server.request import ParsedRequest
 from guardproxy.server.upstream import UpstreamError, UpstreamResponse, read_bounded
 from guardproxy.wire.chunks import BadChunk
 from guardproxy.wire.errors import ProxyError, error_frame
@@ -76,16 +75,15 @@ def _guard_error(e: GuardFailure) -> bytes:
 
 
 async def stream_moderated(ctx: RequestContext, request: web.Request, req: ParsedRequest, resp: UpstreamResponse,
-                           outcome: PromptOutcome, headers: dict[str, str],
+                           streams: ChoiceStreams, headers: dict[str, str],
                            body: AsyncIterator[bytes] | None = None) -> web.StreamResponse:
-    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``.
-    ``body``: the upstream body iterator (default ``resp.aiter_bytes()``)."""
+    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``. ``streams``:
+    the choices' guard streams (closed here); ``body``: the upstream body iterator (default ``resp.aiter_bytes()``)."""
     out = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         "x-request-id": ctx.request_id, **headers})
     await out.prepare(request)
-    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=MAX_N)
-    streams = ChoiceStreams(outcome.stream)
+    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n)
     dec = SSEDecoder(ctx.limits.max_sse_event_bytes)
 
     async def write(parts: list[bytes]) -> None:
@@ -106,7 +104,7 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
         try:
             eof = True
             async for data in body if body is not None else resp.aiter_bytes():
-                await write(mod.add(dec.feed(data)))
+                await write(await off_loop(len(data), OFFLOAD_BYTES, lambda: mod.add(dec.feed(data))))
                 await write(await score_pending(ctx, mod, streams))
                 if mod.all_cut or mod.upstream_done:
                     eof = False

@@ -14,10 +14,9 @@ from aiohttp import web
 
 from guardproxy.moderation.response import GuardFailure, ResponseModerator
 from guardproxy.server.context import RequestContext
-from guardproxy.server.guard import ChoiceStreams, score_pending
+from guardproxy.server.guard import OFFLOAD_BYTES, ChoiceStreams, off_loop, score_pending
 from guardproxy.server.http import json_response
-from guardproxy.server.prompt import PromptOutcome
-from guardproxy.server.request import MAX_N, ParsedRequest
+from guardproxy.server.request import ParsedRequest
 from guardproxy.server.upstream import UpstreamResponse, read_bounded
 from guardproxy.wire.chunks import BadChunk, normalize_chunk
 from guardproxy.wire.errors import ProxyError
@@ -25,15 +24,24 @@ from guardproxy.wire.errors import ProxyError
 log = logging.getLogger("guardproxy.moderation")  # one logger name for the whole request glue
 
 
-async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, outcome: PromptOutcome,
+async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, streams: ChoiceStreams,
                          headers: dict[str, str]) -> web.Response:
-    """Score a non-streamed completion and answer it with the moderator's decisions applied.
+    """Score a non-streamed completion and answer it with the moderator's decisions applied (``streams``: the
+    choices' guard streams, closed here).
 
     Raises:
         ProxyError: 502 for a body that is not JSON or a completion the guard cannot read, 502 for one larger
             than ``max_upstream_body_bytes``, 503 ``guard_unavailable`` when the guard fails under
             ``fail_mode: closed``.
     """
+    try:
+        return await _moderated(ctx, req, resp, streams, headers)
+    finally:
+        streams.close()
+
+
+async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, streams: ChoiceStreams,
+                     headers: dict[str, str]) -> web.Response:
     raw = await read_bounded(resp.aiter_bytes(), ctx.limits.max_upstream_body_bytes)
     try:
         body = orjson.loads(raw)
@@ -41,22 +49,19 @@ async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: Upstream
         raise ProxyError(502, "Upstream returned invalid JSON.", code="upstream_bad_json") from None
     try:
         if isinstance(body, dict):
-            normalize_chunk(body, MAX_N)
+            normalize_chunk(body, req.n)
     except BadChunk as e:
         raise ProxyError(502, f"Upstream returned a malformed completion: {e}.", code="upstream_bad_json") from None
     headers = {"x-request-id": ctx.request_id, **headers}
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         return json_response(body, 200, headers)
-    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=MAX_N, whole=True)
-    mod.add_completion(body)
-    streams = ChoiceStreams(outcome.stream)
+    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, whole=True)
+    await off_loop(len(raw), OFFLOAD_BYTES, lambda: mod.add_completion(body))
     try:
         await score_pending(ctx, mod, streams)
     except GuardFailure as e:
         raise ProxyError(503, f"The content guard is {e.kind}; try again later.", code="guard_unavailable",
                          type="service_unavailable") from None
-    finally:
-        streams.close()
     if mod.unmoderated:
         log.warning("request %s: guard unavailable on the response, fail_mode open: relaying UNMODERATED",
                     ctx.request_id)

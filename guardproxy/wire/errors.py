@@ -34,12 +34,14 @@ class ProxyError(Exception):
         code: machine-readable ``error.code`` (e.g. "invalid_json", "payload_too_large").
         param: the offending request field, if any.
         type: ``error.type``; defaults from the status.
+        headers: extra response headers (e.g. ``Retry-After``).
     """
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = dict(headers or {})
         self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:

@@ -29,9 +29,9 @@ class SlowOpen:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    async def aopen(self, messages):
+    async def aopen(self, messages, admission=None):
         await asyncio.sleep(self.delay)
-        return await self._engine.aopen(messages)
+        return await self._engine.aopen(messages, admission)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +135,10 @@ async def test_non_stream_huge_upstream_body_is_refused_without_reading_it_all()
     class Allow:  # a guard stub that allows everything: this test is about the upstream body bound
         renderer = None
 
-        async def aopen(self, messages):
+        def admit(self, streams):
+            return type("Admission", (), {"close": lambda self: None})()
+
+        async def aopen(self, messages, admission=None):
             class S:
                 def close(self):
                     pass

@@ -143,17 +143,18 @@ async def test_choices_not_a_list_of_objects_is_an_upstream_error(engine, choice
     assert fs[-1]["error"]["code"] == "upstream_bad_event"
 
 
-@pytest.mark.parametrize("index", [-1, 16, 10**30, "0", None, 7])
-async def test_choice_index_out_of_range_is_an_upstream_error(engine, index):
-    """A choice index outside [0, MAX_N=16) cannot be a real choice (and every new index costs a guard stream);
-    an index in range but beyond n is moderated as its own choice (lenient: some servers ignore n)."""
+@pytest.mark.parametrize("index, n", [(-1, 1), (16, 16), (10**30, 1), ("0", 1), (None, 1), (7, 1), (7, 8)])
+async def test_choice_index_out_of_range_is_an_upstream_error(engine, index, n):
+    """A choice index outside [0, n) cannot be a choice the client asked for (each requested choice has its guard
+    stream, reserved when the request was admitted): the stream ends with an error; an index below n is moderated
+    as its own choice."""
     bad = {"id": "c", "choices": [{"index": index, "delta": {"content": "zebrafish"}, "finish_reason": None}]}
     body = sse_body([chunk({"content": "Hi "}), bad, chunk({"content": "there."}, finish_reason="stop")])
-    r = await relay(engine, body)
+    r = await relay(engine, body, n=n)
     fs = well_formed(r.content)
     if index is None:  # a null index is read as the position in the list: choice 0, moderated
         assert texts(fs)[1] == {0: "content_filter"} and TRIGGER not in r.content.decode()
-    elif index == 7:
+    elif index == 7 and n == 8:
         assert texts(fs) == ({0: "Hi there."}, {0: "stop", 7: "content_filter"})
     else:
         assert TRIGGER not in r.content.decode() and fs[-1]["error"]["code"] == "upstream_bad_event"

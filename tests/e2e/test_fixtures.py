@@ -106,6 +106,7 @@ def policy_for(name: str) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 async def test_fixture_through_proxy(engine, sse_manifest, name, size):
     want = sse_manifest[name]
+    n = max(1, *(len(want.get(k, {})) for k in ("content", "finish_reason", "tool_calls")))  # choices it sends
     async with FakeUpstream() as fake:
         model = fake.script("m", SSE(fixture_bytes(name), write_size=write_size_for(name, size)))
         async with RunningProxy(proxy_config(fake.base_url, policy_for(name)), engine) as proxy:
@@ -113,7 +114,7 @@ async def test_fixture_through_proxy(engine, sse_manifest, name, size):
             client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
             chunks, error = [], None
             try:
-                stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+                stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, n=n)
                 async for c in stream:
                     chunks.append(c)
             except openai.APIError as e:
@@ -126,7 +127,7 @@ async def test_fixture_through_proxy(engine, sse_manifest, name, size):
                 cl = openai.OpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
                 got, err = [], None
                 try:
-                    for c in cl.chat.completions.create(model=model, messages=MESSAGES, stream=True):
+                    for c in cl.chat.completions.create(model=model, messages=MESSAGES, stream=True, n=n):
                         got.append(c)
                 except openai.APIError as e:
                     err = e
@@ -139,7 +140,7 @@ async def test_fixture_through_proxy(engine, sse_manifest, name, size):
             # raw bytes: comments relayed, exactly one terminator at the very end
             async with httpx.AsyncClient(timeout=30) as h:
                 r = await h.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {TEST_KEY}"},
-                                 json={"model": model, "messages": MESSAGES, "stream": True})
+                                 json={"model": model, "messages": MESSAGES, "stream": True, "n": n})
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             assert r.headers.get("x-request-id")
             body = r.content
