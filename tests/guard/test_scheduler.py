@@ -348,3 +348,28 @@ def test_random_operations_keep_the_accounting_exact(ops, budget, chunk, window)
     for x in streams:
         s.close(x)
     assert s.kv_used == 0 and not s.live
+
+
+def test_reserved_streams_are_all_or_nothing_and_count_until_taken_or_given_back():
+    s = Scheduler(max_context=256, max_streams=4)
+    s.reserve(3)
+    with pytest.raises(EngineOverloaded):
+        s.reserve(2)  # 3 reserved + 2 > 4: refused whole, nothing changes
+    assert s.reserved == 3
+    other = s.open(_turn(1, 5))  # an unreserved stream takes the one free slot
+    with pytest.raises(EngineOverloaded):
+        s.open(_turn(2, 5))  # reserved slots are not free for others
+    prompt = s.open(_turn(3, 5), reserved=True)
+    drain(s)
+    forks = [s.fork(prompt, reserved=True), s.fork(prompt, reserved=True)]
+    assert s.reserved == 0 and len(s.live) == 4
+    with pytest.raises(RuntimeError):
+        s.fork(prompt, reserved=True)  # nothing reserved any more
+    check_accounting(s)
+    for st_ in (other, prompt, *forks):
+        s.close(st_)
+    s.reserve(4)
+    s.unreserve(4)
+    with pytest.raises(ValueError):
+        s.unreserve(1)
+    assert s.reserved == 0 and not s.live
