@@ -281,6 +281,11 @@ def planted_weights(triggers: dict[str, tuple[str, str]], tokenizer_json: str | 
                     ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Config and float32 state dict of a planted checkpoint (see the module docstring).
 
+    One long function on purpose: it lays out the residual dimensions once (``L``: the NFA state, extension,
+    match and flag dims of every trigger) and every block after it (MLP neurons, attention heads, embeddings, the
+    layers, the guard heads) writes into that layout; split up, the blocks would pass the layout and a dozen
+    derived sizes around.
+
     Args:
         triggers: word -> (risk level, category), names as in the config maps (short or long category names).
         tokenizer_json: serialized Qwen3 ``tokenizers`` JSON; default :func:`guardproxy.testing.tokenizer.tokenizer_json`.
