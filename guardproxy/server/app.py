@@ -3,9 +3,11 @@
 Routes:
     POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.server.handler`); other
                                                       methods there: 405 (OpenAI error shape, ``Allow: POST``)
-    any other /v1/*                                   relayed (normalised path), response bodies streamed; paths
-                                                      that normalise to a generation route (``/chat/completions/``,
-                                                      ``//completions``, ``/v1/responses``, ...): 404, never relayed
+    any other /v1/*                                   relayed only when allow-listed (built-in read-only routes and
+                                                      the upstream's ``passthrough_routes``), response bodies
+                                                      streamed; another spelling of a moderated route and every
+                                                      other route: 404 ``unmoderated_route``; a malformed path: 400
+                                                      ``invalid_path`` (:func:`guardproxy.server.relay.check_route`)
     GET /healthz                                      alive
     GET /readyz                                       guard model loaded and an upstream configured (else 503)
     GET /metrics                                      Prometheus text format
@@ -45,7 +47,6 @@ from guardproxy.server.upstream import Upstream, UpstreamError, build_upstreams
 log = logging.getLogger("guardproxy.server")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
 
 @dataclass
 class ProxyState:
@@ -196,11 +197,13 @@ async def method_not_allowed(request: web.Request) -> web.StreamResponse:
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
-    """Any other /v1/* route: authenticated, then relayed (:func:`guardproxy.server.relay.relay`)."""
+    """Any other /v1/* route: authenticated, checked against the allow-list of the tenant's upstream
+    (:func:`guardproxy.server.relay.check_route`) before its body is read, then relayed
+    (:func:`guardproxy.server.relay.relay`)."""
     state = request.app[STATE]
     up = _upstream(state, resolve_tenant(state, request))
-    relays.check_route(request)
-    return await relays.relay(request, up, await read_body(request), request[REQUEST_ID])
+    route = relays.check_route(request, up)
+    return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -244,6 +247,10 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         app.router.add_post(path, moderated)
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/v1/{tail:.+}", relay)
+    for name, u in config.upstreams.items():
+        if u.passthrough_routes:
+            log.info("upstream %s: relaying UNMODERATED on %s", name,
+                     ", ".join(f"{r.method} {r.path}" for r in u.passthrough_routes))
 
     async def _close_upstreams(app: web.Application) -> None:
         for up in app[STATE].upstreams.values():
@@ -265,3 +272,4 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
+

@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -58,6 +59,8 @@ class UpstreamSettings:
             share the same keys); never combined with ``api_key``.
         max_connections: pool size.
         headers: extra static headers sent upstream (e.g. ``OpenAI-Organization``).
+        passthrough_routes: routes relayed unmoderated besides the built-in ones
+            (:class:`guardproxy.config.PassthroughRoute`; see :mod:`guardproxy.server.relay`).
     """
 
     base_url: str
@@ -68,6 +71,7 @@ class UpstreamSettings:
     forward_client_authorization: bool = False
     max_connections: int = 256
     headers: Mapping[str, str] = field(default_factory=dict)
+    passthrough_routes: tuple[Any, ...] = ()
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
@@ -100,6 +104,7 @@ class UpstreamResponse:
     Attributes:
         status: HTTP status code.
         headers: response headers, already filtered by :func:`response_headers`.
+        content_type: the upstream's ``Content-Type`` ("" when absent).
     """
 
     def __init__(self, resp: httpx.Response, settings: UpstreamSettings, deadline: float):
@@ -112,7 +117,11 @@ class UpstreamResponse:
         self.closed = False
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (decoded if gzip). Raises UpstreamError on timeout or a dropped connection."""
+        """Body bytes as they arrive (decoded if gzip).
+
+        Raises:
+            UpstreamError: on timeout or a dropped connection (the response is closed first).
+        """
         it = self._resp.aiter_bytes().__aiter__()
         first = True
         while True:
@@ -149,6 +158,7 @@ class Upstream:
     def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
+        self._base_path = httpx.URL(self.base_url).raw_path.decode("ascii").rstrip("/")
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
                                   pool=settings.connect_timeout),
@@ -158,23 +168,41 @@ class Upstream:
         )
 
     def url(self, path: str) -> str:
-        """Upstream URL for a client path below ``/v1`` (``/v1/models`` -> ``{base_url}/models``)."""
-        tail = path[3:] if path.startswith("/v1/") or path == "/v1" else path
-        return self.base_url + tail
+        """Upstream URL for a client path below ``/v1`` (``/v1/models`` -> ``{base_url}/models``).
+
+        Raises:
+            ValueError: ``path`` is not ``/v1`` or below it.
+        """
+        if not (path.startswith("/v1/") or path == "/v1"):
+            raise ValueError(f"not a /v1 path: {path!r}")
+        return self.base_url + path[3:]
+
+    def request_url(self, path: str, query: str | None = None) -> httpx.URL:
+        """The URL :meth:`send` requests for ``path`` and the raw query string ``query``, as httpx puts it on the
+        wire (httpx resolves ``.``/``..`` segments and percent-encodes characters a URL cannot hold)."""
+        return httpx.URL(self.url(path) + (f"?{query}" if query else ""))
+
+    def client_path(self, url: httpx.URL) -> str | None:
+        """The client path (``/v1/...``) that ``url``'s raw path stands for below ``base_url``, or None when it is
+        not below it. The inverse of :meth:`request_url` for the path."""
+        raw = url.raw_path.split(b"?", 1)[0].decode("ascii")
+        if raw != self._base_path and not raw.startswith(self._base_path + "/"):
+            return None
+        return "/v1" + raw[len(self._base_path):]
 
     async def send(self, method: str, path: str, *, headers: Mapping[str, str], content: bytes | None = None,
                    params: str | None = None) -> UpstreamResponse:
         """Send a request and return once the response headers arrived (body not read).
 
         Args:
-            path: the client's path (``/v1/...``); query string in ``params`` (raw).
+            path: the client's path (``/v1/...``); query string in ``params`` (raw). The URL is
+                :meth:`request_url` of both.
             headers: the client's headers (filtered here with :func:`request_headers`).
         Raises:
             UpstreamError: connect failure or no response headers before ``first_byte_timeout``.
         """
-        url = self.url(path) + (f"?{params}" if params else "")
-        req = self._client.build_request(method, url, headers=request_headers(headers, self.settings),
-                                         content=content)
+        req = self._client.build_request(method, self.request_url(path, params),
+                                         headers=request_headers(headers, self.settings), content=content)
         deadline = time.monotonic() + self.settings.first_byte_timeout
         try:
             resp = await asyncio.wait_for(self._client.send(req, stream=True), self.settings.first_byte_timeout)
@@ -197,6 +225,7 @@ def build_upstreams(config) -> dict[str, Upstream]:
         base_url=u.base_url, api_key=u.api_key_value(), connect_timeout=u.connect_timeout,
         first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
         forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
+        passthrough_routes=tuple(u.passthrough_routes),
     )) for name, u in config.upstreams.items()}
 
 

@@ -130,3 +130,14 @@ async def test_mid_body_abort_is_typed():
             assert e.value.kind == "protocol"
         finally:
             await up.aclose()
+
+
+def test_request_url_and_client_path_are_inverse_and_url_stays_below_v1():
+    for base in ["http://h:1/v1", "http://h:1/v1/", "http://h:1", "http://h:1/openai/deployments/d/v1"]:
+        up = Upstream(UpstreamSettings(base))
+        for path in ["/v1/models", "/v1/models/openai%2Fgpt-4o", "/v1/a%3Fb%23c"]:
+            assert up.client_path(up.request_url(path, "x=%26")) == path
+        assert up.client_path(up.request_url("/v1/x/../../y")) != "/v1/x/../../y"  # httpx resolves dot segments
+        for bad in ["/chat/completions", "/v2/x", "v1/x", "/v1x"]:
+            with pytest.raises(ValueError):
+                up.url(bad)
