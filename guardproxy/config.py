@@ -211,7 +211,9 @@ class Limits(_Strict):
 
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)  # client request body; larger -> HTTP 413
     max_sse_event_bytes: int = Field(1024 * 1024, gt=0)  # one upstream SSE event; larger -> error frame
-    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)  # non-streaming upstream response body
+    # every upstream body that is not an SSE stream of a moderated route: non-streaming completions, upstream error
+    # bodies, relay-route responses; larger -> 502 upstream_too_large (or a broken response once bytes went out)
+    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     client_body_timeout: float = Field(30.0, gt=0)  # reading the client's request body
 
 

@@ -203,7 +203,8 @@ async def relay(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     up = _upstream(state, resolve_tenant(state, request))
     route = relays.check_route(request, up)
-    return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID])
+    return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID],
+                              state.config.limits.max_upstream_body_bytes)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -16,12 +16,17 @@ Route rule (:func:`check_route`), decided on the URL the upstream will receive:
    ``/v1/Chat/Completions``, ...): 404 ``unmoderated_route``, never relayed.
 4. Allow-list: ``METHOD route`` must match :data:`BUILTIN_PASSTHROUGH` or the upstream's ``passthrough_routes``;
    a ``{name}`` segment only takes a :func:`plain_param`. Anything else: 404 ``unmoderated_route``.
+
+Bodies: relay-route responses, upstream error bodies and non-SSE fail-open bodies are bounded by
+``limits.max_upstream_body_bytes``: past it, 502 ``upstream_too_large`` when nothing was sent yet, else the connection
+is aborted (a truncated body must never look complete).
 """
 
 from __future__ import annotations
 
 import logging
 import unicodedata
+from collections.abc import AsyncIterator
 from string import ascii_letters, digits, hexdigits
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -29,7 +34,9 @@ from aiohttp import web
 
 from guardproxy.config import MODERATED_ROUTES, PassthroughRoute
 from guardproxy.server.context import RequestContext
-from guardproxy.server.upstream import Upstream, UpstreamError, UpstreamResponse
+from guardproxy.server.upstream import (
+    Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
+)
 from guardproxy.wire.errors import ProxyError, error_frame
 from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
 
@@ -147,18 +154,31 @@ def check_route(request: web.Request, up: Upstream) -> tuple[str, str]:
     return sent, query
 
 
+def _body(resp: UpstreamResponse, limit: int) -> AsyncIterator[bytes]:
+    """``resp``'s body, bounded by ``limit`` bytes (:func:`bounded`).
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` at once when its ``Content-Length`` is larger.
+    """
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large(limit)
+    return bounded(resp.aiter_bytes(), limit)
+
+
 def _abort(request: web.Request) -> None:
     """Drop the client connection: a response cut short must not look complete."""
     if request.transport is not None:
         request.transport.abort()
 
 
-async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw: bytes, request_id: str
-                ) -> web.StreamResponse:
+async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw: bytes, request_id: str,
+                limit: int) -> web.StreamResponse:
     """Forward a request (body ``raw``) on ``route`` of ``up`` (as :func:`check_route` returned it; credentials and
-    hop-by-hop headers aside), response body streamed back.
+    hop-by-hop headers aside), response body streamed back, at most ``limit`` bytes of it.
 
     Raises:
+        ProxyError: 502 ``upstream_too_large`` when the body is over ``limit`` before any byte went out (after that,
+            the connection is aborted).
         UpstreamError: before any byte went out.
     """
     path, query = route
@@ -166,14 +186,14 @@ async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw:
     out = web.StreamResponse(status=resp.status, headers=resp.headers)
     out.headers["x-request-id"] = request_id
     try:
-        async for data in resp.aiter_bytes():
+        async for data in _body(resp, limit):
             if not out.prepared:
                 await out.prepare(request)
             await out.write(data)
         if not out.prepared:
             await out.prepare(request)
         await out.write_eof()
-    except UpstreamError as e:
+    except (UpstreamError, ProxyError) as e:
         if not out.prepared:
             raise
         log.warning("request %s: relay %s %s stopped mid-body: %s", request_id, request.method, path, e)
@@ -185,11 +205,16 @@ async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw:
 
 async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: UpstreamResponse,
                             extra_headers: dict[str, str]) -> web.StreamResponse:
-    """Pass the upstream response on as it is (upstream errors; fail-open relays), body streamed; an SSE body always
-    ends with ``[DONE]``."""
+    """Pass the upstream response on as it is (upstream errors; fail-open relays). An error body (status >= 400) is
+    read whole, bounded; other bodies are streamed, non-SSE ones bounded, SSE ones always ending with ``[DONE]``.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` for an error body over ``limits.max_upstream_body_bytes``.
+    """
+    limit = ctx.limits.max_upstream_body_bytes
     if resp.status >= 400:
         ctx.metrics.upstream_errors.labels(kind=f"http_{resp.status}").inc()
-        body = await resp.aread()
+        body = b"".join([data async for data in _body(resp, limit)])
         headers = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
         return web.Response(status=resp.status, body=body, headers={**headers, **extra_headers})
     is_sse = "text/event-stream" in resp.content_type
@@ -199,7 +224,7 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
     done = False
     await out.prepare(request)
     try:
-        async for data in resp.aiter_bytes():
+        async for data in resp.aiter_bytes() if is_sse else _body(resp, limit):
             await out.write(data)
             if dec is not None and not done:
                 done = any(ev.is_done for ev in dec.feed(data))
@@ -207,8 +232,8 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
             done = any(ev.is_done for ev in dec.close())
             if not done:
                 await out.write(b"\n\n" + DONE)
-    except (UpstreamError, SSEError) as e:
-        kind = getattr(e, "kind", "bad_sse")
+    except (UpstreamError, SSEError, ProxyError) as e:
+        kind = getattr(e, "kind", "too_large" if isinstance(e, ProxyError) else "bad_sse")
         ctx.metrics.upstream_errors.labels(kind=kind).inc()
         if not is_sse:
             log.warning("request %s: upstream body stopped: %s", ctx.request_id, e)

@@ -105,6 +105,8 @@ class UpstreamResponse:
         status: HTTP status code.
         headers: response headers, already filtered by :func:`response_headers`.
         content_type: the upstream's ``Content-Type`` ("" when absent).
+        content_length: the upstream's ``Content-Length`` of an unencoded body (None when absent, not a number, or
+            the body is content-encoded: its decoded size is unknown).
     """
 
     def __init__(self, resp: httpx.Response, settings: UpstreamSettings, deadline: float):
@@ -114,6 +116,9 @@ class UpstreamResponse:
         self.status = resp.status_code
         self.headers = response_headers(resp.headers)
         self.content_type = resp.headers.get("content-type", "")
+        length = resp.headers.get("content-length", "")
+        encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
+        self.content_length = int(length) if length.isdigit() and not encoded else None
         self.closed = False
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
@@ -229,16 +234,30 @@ def build_upstreams(config) -> dict[str, Upstream]:
     )) for name, u in config.upstreams.items()}
 
 
+def too_large(limit: int) -> ProxyError:
+    """502 ``upstream_too_large``: an upstream body over ``limit`` bytes (``limits.max_upstream_body_bytes``)."""
+    return ProxyError(502, f"Upstream response too large (over {limit} bytes).", code="upstream_too_large")
+
+
+async def bounded(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``body`` (an upstream body iterator) passed on read by read, refused before the read that takes it past
+    ``limit`` bytes: no more than ``limit`` bytes are ever yielded, and reading stops there.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` (:func:`too_large`).
+    """
+    size = 0
+    async for data in body:
+        size += len(data)
+        if size > limit:
+            raise too_large(limit)
+        yield data
+
+
 async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
     """All of ``body`` (an upstream body iterator), refused as soon as more than ``limit`` bytes arrived.
 
     Raises:
         ProxyError: 502 ``upstream_too_large``.
     """
-    parts, size = [], 0
-    async for data in body:
-        size += len(data)
-        if size > limit:
-            raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
-        parts.append(data)
-    return b"".join(parts)
+    return b"".join([data async for data in bounded(body, limit)])
