@@ -15,6 +15,10 @@ Routes:
 Every response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a fresh uuid4 hex).
 Errors before the first response byte are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status
 (:mod:`guardproxy.wire.errors`); nothing is ever answered with a traceback, and no client credential is ever logged.
+That includes what aiohttp answers itself, before any handler runs (:class:`OpenAIErrorsProtocol`): an oversized
+request line or header field (over 8190 bytes) or too many header fields (over 128) is 431
+``request_header_too_large``, a path with characters a URL cannot hold 400 ``invalid_path``, any other malformed
+request 400 ``invalid_request``.
 
 The handler task is cancelled when the client disconnects (``handler_cancellation=True`` in :func:`start`), which is
 how a disconnect reaches the upstream request and the guard streams (their ``finally`` blocks close them).
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
@@ -261,13 +265,74 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     return app
 
 
+def protocol_error(status: int, exc: BaseException | None) -> ProxyError:
+    """The OpenAI-shaped error for what aiohttp answers itself (:class:`OpenAIErrorsProtocol`): ``exc`` is the
+    parser's exception (``aiohttp.http_exceptions``), or what escaped a handler (``status`` 500, 504 for a
+    timeout). Messages never repeat the request's bytes (they may hold a credential)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return ProxyError(431, f"The request line or a header field is longer than {exc.args[1]} bytes.",
+                          code="request_header_too_large")
+    if isinstance(exc, http_exceptions.BadHttpMessage) and exc.message.startswith("Too many headers"):
+        return ProxyError(431, "The request has too many header fields.", code="request_header_too_large")
+    if isinstance(exc, http_exceptions.InvalidURLError):
+        return ProxyError(400, "Invalid request path: it holds characters a URL cannot hold.", code="invalid_path")
+    if isinstance(exc, http_exceptions.HttpProcessingError) or status == 400:
+        return ProxyError(400, "Malformed HTTP request.", code="invalid_request")
+    if status == 504:
+        return ProxyError(504, "The request timed out in guardproxy.", code="timeout")
+    return ProxyError(500, "Internal error in guardproxy.", code="internal_error")
+
+
+class OpenAIErrorsProtocol(web.RequestHandler):
+    """aiohttp's per-connection protocol, with :meth:`handle_error` (where aiohttp answers a request it cannot parse,
+    or a handler failure, itself) answering in OpenAI's error shape with a fresh ``x-request-id`` instead of
+    text/plain, and logging the kind of failure only (never the request bytes)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The response to a failed request; the connection is closed after it.
+
+        Raises:
+            ConnectionError: part of a response was already written (it cannot be answered any more).
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        err = protocol_error(status, exc)
+        if err.status >= 500:
+            log.error("request from %s failed in aiohttp: %s", request.remote, type(exc).__name__, exc_info=exc)
+        else:
+            log.info("request from %s refused: %s (HTTP %d %s)", request.remote, type(exc).__name__, err.status,
+                     err.code)
+        resp = error_response(err, {"x-request-id": uuid.uuid4().hex})
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    """aiohttp's server, making :class:`OpenAIErrorsProtocol` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return OpenAIErrorsProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """``web.AppRunner`` whose server is a :class:`_Server` (same handler, request factory and settings)."""
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return _Server(base.request_handler, request_factory=base.request_factory,
+                       handler_cancellation=base.handler_cancellation, loop=base._loop, **base._kwargs)
+
+
 async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner (``await runner.cleanup()`` to stop) and the bound port.
 
     ``handler_cancellation=True`` makes a client disconnect cancel the handler, which closes the upstream request
     and the guard streams.
     """
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    runner = _Runner(app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

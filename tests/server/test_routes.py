@@ -184,6 +184,17 @@ async def test_malformed_paths_are_400_invalid_path(stack, target, code):
     assert up.seen == []
 
 
+@pytest.mark.parametrize("raw", [b"/v1/models\x00", b"/v1/models\x01x", b"/v1/mod\x7fels", b"/v1/models\tx",
+                                 b"/v1/m\xc3\xa9"])
+async def test_raw_control_characters_in_the_path_are_400_invalid_path(stack, raw):
+    """aiohttp's parser refuses these before any handler: the answer is still JSON in OpenAI's shape."""
+    up, _, port = stack
+    r = await raw_request(port, "GET", raw)
+    assert r.status == 400 and r.headers["content-type"].startswith("application/json"), r.raw[:300]
+    assert r.json()["error"]["code"] in ("invalid_path", "invalid_request") and r.headers.get("x-request-id")
+    assert up.seen == []
+
+
 def test_normalized_path_keeps_reserved_escapes_and_decodes_unreserved_ones():
     assert normalized_path("/v1/%6Dodels/a%2fb%3f%23%3b/") == "/v1/models/a%2Fb%3F%23%3B"
     assert normalized_path("/v1/models/x/../y//z/.") == "/v1/models/y/z"
