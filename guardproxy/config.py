@@ -361,6 +361,16 @@ class GuardSettings(_Strict):
         )
 
 
+class Shutdown(_Strict):
+    """What ``guardproxy serve`` does on SIGTERM / SIGINT. Seconds.
+
+    ``drain_timeout``: how long requests in flight may take to finish once the server stopped taking new ones; the
+    rest are then stopped (a moderated or fail-open SSE stream ends with an error frame and ``[DONE]``).
+    """
+
+    drain_timeout: float = Field(25.0, ge=0)
+
+
 class TenantConfig(_Strict):
     """A tenant: who (hashes of its API keys), which policy, which upstream. Keys are never stored in clear."""
 
@@ -406,6 +416,7 @@ class Config(_Strict):
     policies_dir: Path = Path("policies")
     policies: dict[str, Policy] = Field(default_factory=dict)
     allow_anonymous_tenant: Optional[str] = None
+    shutdown: Shutdown = Field(default_factory=Shutdown)
 
     def with_overrides(
         self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None

@@ -1,4 +1,4 @@
-"""The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics.
+"""The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics, drain.
 
 Routes:
     POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.server.handler`); other
@@ -9,7 +9,8 @@ Routes:
                                                       other route: 404 ``unmoderated_route``; a malformed path: 400
                                                       ``invalid_path`` (:func:`guardproxy.server.relay.check_route`)
     GET /healthz                                      alive
-    GET /readyz                                       guard model loaded and an upstream configured (else 503)
+    GET /readyz                                       guard model loaded, an upstream configured, not draining
+                                                      (else 503)
     GET /metrics                                      Prometheus text format
 
 Every response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a fresh uuid4 hex).
@@ -22,6 +23,13 @@ request 400 ``invalid_request``.
 
 The handler task is cancelled when the client disconnects (``handler_cancellation=True`` in :func:`start`), which is
 how a disconnect reaches the upstream request and the guard streams (their ``finally`` blocks close them).
+
+Drain (:func:`drain`, on SIGTERM / SIGINT): /readyz turns 503 and new ``/v1/*`` requests get 503 ``shutting_down``
+with ``Retry-After``; requests in flight may finish for ``shutdown.drain_timeout`` seconds. Then every upstream is
+interrupted (:meth:`guardproxy.server.upstream.Upstream.interrupt`): each request still waiting on one gets
+:class:`guardproxy.server.upstream.ShuttingDown` from its next upstream wait, so a response not started yet is
+503 ``shutting_down``, an SSE stream of a moderated route ends with an error frame and ``[DONE]`` and any other
+relayed body is aborted. What has not finished :data:`STOP_GRACE` seconds later has its connection closed.
 """
 
 from __future__ import annotations
@@ -44,13 +52,53 @@ from guardproxy.server import relay as relays
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
 from guardproxy.server.metrics import Metrics
-from guardproxy.server.relay import MODERATED
+from guardproxy.server.relay import MODERATED, shutting_down
 from guardproxy.wire.errors import ProxyError
-from guardproxy.server.upstream import Upstream, UpstreamError, build_upstreams
+from guardproxy.server.upstream import ShuttingDown, Upstream, UpstreamError, build_upstreams
 
 log = logging.getLogger("guardproxy.server")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: Seconds the requests stopped at the drain timeout get to write their last bytes before connections close.
+STOP_GRACE = 5.0
+#: ``Retry-After`` (seconds) of the 503 ``shutting_down`` answers: another replica can take the retry.
+RETRY_AFTER = "1"
+
+
+class Lifecycle:
+    """The ``/v1/*`` requests in flight, and whether the server still takes new ones (:func:`drain`)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        """A request started."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """A request ended (its response written, or its handler gone)."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float, cut_short: asyncio.Event | None = None) -> bool:
+        """Wait until no request is in flight, for at most ``timeout`` seconds or until ``cut_short`` is set.
+        Returns whether none is in flight."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if cut_short is not None:
+            waits.append(asyncio.ensure_future(cut_short.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.in_flight == 0
+
 
 @dataclass
 class ProxyState:
@@ -62,6 +110,7 @@ class ProxyState:
         upstreams: upstream name (as in the config) -> pooled client.
         tenants: API key -> tenant.
         metrics: Prometheus metrics of this server (own registry).
+        lifecycle: requests in flight and the drain state.
     """
 
     config: Config
@@ -69,6 +118,7 @@ class ProxyState:
     upstreams: dict[str, Upstream]
     tenants: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def max_body_bytes(self) -> int:
@@ -101,42 +151,60 @@ def resolve_tenant(state: ProxyState, request: web.Request) -> Tenant:
     return tenant
 
 
+def _error(err: ProxyError) -> web.Response:
+    """The answer to ``err``; ``shutting_down`` carries ``Retry-After``."""
+    return error_response(err, {"Retry-After": RETRY_AFTER} if err.code == "shutting_down" else None)
+
+
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler):
-    """Assign ``x-request-id``; turn every exception before the first byte into an OpenAI-shaped error."""
+    """Assign ``x-request-id``; count ``/v1/*`` requests in flight (refused with 503 while draining); turn every
+    exception before the first byte into an OpenAI-shaped error."""
     incoming = request.headers.get("x-request-id", "")
     rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = rid
     state = request.app[STATE]
+    lifecycle = state.lifecycle
     route = request.path if request.path in MODERATED else ("/v1/*" if request.path.startswith("/v1/") else request.path)
+    counted = request.path.startswith("/v1/") and not lifecycle.draining
     status = 500
+    if counted:
+        lifecycle.enter()
     try:
         try:
+            if lifecycle.draining and request.path.startswith("/v1/"):
+                raise shutting_down()
             resp = await handler(request)
         except ProxyError as e:
-            resp = error_response(e)
+            resp = _error(e)
         except web.HTTPRequestEntityTooLarge:
-            resp = error_response(ProxyError(413, f"Request body exceeds the limit of {state.max_body_bytes} bytes.",
-                                             code="payload_too_large"))
+            resp = _error(ProxyError(413, f"Request body exceeds the limit of {state.max_body_bytes} bytes.",
+                                     code="payload_too_large"))
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             msg = {404: f"Unknown route: {request.method} {request.path}",
                    405: f"Method {request.method} not allowed on {request.path}"}.get(e.status, e.reason)
-            resp = error_response(ProxyError(e.status, msg, code=e.reason.lower().replace(" ", "_")))
+            resp = _error(ProxyError(e.status, msg, code=e.reason.lower().replace(" ", "_")))
+        except ShuttingDown:
+            resp = _error(shutting_down())
         except UpstreamError as e:
             code = 504 if e.kind == "timeout" else 502
-            resp = error_response(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
+            resp = _error(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
         except Exception:  # a bug: log it server-side, answer a clean 500
             log.exception("request %s failed", rid)
-            resp = error_response(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))
+            resp = _error(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))
         status = resp.status
         if not resp.prepared:
             resp.headers["x-request-id"] = rid
             if status == 405 and request.path in MODERATED:
                 resp.headers["Allow"] = "POST"
+            if lifecycle.draining:
+                resp.force_close()  # the client reconnects, to another replica
         return resp
     finally:
+        if counted:
+            lifecycle.leave()
         state.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
@@ -217,11 +285,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the guard model is loaded and an upstream is configured; 503 otherwise."""
+    """Ready when the guard model is loaded, an upstream is configured and the server is not draining; 503 otherwise
+    (``status``: ``ready``, ``not_ready`` or ``shutting_down``)."""
     state = request.app[STATE]
-    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams)}
+    draining = state.lifecycle.draining
+    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams), "accepting": not draining}
     ok = all(checks.values())
-    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503)
+    status = "ready" if ok else ("shutting_down" if draining else "not_ready")
+    return json_response({"status": status, "checks": checks}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -339,3 +410,28 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080)
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
 
+
+async def drain(app: web.Application, timeout: float, *, cut_short: asyncio.Event | None = None) -> int:
+    """Drain ``app`` before it stops (see the module docstring): take no new ``/v1/*`` requests, let those in
+    flight finish for ``timeout`` seconds (less if ``cut_short`` is set meanwhile), then interrupt the upstreams and
+    give the rest :data:`STOP_GRACE` seconds to end. Call ``runner.cleanup()`` afterwards.
+
+    Returns:
+        How many requests were still in flight at the timeout (and were stopped).
+    """
+    state = app[STATE]
+    lifecycle = state.lifecycle
+    lifecycle.draining = True
+    log.info("draining: %d request(s) in flight, new requests get 503 shutting_down; waiting up to %gs",
+             lifecycle.in_flight, timeout)
+    if await lifecycle.wait_idle(timeout, cut_short):
+        log.info("drained: no request in flight")
+        return 0
+    left = lifecycle.in_flight
+    log.warning("drain timeout: stopping %d request(s) still in flight", left)
+    for up in state.upstreams.values():
+        up.interrupt()
+    if not await lifecycle.wait_idle(STOP_GRACE):
+        log.warning("%d request(s) still in flight %gs later: closing their connections", lifecycle.in_flight,
+                    STOP_GRACE)
+    return left

@@ -20,6 +20,9 @@ Route rule (:func:`check_route`), decided on the URL the upstream will receive:
 Bodies: relay-route responses, upstream error bodies and non-SSE fail-open bodies are bounded by
 ``limits.max_upstream_body_bytes``: past it, 502 ``upstream_too_large`` when nothing was sent yet, else the connection
 is aborted (a truncated body must never look complete).
+
+Shutdown: when the server's drain timeout interrupts the upstreams (:class:`ShuttingDown`), a fail-open SSE relay
+ends with :data:`SHUTDOWN_FRAME` and ``[DONE]``; other relayed bodies are aborted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from aiohttp import web
 from guardproxy.config import MODERATED_ROUTES, PassthroughRoute
 from guardproxy.server.context import RequestContext
 from guardproxy.server.upstream import (
-    Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
+    ShuttingDown, Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
 )
 from guardproxy.wire.errors import ProxyError, error_frame
 from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
@@ -52,9 +55,19 @@ MODERATED = MODERATED_ROUTES
 BUILTIN_PASSTHROUGH = tuple(PassthroughRoute.model_validate(r) for r in (
     "GET /v1/models", "GET /v1/models/{model}", "POST /v1/embeddings", "POST /v1/tokenize", "POST /v1/detokenize"))
 
+#: The last SSE frame (before ``[DONE]``) of a stream the server stopped at its drain timeout.
+SHUTDOWN_FRAME = error_frame("guardproxy is shutting down; the stream was stopped. Retry the request.",
+                             type="service_unavailable", code="shutting_down")
+
 _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 #: Characters a path segment may hold raw (RFC 3986 pchar, escapes aside).
 _PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
+
+
+def shutting_down() -> ProxyError:
+    """503 ``shutting_down``: the server is draining (send with ``Retry-After``)."""
+    return ProxyError(503, "guardproxy is shutting down; retry the request.", code="shutting_down",
+                      type="service_unavailable")
 
 
 def _invalid(reason: str) -> ProxyError:
@@ -234,11 +247,14 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
                 await out.write(b"\n\n" + DONE)
     except (UpstreamError, SSEError, ProxyError) as e:
         kind = getattr(e, "kind", "too_large" if isinstance(e, ProxyError) else "bad_sse")
-        ctx.metrics.upstream_errors.labels(kind=kind).inc()
+        if not isinstance(e, ShuttingDown):
+            ctx.metrics.upstream_errors.labels(kind=kind).inc()
         if not is_sse:
             log.warning("request %s: upstream body stopped: %s", ctx.request_id, e)
             _abort(request)
             return out
-        await out.write(b"\n\n" + error_frame(f"Upstream error: {e}", code=f"upstream_{kind}") + DONE)
+        frame = SHUTDOWN_FRAME if isinstance(e, ShuttingDown) else error_frame(f"Upstream error: {e}",
+                                                                             code=f"upstream_{kind}")
+        await out.write(b"\n\n" + frame + DONE)
     await out.write_eof()
     return out

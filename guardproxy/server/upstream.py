@@ -5,6 +5,9 @@ server. Timeouts: ``connect_timeout`` for the TCP/TLS connect, ``first_byte_time
 first body byte (covers queueing and prefill upstream), ``idle_timeout`` between two body reads after that. There is
 no total timeout, so a long stream lives as long as it keeps sending (keep-alive comments count).
 
+Stopping: :meth:`Upstream.interrupt` (the server's drain timeout) makes every request waiting for its response
+headers and every body read of that upstream raise :class:`ShuttingDown` at once, and every later one too.
+
 Credentials: the upstream's own key from configuration is sent as ``Authorization: Bearer``; the client's
 ``Authorization`` / ``api-key`` / ``x-api-key`` / cookies are dropped unless ``forward_client_authorization`` is set.
 Hop-by-hop headers (RFC 9110 section 7.6.1, plus those named in ``Connection``) are stripped both ways.
@@ -14,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -45,6 +48,17 @@ class UpstreamError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+class ShuttingDown(UpstreamError):
+    """guardproxy is stopping (:meth:`Upstream.interrupt`): the request was ended by the proxy, not the upstream.
+    ``kind`` is ``"shutdown"``."""
+
+    def __init__(self) -> None:
+        super().__init__("shutdown", "guardproxy is shutting down")
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,9 +123,10 @@ class UpstreamResponse:
             the body is content-encoded: its decoded size is unknown).
     """
 
-    def __init__(self, resp: httpx.Response, settings: UpstreamSettings, deadline: float):
+    def __init__(self, resp: httpx.Response, upstream: "Upstream", deadline: float):
         self._resp = resp
-        self._settings = settings
+        self._upstream = upstream
+        self._settings = upstream.settings
         self._deadline = deadline  # monotonic time by which the first body byte must arrive
         self.status = resp.status_code
         self.headers = response_headers(resp.headers)
@@ -125,20 +140,24 @@ class UpstreamResponse:
         """Body bytes as they arrive (decoded if gzip).
 
         Raises:
-            UpstreamError: on timeout or a dropped connection (the response is closed first).
+            UpstreamError: on timeout or a dropped connection; :class:`ShuttingDown` once the upstream was
+                interrupted (the response is closed first in every case).
         """
         it = self._resp.aiter_bytes().__aiter__()
         first = True
         while True:
             timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
             try:
-                data = await asyncio.wait_for(it.__anext__(), timeout)
+                data = await self._upstream.wait(it.__anext__(), timeout)
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
                 await self.aclose()
                 what = "first byte" if first else "next read"
                 raise UpstreamError("timeout", f"upstream sent nothing for {timeout:.1f}s (waiting for {what})") from None
+            except ShuttingDown:
+                await self.aclose()
+                raise
             except httpx.HTTPError as e:
                 await self.aclose()
                 raise UpstreamError("protocol", f"upstream connection failed mid-body: {type(e).__name__}") from None
@@ -164,6 +183,8 @@ class Upstream:
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
         self._base_path = httpx.URL(self.base_url).raw_path.decode("ascii").rstrip("/")
+        self._interrupted = False
+        self._stopped: asyncio.Future | None = None  # done once interrupted; made in the running loop
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
                                   pool=settings.connect_timeout),
@@ -195,6 +216,38 @@ class Upstream:
             return None
         return "/v1" + raw[len(self._base_path):]
 
+    def interrupt(self) -> None:
+        """Stop this upstream for good: waiting and later requests and body reads raise :class:`ShuttingDown`."""
+        self._interrupted = True
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def wait(self, aw: Awaitable[T], timeout: float) -> T:
+        """``await aw`` for at most ``timeout`` seconds, unless :meth:`interrupt` comes first.
+
+        Raises:
+            asyncio.TimeoutError: ``aw`` did not finish in time (it is cancelled).
+            ShuttingDown: the upstream was interrupted before ``aw`` finished (it is cancelled).
+        """
+        if self._interrupted:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise ShuttingDown()
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait((task, self._stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled from outside: the awaited work goes too, before the caller closes things
+            await _cancel(task)
+            raise
+        if task in done:
+            return task.result()
+        await _cancel(task)
+        if self._stopped.done():
+            raise ShuttingDown()
+        raise asyncio.TimeoutError
+
     async def send(self, method: str, path: str, *, headers: Mapping[str, str], content: bytes | None = None,
                    params: str | None = None) -> UpstreamResponse:
         """Send a request and return once the response headers arrived (body not read).
@@ -204,20 +257,21 @@ class Upstream:
                 :meth:`request_url` of both.
             headers: the client's headers (filtered here with :func:`request_headers`).
         Raises:
-            UpstreamError: connect failure or no response headers before ``first_byte_timeout``.
+            UpstreamError: connect failure or no response headers before ``first_byte_timeout``;
+                :class:`ShuttingDown` once the upstream was interrupted.
         """
         req = self._client.build_request(method, self.request_url(path, params),
                                          headers=request_headers(headers, self.settings), content=content)
         deadline = time.monotonic() + self.settings.first_byte_timeout
         try:
-            resp = await asyncio.wait_for(self._client.send(req, stream=True), self.settings.first_byte_timeout)
+            resp = await self.wait(self._client.send(req, stream=True), self.settings.first_byte_timeout)
         except asyncio.TimeoutError:
             raise UpstreamError("timeout", f"upstream sent no response within {self.settings.first_byte_timeout}s") from None
         except httpx.TimeoutException as e:
             raise UpstreamError("timeout", f"upstream timed out ({type(e).__name__})") from None
         except httpx.HTTPError as e:
             raise UpstreamError("connect", f"upstream unreachable ({type(e).__name__})") from None
-        return UpstreamResponse(resp, self.settings, deadline)
+        return UpstreamResponse(resp, self, deadline)
 
     async def aclose(self) -> None:
         """Close the pool."""
@@ -232,6 +286,17 @@ def build_upstreams(config) -> dict[str, Upstream]:
         forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
         passthrough_routes=tuple(u.passthrough_routes),
     )) for name, u in config.upstreams.items()}
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancel ``task`` and wait until it has finished (a cancellation of the caller meanwhile propagates); a
+    response it still produced is closed, an exception it raised is dropped."""
+    task.cancel()
+    await asyncio.wait((task,))
+    if task.cancelled() or task.exception() is not None:
+        return
+    if isinstance(task.result(), httpx.Response):
+        await task.result().aclose()
 
 
 def too_large(limit: int) -> ProxyError:

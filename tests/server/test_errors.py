@@ -135,7 +135,7 @@ async def test_request_id_echoed_or_generated(stack):
 async def test_readyz_without_engine_and_moderated_route_503(stack):
     _, _, client = stack
     r = await client.get("/readyz")
-    assert r.status_code == 503 and r.json()["checks"] == {"guard_model": False, "upstream": True}
+    assert r.status_code == 503 and r.json()["checks"] == {"guard_model": False, "upstream": True, "accepting": True}
     r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
                           headers=AUTH)
     assert_openai_error(r, 503, "guard_not_ready")
