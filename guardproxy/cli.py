@@ -88,6 +88,14 @@ async def _serve(cfg, engine) -> None:
         await drain(app, cfg.shutdown.drain_timeout, cut_short=now)
     finally:
         await runner.cleanup()
+        # from here on a late signal is ignored: with the loop's handlers gone, SIGTERM would kill the process
+        # (exit status -15) and SIGINT raise KeyboardInterrupt while the guard engine stops
+        for sig in handlers:
+            try:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+            except (NotImplementedError, RuntimeError, ValueError):  # no signal support here
+                pass
     log.info("guardproxy stopped")
 
 

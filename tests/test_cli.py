@@ -169,6 +169,8 @@ async def test_sigterm_drains_ends_live_streams_with_an_error_frame_and_done_the
             assert refused.json()["error"]["code"] == "shutting_down"
             r = await stream
             ended = time.monotonic() - t_sig
+            await asyncio.sleep(0.3)
+            server.signal(signal.SIGTERM)  # late, while (or after) the process stops: ignored
         finally:
             server.signal(signal.SIGTERM)
             out = await server.finish()
