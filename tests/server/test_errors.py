@@ -155,7 +155,7 @@ async def test_relay_with_openai_sdk_and_no_client_credential_forwarded(stack):
 
 
 async def test_relay_streams_arbitrary_bodies():
-    """A configured passthrough route relays any body both ways, the raw query string as sent."""
+    """A configured passthrough route relays any body both ways, streamed."""
     async with FakeUpstream() as fake:
         config = proxy_config(fake.base_url, upstream={"passthrough_routes": ["PUT /v1/echo/{name}"]})
         async with RunningProxy(config, engine=None) as proxy:
