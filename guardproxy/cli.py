@@ -4,6 +4,10 @@
 
 Start-up problems (a bad config, a guard model that cannot be loaded, a port in use) print one clear ``error:``
 message to stderr and exit with status 2, never a traceback.
+
+Signals (``serve``): SIGTERM or SIGINT drains the server (:func:`guardproxy.server.app.drain`: /readyz 503, new
+requests 503 ``shutting_down``, requests in flight finish for ``shutdown.drain_timeout`` seconds, the rest are
+stopped), then it exits 0; a second SIGTERM/SIGINT ends the drain at once. SIGHUP is logged at INFO and ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="run the moderating proxy",
-        description="Serve the OpenAI-compatible moderating proxy until SIGINT/SIGTERM (schema: docs/CONFIG.md).",
+        description="Serve the OpenAI-compatible moderating proxy until SIGINT/SIGTERM, which drain it first "
+                    "(shutdown.drain_timeout); SIGHUP is ignored (schema: docs/CONFIG.md).",
     )
     p.add_argument("--config", required=True, help="YAML config file (see config.example.yaml)")
     p.add_argument("--host", default=None, help="listen address (overrides listen.host)")
@@ -49,26 +54,54 @@ def load_engine(settings):
 
 
 async def _serve(cfg, engine) -> None:
-    from guardproxy.server.app import create_app, start
+    """Serve until SIGTERM or SIGINT, then drain (``shutdown.drain_timeout``; a second signal ends the drain at once)
+    and stop. SIGHUP is logged and ignored."""
+    from guardproxy.server.app import create_app, drain, start
 
     app = create_app(cfg, engine)
     runner, port = await start(app, cfg.listen.host, cfg.listen.port)
     log.info("guardproxy listening on http://%s:%d/v1 (guard model %s)", cfg.listen.host, port, cfg.guard.model)
-    stop = asyncio.Event()
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_stop(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s received again: ending the drain now", sig.name)
+            now.set()
+        else:
+            log.info("%s received: draining (up to %gs), then stopping", sig.name, cfg.shutdown.drain_timeout)
+            stop.set()
+
+    def on_hup() -> None:
+        log.info("SIGHUP received; configuration reload is not available yet, ignoring")
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    handlers = {signal.SIGINT: (on_stop, signal.SIGINT), signal.SIGTERM: (on_stop, signal.SIGTERM)}
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        handlers[signal.SIGHUP] = (on_hup,)
+    for sig, (fn, *args) in handlers.items():
         try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, fn, *args)
+        except (NotImplementedError, RuntimeError):  # no signal support in this loop
             pass
     try:
         await stop.wait()
+        await drain(app, cfg.shutdown.drain_timeout, cut_short=now)
     finally:
         await runner.cleanup()
+        # from here on a late signal is ignored: with the loop's handlers gone, SIGTERM would kill the process
+        # (exit status -15) and SIGINT raise KeyboardInterrupt while the guard engine stops
+        for sig in handlers:
+            try:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+            except (NotImplementedError, RuntimeError, ValueError):  # no signal support here
+                pass
+    log.info("guardproxy stopped")
 
 
 def serve(args) -> int:
-    """``guardproxy serve``: load config and guard model, then serve until SIGINT/SIGTERM. Returns the exit code."""
+    """``guardproxy serve``: load config and guard model, then serve until SIGINT/SIGTERM (and a drain). Returns the
+    exit code: 0 after a drain, 2 for a start-up problem."""
     from guardproxy.config import ConfigError, load_config
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

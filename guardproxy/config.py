@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -212,8 +212,80 @@ class Limits(_Strict):
 
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)  # client request body; larger -> HTTP 413
     max_sse_event_bytes: int = Field(1024 * 1024, gt=0)  # one upstream SSE event; larger -> error frame
-    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)  # non-streaming upstream response body
+    # every upstream body that is not an SSE stream of a moderated route: non-streaming completions, upstream error
+    # bodies, relay-route responses; larger -> 502 upstream_too_large (or a broken response once bytes went out)
+    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     client_body_timeout: float = Field(30.0, gt=0)  # reading the client's request body
+
+
+#: The routes guardproxy moderates (POST); no other spelling of them is ever relayed.
+MODERATED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+#: A literal segment of a passthrough route: RFC 3986 unreserved and sub-delimiter characters, ':' and '@'; no ';'
+#: (some servers cut a segment at ';'), no percent-escapes.
+_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
+_PARAM_SEGMENT = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+class PassthroughRoute(_Strict):
+    """A route an upstream's responses are relayed on without moderation: ``"METHOD /v1/path"`` (or a mapping with
+    ``method`` and ``path``). A ``{name}`` segment matches any one path segment the relay accepts as a parameter;
+    other segments match exactly (case-sensitive).
+
+    Raises (at validation):
+        ValueError: not ``METHOD /v1/path``; an unknown method; a path outside ``/v1/``, with an empty, dot or
+            percent-escaped segment; a pattern that matches a moderated route.
+    """
+
+    method: str
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            parts = v.split()
+            if len(parts) != 2:
+                raise ValueError(f"expected 'METHOD /v1/path', got {v!r}")
+            return {"method": parts[0], "path": parts[1]}
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v.upper() not in _METHODS:
+            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(_METHODS)}")
+        return v.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        segments = v.split("/")
+        if segments[:2] != ["", "v1"] or len(segments) < 3:
+            raise ValueError(f"{v!r}: a passthrough path starts with /v1/")
+        for seg in segments[2:]:
+            if seg in (".", "..") or not (_LITERAL_SEGMENT.match(seg) or _PARAM_SEGMENT.match(seg)):
+                raise ValueError(f"{v!r}: segment {seg!r} is neither a plain name (letters, digits, -._~!$&'()*+,=:@) "
+                                 f"nor a {{parameter}}")
+        return v
+
+    @model_validator(mode="after")
+    def _not_moderated(self) -> "PassthroughRoute":
+        for route in MODERATED_ROUTES:
+            if self.matches(self.method, route):
+                raise ValueError(f"{self.method} {self.path} matches the moderated route {route}: it is never "
+                                 "relayed unmoderated")
+        return self
+
+    def matches(self, method: str, path: str, param_ok: Callable[[str], bool] = lambda seg: True) -> bool:
+        """Does ``method path`` (a normalised client path, ``/v1/...``) match this route? ``param_ok(segment)``
+        decides whether a segment may fill a ``{name}``."""
+        if method != self.method:
+            return False
+        want, got = self.path.split("/"), path.split("/")
+        return len(want) == len(got) and all(
+            param_ok(g) if _PARAM_SEGMENT.match(w) else w == g for w, g in zip(want, got))
 
 
 class Upstream(_Strict):
@@ -230,6 +302,8 @@ class Upstream(_Strict):
     idle_timeout: float = Field(60.0, gt=0)  # between two reads of the body (SSE events, keep-alives)
     forward_client_authorization: bool = False
     headers: dict[str, str] = Field(default_factory=dict)
+    # routes relayed unmoderated besides the built-in read-only ones (guardproxy.server.relay.BUILTIN_PASSTHROUGH)
+    passthrough_routes: list[PassthroughRoute] = Field(default_factory=list)
 
     @field_validator("base_url")
     @classmethod
@@ -296,6 +370,16 @@ class GuardSettings(_Strict):
         )
 
 
+class Shutdown(_Strict):
+    """What ``guardproxy serve`` does on SIGTERM / SIGINT. Seconds.
+
+    ``drain_timeout``: how long requests in flight may take to finish once the server stopped taking new ones; the
+    rest are then stopped (a moderated or fail-open SSE stream ends with an error frame and ``[DONE]``).
+    """
+
+    drain_timeout: float = Field(25.0, ge=0)
+
+
 class TenantConfig(_Strict):
     """A tenant: who (hashes of its API keys), which policy, which upstream. Keys are never stored in clear."""
 
@@ -341,6 +425,7 @@ class Config(_Strict):
     policies_dir: Path = Path("policies")
     policies: dict[str, Policy] = Field(default_factory=dict)
     allow_anonymous_tenant: Optional[str] = None
+    shutdown: Shutdown = Field(default_factory=Shutdown)
 
     def with_overrides(
         self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import yaml
 
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import SSE, FakeUpstream, content_chunks, sse_body
+from guardproxy.testing.harness import frames
+from tests.server.raw import raw_request
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -93,3 +96,107 @@ async def test_serve_process_end_to_end(tmp_path, tiny_checkpoint):
             out = proc.communicate(timeout=20)[0]
         assert proc.returncode == 0, out
         assert "sk-cli-test" not in out
+
+
+class Serving:
+    """``guardproxy serve`` as a subprocess (its own process group) on a free port, the tiny checkpoint as guard;
+    ``await start()`` returns once /readyz answers 200. Output (stdout and stderr) in :meth:`finish`."""
+
+    def __init__(self, tmp_path, upstream_url: str, model: str, **config):
+        self.port = free_port()
+        path = write_config(tmp_path, upstream_url, "unused-overridden", port=self.port, **config)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "guardproxy.cli", "serve", "--config", path, "--guard-model", model],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        async with httpx.AsyncClient(timeout=5) as h:
+            t0 = time.monotonic()
+            while True:
+                assert self.proc.poll() is None, self.proc.stdout.read()
+                try:
+                    if (await h.get(self.base + "/readyz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() - t0 < 90, "guardproxy serve did not become ready"
+                await asyncio.sleep(0.3)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    async def finish(self, timeout: float = 30) -> str:
+        """Wait for the process to exit (SIGKILL after ``timeout`` s); its whole output."""
+        t0 = time.monotonic()
+        while self.proc.poll() is None and time.monotonic() - t0 < timeout:
+            await asyncio.sleep(0.1)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.communicate(timeout=10)[0]
+
+
+def _completion(stream: bool = True) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+
+
+async def test_sigterm_drains_ends_live_streams_with_an_error_frame_and_done_then_exits_0(tmp_path, tiny_checkpoint):
+    """A live moderated stream from an upstream that never ends: after SIGTERM the server is not ready, refuses new
+    requests with 503 shutting_down, and at the drain timeout ends the stream with an error frame and [DONE]."""
+    live = sse_body(content_chunks(["Streaming ", "for ", "a ", "while "], finish_reason=None), done=False)
+    async with FakeUpstream(default=SSE(live, hang=True)) as fake:
+        server = Serving(tmp_path, fake.base_url, str(tiny_checkpoint), shutdown={"drain_timeout": 1.5})
+        try:
+            await server.start()
+            stream = asyncio.ensure_future(raw_request(server.port, "POST", "/v1/chat/completions", body=_completion(),
+                                                       headers={"Authorization": "Bearer sk-cli-test"}, timeout=30))
+            t0 = time.monotonic()
+            while fake.live_streams < 1:
+                assert time.monotonic() - t0 < 20 and not stream.done(), "the stream did not start"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            server.signal(signal.SIGTERM)
+            t_sig = time.monotonic()
+            async with httpx.AsyncClient(timeout=5) as h:
+                while (ready := await h.get(server.base + "/readyz")).status_code == 200:
+                    assert time.monotonic() - t_sig < 1, "still ready after SIGTERM"
+                    await asyncio.sleep(0.02)
+                assert ready.status_code == 503 and ready.json()["status"] == "shutting_down"
+                refused = await h.post(server.base + "/v1/chat/completions", content=_completion(False),
+                                       headers={"Authorization": "Bearer sk-cli-test"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            r = await stream
+            ended = time.monotonic() - t_sig
+            await asyncio.sleep(0.3)
+            server.signal(signal.SIGTERM)  # late, while (or after) the process stops: ignored
+        finally:
+            server.signal(signal.SIGTERM)
+            out = await server.finish()
+    assert server.proc.returncode == 0, out
+    assert "SIGTERM received: draining" in out and "Traceback" not in out, out
+    assert 1.2 < ended < 1.5 + 6, ended
+    assert r.status == 200 and r.complete, r.raw[-300:]
+    fs = frames(r.body)
+    assert fs[-1] == "[DONE]" and fs.count("[DONE]") == 1 and r.body.endswith(b"\n\n"), r.body[-300:]
+    assert isinstance(fs[-2], dict) and fs[-2].get("error", {}).get("message"), fs[-2:]
+    assert "sk-cli-test" not in out
+
+
+async def test_sighup_is_logged_and_ignored(tmp_path, tiny_checkpoint):
+    async with FakeUpstream() as fake:
+        server = Serving(tmp_path, fake.base_url, str(tiny_checkpoint))
+        try:
+            await server.start()
+            server.signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert server.proc.poll() is None, "SIGHUP stopped the server"
+            async with httpx.AsyncClient(timeout=5) as h:
+                assert (await h.get(server.base + "/readyz")).status_code == 200
+        finally:
+            server.signal(signal.SIGINT)
+            out = await server.finish()
+    assert server.proc.returncode == 0, out
+    assert "INFO guardproxy: SIGHUP received; configuration reload is not available yet, ignoring" in out, out
+    assert "SIGINT received: draining" in out

@@ -1,21 +1,35 @@
-"""The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics.
+"""The aiohttp application: routes, auth -> tenant, body limits, request ids, OpenAI-shaped errors, metrics, drain.
 
 Routes:
     POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.server.handler`); other
                                                       methods there: 405 (OpenAI error shape, ``Allow: POST``)
-    any other /v1/*                                   relayed (normalised path), response bodies streamed; paths
-                                                      that normalise to a generation route (``/chat/completions/``,
-                                                      ``//completions``, ``/v1/responses``, ...): 404, never relayed
+    any other /v1/*                                   relayed only when allow-listed (built-in read-only routes and
+                                                      the upstream's ``passthrough_routes``), response bodies
+                                                      streamed; another spelling of a moderated route and every
+                                                      other route: 404 ``unmoderated_route``; a malformed path: 400
+                                                      ``invalid_path`` (:func:`guardproxy.server.relay.check_route`)
     GET /healthz                                      alive
-    GET /readyz                                       guard model loaded and an upstream configured (else 503)
+    GET /readyz                                       guard model loaded, an upstream configured, not draining
+                                                      (else 503)
     GET /metrics                                      Prometheus text format
 
 Every response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a fresh uuid4 hex).
 Errors before the first response byte are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status
 (:mod:`guardproxy.wire.errors`); nothing is ever answered with a traceback, and no client credential is ever logged.
+That includes what aiohttp answers itself, before any handler runs (:class:`OpenAIErrorsProtocol`): an oversized
+request line or header field (over 8190 bytes) or too many header fields (over 128) is 431
+``request_header_too_large``, a path with characters a URL cannot hold 400 ``invalid_path``, any other malformed
+request 400 ``invalid_request``.
 
 The handler task is cancelled when the client disconnects (``handler_cancellation=True`` in :func:`start`), which is
 how a disconnect reaches the upstream request and the guard streams (their ``finally`` blocks close them).
+
+Drain (:func:`drain`, on SIGTERM / SIGINT): /readyz turns 503 and new ``/v1/*`` requests get 503 ``shutting_down``
+with ``Retry-After``; requests in flight may finish for ``shutdown.drain_timeout`` seconds. Then every upstream is
+interrupted (:meth:`guardproxy.server.upstream.Upstream.interrupt`): each request still waiting on one gets
+:class:`guardproxy.server.upstream.ShuttingDown` from its next upstream wait, so a response not started yet is
+503 ``shutting_down``, an SSE stream of a moderated route ends with an error frame and ``[DONE]`` and any other
+relayed body is aborted. What has not finished :data:`STOP_GRACE` seconds later has its connection closed.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
@@ -38,13 +52,52 @@ from guardproxy.server import relay as relays
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
 from guardproxy.server.metrics import Metrics
-from guardproxy.server.relay import MODERATED
+from guardproxy.server.relay import MODERATED, shutting_down
 from guardproxy.wire.errors import ProxyError
-from guardproxy.server.upstream import Upstream, UpstreamError, build_upstreams
+from guardproxy.server.upstream import ShuttingDown, Upstream, UpstreamError, build_upstreams
 
 log = logging.getLogger("guardproxy.server")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: Seconds the requests stopped at the drain timeout get to write their last bytes before connections close.
+STOP_GRACE = 5.0
+#: ``Retry-After`` (seconds) of the 503 ``shutting_down`` answers: another replica can take the retry.
+RETRY_AFTER = "1"
+
+
+class Lifecycle:
+    """The ``/v1/*`` requests in flight, and whether the server still takes new ones (:func:`drain`)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        """A request started."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """A request ended (its response written, or its handler gone)."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float, cut_short: asyncio.Event | None = None) -> bool:
+        """Wait until no request is in flight, for at most ``timeout`` seconds or until ``cut_short`` is set.
+        Returns whether none is in flight."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if cut_short is not None:
+            waits.append(asyncio.ensure_future(cut_short.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.in_flight == 0
 
 
 @dataclass
@@ -57,6 +110,7 @@ class ProxyState:
         upstreams: upstream name (as in the config) -> pooled client.
         tenants: API key -> tenant.
         metrics: Prometheus metrics of this server (own registry).
+        lifecycle: requests in flight and the drain state.
     """
 
     config: Config
@@ -64,6 +118,7 @@ class ProxyState:
     upstreams: dict[str, Upstream]
     tenants: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def max_body_bytes(self) -> int:
@@ -96,42 +151,60 @@ def resolve_tenant(state: ProxyState, request: web.Request) -> Tenant:
     return tenant
 
 
+def _error(err: ProxyError) -> web.Response:
+    """The answer to ``err``; ``shutting_down`` carries ``Retry-After``."""
+    return error_response(err, {"Retry-After": RETRY_AFTER} if err.code == "shutting_down" else None)
+
+
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler):
-    """Assign ``x-request-id``; turn every exception before the first byte into an OpenAI-shaped error."""
+    """Assign ``x-request-id``; count ``/v1/*`` requests in flight (refused with 503 while draining); turn every
+    exception before the first byte into an OpenAI-shaped error."""
     incoming = request.headers.get("x-request-id", "")
     rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = rid
     state = request.app[STATE]
+    lifecycle = state.lifecycle
     route = request.path if request.path in MODERATED else ("/v1/*" if request.path.startswith("/v1/") else request.path)
+    counted = request.path.startswith("/v1/") and not lifecycle.draining
     status = 500
+    if counted:
+        lifecycle.enter()
     try:
         try:
+            if lifecycle.draining and request.path.startswith("/v1/"):
+                raise shutting_down()
             resp = await handler(request)
         except ProxyError as e:
-            resp = error_response(e)
+            resp = _error(e)
         except web.HTTPRequestEntityTooLarge:
-            resp = error_response(ProxyError(413, f"Request body exceeds the limit of {state.max_body_bytes} bytes.",
-                                             code="payload_too_large"))
+            resp = _error(ProxyError(413, f"Request body exceeds the limit of {state.max_body_bytes} bytes.",
+                                     code="payload_too_large"))
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             msg = {404: f"Unknown route: {request.method} {request.path}",
                    405: f"Method {request.method} not allowed on {request.path}"}.get(e.status, e.reason)
-            resp = error_response(ProxyError(e.status, msg, code=e.reason.lower().replace(" ", "_")))
+            resp = _error(ProxyError(e.status, msg, code=e.reason.lower().replace(" ", "_")))
+        except ShuttingDown:
+            resp = _error(shutting_down())
         except UpstreamError as e:
             code = 504 if e.kind == "timeout" else 502
-            resp = error_response(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
+            resp = _error(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
         except Exception:  # a bug: log it server-side, answer a clean 500
             log.exception("request %s failed", rid)
-            resp = error_response(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))
+            resp = _error(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))
         status = resp.status
         if not resp.prepared:
             resp.headers["x-request-id"] = rid
             if status == 405 and request.path in MODERATED:
                 resp.headers["Allow"] = "POST"
+            if lifecycle.draining:
+                resp.force_close()  # the client reconnects, to another replica
         return resp
     finally:
+        if counted:
+            lifecycle.leave()
         state.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
@@ -196,11 +269,14 @@ async def method_not_allowed(request: web.Request) -> web.StreamResponse:
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
-    """Any other /v1/* route: authenticated, then relayed (:func:`guardproxy.server.relay.relay`)."""
+    """Any other /v1/* route: authenticated, checked against the allow-list of the tenant's upstream
+    (:func:`guardproxy.server.relay.check_route`) before its body is read, then relayed
+    (:func:`guardproxy.server.relay.relay`)."""
     state = request.app[STATE]
     up = _upstream(state, resolve_tenant(state, request))
-    relays.check_route(request)
-    return await relays.relay(request, up, await read_body(request), request[REQUEST_ID])
+    route = relays.check_route(request, up)
+    return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID],
+                              state.config.limits.max_upstream_body_bytes)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -209,11 +285,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the guard model is loaded and an upstream is configured; 503 otherwise."""
+    """Ready when the guard model is loaded, an upstream is configured and the server is not draining; 503 otherwise
+    (``status``: ``ready``, ``not_ready`` or ``shutting_down``)."""
     state = request.app[STATE]
-    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams)}
+    draining = state.lifecycle.draining
+    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams), "accepting": not draining}
     ok = all(checks.values())
-    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503)
+    status = "ready" if ok else ("shutting_down" if draining else "not_ready")
+    return json_response({"status": status, "checks": checks}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -243,6 +322,10 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         app.router.add_post(path, moderated)
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/v1/{tail:.+}", relay)
+    for name, u in config.upstreams.items():
+        if u.passthrough_routes:
+            log.info("upstream %s: relaying UNMODERATED on %s", name,
+                     ", ".join(f"{r.method} {r.path}" for r in u.passthrough_routes))
 
     async def _close_upstreams(app: web.Application) -> None:
         for up in app[STATE].upstreams.values():
@@ -252,15 +335,102 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     return app
 
 
+def protocol_error(status: int, exc: BaseException | None) -> ProxyError:
+    """The OpenAI-shaped error for what aiohttp answers itself (:class:`OpenAIErrorsProtocol`): ``exc`` is the
+    parser's exception (``aiohttp.http_exceptions``), or what escaped a handler (``status`` 500, 504 for a
+    timeout). Messages never repeat the request's bytes (they may hold a credential)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return ProxyError(431, f"The request line or a header field is longer than {exc.args[1]} bytes.",
+                          code="request_header_too_large")
+    if isinstance(exc, http_exceptions.BadHttpMessage) and exc.message.startswith("Too many headers"):
+        return ProxyError(431, "The request has too many header fields.", code="request_header_too_large")
+    if isinstance(exc, http_exceptions.InvalidURLError):
+        return ProxyError(400, "Invalid request path: it holds characters a URL cannot hold.", code="invalid_path")
+    if isinstance(exc, http_exceptions.HttpProcessingError) or status == 400:
+        return ProxyError(400, "Malformed HTTP request.", code="invalid_request")
+    if status == 504:
+        return ProxyError(504, "The request timed out in guardproxy.", code="timeout")
+    return ProxyError(500, "Internal error in guardproxy.", code="internal_error")
+
+
+class OpenAIErrorsProtocol(web.RequestHandler):
+    """aiohttp's per-connection protocol, with :meth:`handle_error` (where aiohttp answers a request it cannot parse,
+    or a handler failure, itself) answering in OpenAI's error shape with a fresh ``x-request-id`` instead of
+    text/plain, and logging the kind of failure only (never the request bytes)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The response to a failed request; the connection is closed after it.
+
+        Raises:
+            ConnectionError: part of a response was already written (it cannot be answered any more).
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        err = protocol_error(status, exc)
+        if err.status >= 500:
+            log.error("request from %s failed in aiohttp: %s", request.remote, type(exc).__name__, exc_info=exc)
+        else:
+            log.info("request from %s refused: %s (HTTP %d %s)", request.remote, type(exc).__name__, err.status,
+                     err.code)
+        resp = error_response(err, {"x-request-id": uuid.uuid4().hex})
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    """aiohttp's server, making :class:`OpenAIErrorsProtocol` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return OpenAIErrorsProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """``web.AppRunner`` whose server is a :class:`_Server` (same handler, request factory and settings)."""
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return _Server(base.request_handler, request_factory=base.request_factory,
+                       handler_cancellation=base.handler_cancellation, loop=base._loop, **base._kwargs)
+
+
 async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner (``await runner.cleanup()`` to stop) and the bound port.
 
     ``handler_cancellation=True`` makes a client disconnect cancel the handler, which closes the upstream request
     and the guard streams.
     """
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    runner = _Runner(app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
+
+
+async def drain(app: web.Application, timeout: float, *, cut_short: asyncio.Event | None = None) -> int:
+    """Drain ``app`` before it stops (see the module docstring): take no new ``/v1/*`` requests, let those in
+    flight finish for ``timeout`` seconds (less if ``cut_short`` is set meanwhile), then interrupt the upstreams and
+    give the rest :data:`STOP_GRACE` seconds to end. Call ``runner.cleanup()`` afterwards.
+
+    Returns:
+        How many requests were still in flight at the timeout (and were stopped).
+    """
+    state = app[STATE]
+    lifecycle = state.lifecycle
+    lifecycle.draining = True
+    log.info("draining: %d request(s) in flight, new requests get 503 shutting_down; waiting up to %gs",
+             lifecycle.in_flight, timeout)
+    if await lifecycle.wait_idle(timeout, cut_short):
+        log.info("drained: no request in flight")
+        return 0
+    left = lifecycle.in_flight
+    log.warning("drain timeout: stopping %d request(s) still in flight", left)
+    for up in state.upstreams.values():
+        up.interrupt()
+    if not await lifecycle.wait_idle(STOP_GRACE):
+        log.warning("%d request(s) still in flight %gs later: closing their connections", lifecycle.in_flight,
+                    STOP_GRACE)
+    return left

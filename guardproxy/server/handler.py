@@ -53,7 +53,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
 
     def send() -> asyncio.Task:
         return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
-                                                       params=request.query_string or None))
+                                                       params=request.rel_url.raw_query_string or None))
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()

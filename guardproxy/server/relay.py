@@ -1,86 +1,216 @@
-"""Every unmoderated byte pipe: the relay of other ``/v1/*`` routes and the pass-through of upstream responses
-that are not moderated (upstream errors, fail-open relays)."""
+"""Every unmoderated byte pipe: the relay of the other ``/v1/*`` routes and the pass-through of upstream responses
+that are not moderated (upstream errors, fail-open relays), and the route rule that decides what may be relayed.
+
+Route rule (:func:`check_route`), decided on the URL the upstream will receive:
+
+1. The client's raw path is normalised (:func:`normalized_path`): percent-escapes of unreserved characters
+   (letters, digits, ``-._~``) are decoded, every other escape stays encoded (``%2F``, ``%3F``, ``%23``, ``%5C``,
+   ...: a reserved character is never decoded into the path) with upper-case hex, characters a URL cannot hold raw
+   are percent-encoded, empty segments (``//``, a trailing ``/``) are dropped and ``.``/``..`` resolved. A path that
+   climbs above ``/v1``, a control character (raw or escaped, ``%00``, ``%09``, ...), a malformed escape, escapes
+   that are not UTF-8, a fragment, or a dot segment with ``;`` parameters (``..;x``): 400 ``invalid_path``.
+2. The upstream URL is built from it exactly as :meth:`Upstream.send` builds it (:meth:`Upstream.request_url`, the
+   raw query string appended); the route is read back from that URL, and a URL whose path differs from the
+   normalised one is refused (400 ``invalid_path``). This route is what is checked and what is sent.
+3. A route that is a moderated route in any letter case (``/v1/chat/completions/``, ``/v1/x/../completions``,
+   ``/v1/Chat/Completions``, ...): 404 ``unmoderated_route``, never relayed.
+4. Allow-list: ``METHOD route`` must match :data:`BUILTIN_PASSTHROUGH` or the upstream's ``passthrough_routes``;
+   a ``{name}`` segment only takes a :func:`plain_param`. Anything else: 404 ``unmoderated_route``.
+
+Bodies: relay-route responses, upstream error bodies and non-SSE fail-open bodies are bounded by
+``limits.max_upstream_body_bytes``: past it, 502 ``upstream_too_large`` when nothing was sent yet, else the connection
+is aborted (a truncated body must never look complete).
+
+Shutdown: when the server's drain timeout interrupts the upstreams (:class:`ShuttingDown`), a fail-open SSE relay
+ends with :data:`SHUTDOWN_FRAME` and ``[DONE]``; other relayed bodies are aborted.
+"""
 
 from __future__ import annotations
 
 import logging
-from urllib.parse import unquote
+import unicodedata
+from collections.abc import AsyncIterator
+from string import ascii_letters, digits, hexdigits
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from aiohttp import web
 
+from guardproxy.config import MODERATED_ROUTES, PassthroughRoute
 from guardproxy.server.context import RequestContext
-from guardproxy.server.upstream import Upstream, UpstreamError, UpstreamResponse
+from guardproxy.server.upstream import (
+    ShuttingDown, Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
+)
 from guardproxy.wire.errors import ProxyError, error_frame
 from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
 
 log = logging.getLogger("guardproxy.server")
 
 #: The routes guardproxy moderates (POST).
-MODERATED = ("/v1/chat/completions", "/v1/completions")
+MODERATED = MODERATED_ROUTES
+
+#: Routes relayed unmoderated for every upstream: none of them returns text a model generated.
+#: ``GET /v1/models``, ``GET /v1/models/{model}``: model metadata. ``POST /v1/embeddings``: vectors.
+#: ``POST /v1/tokenize``: token ids of the client's own text. ``POST /v1/detokenize``: the text of the client's own
+#: token ids, a fixed function of the tokenizer's vocabulary.
+BUILTIN_PASSTHROUGH = tuple(PassthroughRoute.model_validate(r) for r in (
+    "GET /v1/models", "GET /v1/models/{model}", "POST /v1/embeddings", "POST /v1/tokenize", "POST /v1/detokenize"))
+
+#: The last SSE frame (before ``[DONE]``) of a stream the server stopped at its drain timeout.
+SHUTDOWN_FRAME = error_frame("guardproxy is shutting down; the stream was stopped. Retry the request.",
+                             type="service_unavailable", code="shutting_down")
+
+_UNRESERVED = frozenset(ascii_letters + digits + "-._~")
+#: Characters a path segment may hold raw (RFC 3986 pchar, escapes aside).
+_PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 
 
-#: Generation routes guardproxy does not moderate: never relayed (they would bypass the guard). Compared with the
-#: normalised path (see :func:`normalized_path`) and everything below it.
-UNMODERATED_GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
-                          "/v1/engines", "/v1/threads", "/v1/assistants")
+def shutting_down() -> ProxyError:
+    """503 ``shutting_down``: the server is draining (send with ``Retry-After``)."""
+    return ProxyError(503, "guardproxy is shutting down; retry the request.", code="shutting_down",
+                      type="service_unavailable")
+
+
+def _invalid(reason: str) -> ProxyError:
+    return ProxyError(400, f"Invalid request path: {reason}.", code="invalid_path")
+
+
+def _segment(raw: str) -> str:
+    """One raw path segment in normal form (see the module docstring).
+
+    Raises:
+        ProxyError: 400 ``invalid_path`` for a malformed escape, escapes that are not UTF-8, a control character.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "%":
+            hx = raw[i + 1:i + 3]
+            if len(hx) != 2 or not all(h in hexdigits for h in hx):
+                raise _invalid("malformed percent-escape")
+            ch = chr(int(hx, 16))
+            out.append(ch if ch in _UNRESERVED else "%" + hx.upper())
+            i += 3
+            continue
+        out.append(c if c in _PCHAR else quote(c, safe=""))
+        i += 1
+    seg = "".join(out)
+    try:
+        text = unquote_to_bytes(seg).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid("percent-escapes that are not UTF-8") from None
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise _invalid("control character")
+    return seg
 
 
 def normalized_path(raw_path: str) -> str:
-    """The path an upstream will route: percent-decoded, ``.``/``..`` segments resolved, empty segments (``//``)
-    and a trailing ``/`` dropped. The relay checks and forwards this form, so what is checked is what is sent."""
+    """The normal form of a client's raw path (``/v1/...``, as received, query aside): see the module docstring.
+
+    Raises:
+        ProxyError: 400 ``invalid_path`` (the path climbs above ``/v1``, or see :func:`_segment`).
+    """
+    parts = raw_path.split("/")
+    if parts[0]:
+        raise _invalid("not an absolute path")
     out: list[str] = []
-    for seg in unquote(raw_path).split("/"):
+    for raw in parts[1:]:
+        seg = _segment(raw)
         if seg in ("", "."):
             continue
         if seg == "..":
-            if out:
-                out.pop()
+            if len(out) <= 1:
+                raise _invalid("it climbs above /v1")
+            out.pop()
             continue
+        if seg.split(";", 1)[0] in (".", ".."):
+            raise _invalid("a dot segment with parameters")
         out.append(seg)
+    if not out or out[0] != "v1":
+        raise _invalid("not below /v1")
     return "/" + "/".join(out)
 
 
-def check_route(request: web.Request) -> str:
-    """The normalised path of a request for another /v1/* route, if it may be relayed.
+def plain_param(segment: str) -> bool:
+    """May a normalised path segment fill a ``{name}`` of an allowed route? Only when no reading of it by an upstream
+    can leave the route: fully decoded it holds no ``%``, ``\\``, ``;``, ``?`` or ``#``, and an escaped ``/`` splits it
+    into non-empty segments that are not dot segments (``openai%2Fgpt-4o`` may; ``..%2Fchat`` may not)."""
+    text = unquote(segment)
+    return not any(c in text for c in "%\\;?#") and all(p not in ("", ".", "..") for p in text.split("/"))
+
+
+def check_route(request: web.Request, up: Upstream) -> tuple[str, str]:
+    """The route a relay request may take to ``up``: (client path as sent, ``/v1/...``; raw query string).
 
     Raises:
-        ProxyError: 404 ``unmoderated_route`` for a path that normalises to a generation route (another spelling
-            of a moderated route, ``/v1/responses``, ...): relaying it would bypass the guard.
+        ProxyError: 400 ``invalid_path``; 404 ``unmoderated_route`` for another spelling of a moderated route and for
+            a route outside the allow-list (see the module docstring).
     """
-    path = normalized_path(request.raw_path.split("?", 1)[0])
-    if any(path == p or path.startswith(p + "/") for p in UNMODERATED_GENERATION):
-        raise ProxyError(404, f"Route {request.path} is not available through guardproxy (it cannot be moderated"
-                              f"{'; use ' + path if path in MODERATED else ''}).", code="unmoderated_route")
-    return path
+    url = request.rel_url
+    if url.raw_fragment:
+        raise _invalid("a fragment ('#')")
+    path = normalized_path(url.raw_path)
+    query = url.raw_query_string
+    sent = up.client_path(up.request_url(path, query))
+    if sent != path:
+        raise _invalid("it would change on its way upstream")
+    method = request.method
+    moderated = next((m for m in MODERATED if sent.lower() == m), None)
+    if moderated is not None:
+        raise ProxyError(404, f"Route {method} {sent} is not available through guardproxy: it is another spelling "
+                              f"of the moderated route; use POST {moderated}.", code="unmoderated_route")
+    routes = BUILTIN_PASSTHROUGH + tuple(up.settings.passthrough_routes)
+    if not any(r.matches(method, sent, plain_param) for r in routes):
+        raise ProxyError(404, f"Route {method} {sent} is not available through guardproxy: only moderated routes and "
+                              "allow-listed routes are relayed (upstreams.<name>.passthrough_routes).",
+                         code="unmoderated_route")
+    return sent, query
 
 
-async def relay(request: web.Request, up: Upstream, raw: bytes, request_id: str) -> web.StreamResponse:
-    """Forward a request (body ``raw``) to another /v1/* route of ``up`` (credentials and hop-by-hop headers aside),
-    response body streamed back.
+def _body(resp: UpstreamResponse, limit: int) -> AsyncIterator[bytes]:
+    """``resp``'s body, bounded by ``limit`` bytes (:func:`bounded`).
 
     Raises:
-        ProxyError: see :func:`check_route`.
+        ProxyError: 502 ``upstream_too_large`` at once when its ``Content-Length`` is larger.
     """
-    path = check_route(request)
-    resp = await up.send(request.method, path, headers=request.headers, content=raw or None,
-                         params=request.query_string or None)
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large(limit)
+    return bounded(resp.aiter_bytes(), limit)
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the client connection: a response cut short must not look complete."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw: bytes, request_id: str,
+                limit: int) -> web.StreamResponse:
+    """Forward a request (body ``raw``) on ``route`` of ``up`` (as :func:`check_route` returned it; credentials and
+    hop-by-hop headers aside), response body streamed back, at most ``limit`` bytes of it.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` when the body is over ``limit`` before any byte went out (after that,
+            the connection is aborted).
+        UpstreamError: before any byte went out.
+    """
+    path, query = route
+    resp = await up.send(request.method, path, headers=request.headers, content=raw or None, params=query or None)
     out = web.StreamResponse(status=resp.status, headers=resp.headers)
     out.headers["x-request-id"] = request_id
     try:
-        started = False
-        async for data in resp.aiter_bytes():
-            if not started:
+        async for data in _body(resp, limit):
+            if not out.prepared:
                 await out.prepare(request)
-                started = True
             await out.write(data)
-        if not started:
+        if not out.prepared:
             await out.prepare(request)
         await out.write_eof()
-    except UpstreamError:
+    except (UpstreamError, ProxyError) as e:
         if not out.prepared:
             raise
-        log.warning("request %s: upstream failed mid-body on relay %s", request_id, request.path)
-        request.transport and request.transport.abort()  # a truncated relay must not look complete
+        log.warning("request %s: relay %s %s stopped mid-body: %s", request_id, request.method, path, e)
+        _abort(request)
     finally:
         await resp.aclose()
     return out
@@ -88,21 +218,26 @@ async def relay(request: web.Request, up: Upstream, raw: bytes, request_id: str)
 
 async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: UpstreamResponse,
                             extra_headers: dict[str, str]) -> web.StreamResponse:
-    """Pass the upstream response on as it is (upstream errors; fail-open relays), body streamed."""
+    """Pass the upstream response on as it is (upstream errors; fail-open relays). An error body (status >= 400) is
+    read whole, bounded; other bodies are streamed, non-SSE ones bounded, SSE ones always ending with ``[DONE]``.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` for an error body over ``limits.max_upstream_body_bytes``.
+    """
+    limit = ctx.limits.max_upstream_body_bytes
     if resp.status >= 400:
         ctx.metrics.upstream_errors.labels(kind=f"http_{resp.status}").inc()
-        body = await resp.aread()
+        body = b"".join([data async for data in _body(resp, limit)])
         headers = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
-        out = web.Response(status=resp.status, body=body, headers={**headers, **extra_headers})
-        return out
+        return web.Response(status=resp.status, body=body, headers={**headers, **extra_headers})
+    is_sse = "text/event-stream" in resp.content_type
     out = web.StreamResponse(status=resp.status, headers={**resp.headers, **extra_headers})
     out.headers["x-request-id"] = ctx.request_id
-    is_sse = "text/event-stream" in resp.content_type
     dec = SSEDecoder(ctx.limits.max_sse_event_bytes) if is_sse else None
     done = False
     await out.prepare(request)
     try:
-        async for data in resp.aiter_bytes():
+        async for data in resp.aiter_bytes() if is_sse else _body(resp, limit):
             await out.write(data)
             if dec is not None and not done:
                 done = any(ev.is_done for ev in dec.feed(data))
@@ -110,14 +245,16 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
             done = any(ev.is_done for ev in dec.close())
             if not done:
                 await out.write(b"\n\n" + DONE)
-    except (UpstreamError, SSEError) as e:
-        kind = getattr(e, "kind", "bad_sse")
-        ctx.metrics.upstream_errors.labels(kind=kind).inc()
+    except (UpstreamError, SSEError, ProxyError) as e:
+        kind = getattr(e, "kind", "too_large" if isinstance(e, ProxyError) else "bad_sse")
+        if not isinstance(e, ShuttingDown):
+            ctx.metrics.upstream_errors.labels(kind=kind).inc()
         if not is_sse:
-            log.warning("request %s: upstream failed mid-body: %s", ctx.request_id, e)
-            if request.transport is not None:
-                request.transport.abort()  # a truncated body must not look complete
+            log.warning("request %s: upstream body stopped: %s", ctx.request_id, e)
+            _abort(request)
             return out
-        await out.write(b"\n\n" + error_frame(f"Upstream error: {e}", code=f"upstream_{kind}") + DONE)
+        frame = SHUTDOWN_FRAME if isinstance(e, ShuttingDown) else error_frame(f"Upstream error: {e}",
+                                                                             code=f"upstream_{kind}")
+        await out.write(b"\n\n" + frame + DONE)
     await out.write_eof()
     return out

@@ -23,7 +23,8 @@ from guardproxy.moderation.response import GuardFailure, ResponseModerator
 from guardproxy.server.context import RequestContext
 from guardproxy.server.guard import OFFLOAD_BYTES, ChoiceStreams, off_loop, score_pending
 from guardproxy.server.request import ParsedRequest
-from guardproxy.server.upstream import UpstreamError, UpstreamResponse, read_bounded
+from guardproxy.server.relay import SHUTDOWN_FRAME
+from guardproxy.server.upstream import ShuttingDown, UpstreamError, UpstreamResponse, read_bounded
 from guardproxy.wire.chunks import BadChunk
 from guardproxy.wire.errors import ProxyError, error_frame
 from guardproxy.wire.jsonio import loads
@@ -112,6 +113,10 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
             await resp.aclose()  # all choices cut, [DONE] seen, or EOF: the upstream is no longer wanted
             # at EOF the decoder may hold a last event without its blank line; after a break the rest is abandoned
             await write(await drain(dec.close() if eof else []))
+        except ShuttingDown:  # the server is draining and its drain timeout passed: ended, well-formed
+            await resp.aclose()
+            parts = await drain([])
+            await write(parts[:-1] + [SHUTDOWN_FRAME, parts[-1]])
         except (UpstreamError, SSEError, BadChunk) as e:
             await resp.aclose()
             kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")

@@ -5,6 +5,9 @@ server. Timeouts: ``connect_timeout`` for the TCP/TLS connect, ``first_byte_time
 first body byte (covers queueing and prefill upstream), ``idle_timeout`` between two body reads after that. There is
 no total timeout, so a long stream lives as long as it keeps sending (keep-alive comments count).
 
+Stopping: :meth:`Upstream.interrupt` (the server's drain timeout) makes every request waiting for its response
+headers and every body read of that upstream raise :class:`ShuttingDown` at once, and every later one too.
+
 Credentials: the upstream's own key from configuration is sent as ``Authorization: Bearer``; the client's
 ``Authorization`` / ``api-key`` / ``x-api-key`` / cookies are dropped unless ``forward_client_authorization`` is set.
 Hop-by-hop headers (RFC 9110 section 7.6.1, plus those named in ``Connection``) are stripped both ways.
@@ -14,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 
@@ -46,6 +50,17 @@ class UpstreamError(Exception):
         self.kind = kind
 
 
+class ShuttingDown(UpstreamError):
+    """guardproxy is stopping (:meth:`Upstream.interrupt`): the request was ended by the proxy, not the upstream.
+    ``kind`` is ``"shutdown"``."""
+
+    def __init__(self) -> None:
+        super().__init__("shutdown", "guardproxy is shutting down")
+
+
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     """How to reach one upstream.
@@ -58,6 +73,8 @@ class UpstreamSettings:
             share the same keys); never combined with ``api_key``.
         max_connections: pool size.
         headers: extra static headers sent upstream (e.g. ``OpenAI-Organization``).
+        passthrough_routes: routes relayed unmoderated besides the built-in ones
+            (:class:`guardproxy.config.PassthroughRoute`; see :mod:`guardproxy.server.relay`).
     """
 
     base_url: str
@@ -68,6 +85,7 @@ class UpstreamSettings:
     forward_client_authorization: bool = False
     max_connections: int = 256
     headers: Mapping[str, str] = field(default_factory=dict)
+    passthrough_routes: tuple[Any, ...] = ()
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
@@ -100,31 +118,46 @@ class UpstreamResponse:
     Attributes:
         status: HTTP status code.
         headers: response headers, already filtered by :func:`response_headers`.
+        content_type: the upstream's ``Content-Type`` ("" when absent).
+        content_length: the upstream's ``Content-Length`` of an unencoded body (None when absent, not a number, or
+            the body is content-encoded: its decoded size is unknown).
     """
 
-    def __init__(self, resp: httpx.Response, settings: UpstreamSettings, deadline: float):
+    def __init__(self, resp: httpx.Response, upstream: "Upstream", deadline: float):
         self._resp = resp
-        self._settings = settings
+        self._upstream = upstream
+        self._settings = upstream.settings
         self._deadline = deadline  # monotonic time by which the first body byte must arrive
         self.status = resp.status_code
         self.headers = response_headers(resp.headers)
         self.content_type = resp.headers.get("content-type", "")
+        length = resp.headers.get("content-length", "")
+        encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
+        self.content_length = int(length) if length.isdigit() and not encoded else None
         self.closed = False
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (decoded if gzip). Raises UpstreamError on timeout or a dropped connection."""
+        """Body bytes as they arrive (decoded if gzip).
+
+        Raises:
+            UpstreamError: on timeout or a dropped connection; :class:`ShuttingDown` once the upstream was
+                interrupted (the response is closed first in every case).
+        """
         it = self._resp.aiter_bytes().__aiter__()
         first = True
         while True:
             timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
             try:
-                data = await asyncio.wait_for(it.__anext__(), timeout)
+                data = await self._upstream.wait(it.__anext__(), timeout)
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
                 await self.aclose()
                 what = "first byte" if first else "next read"
                 raise UpstreamError("timeout", f"upstream sent nothing for {timeout:.1f}s (waiting for {what})") from None
+            except ShuttingDown:
+                await self.aclose()
+                raise
             except httpx.HTTPError as e:
                 await self.aclose()
                 raise UpstreamError("protocol", f"upstream connection failed mid-body: {type(e).__name__}") from None
@@ -149,6 +182,9 @@ class Upstream:
     def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
+        self._base_path = httpx.URL(self.base_url).raw_path.decode("ascii").rstrip("/")
+        self._interrupted = False
+        self._stopped: asyncio.Future | None = None  # done once interrupted; made in the running loop
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
                                   pool=settings.connect_timeout),
@@ -158,33 +194,84 @@ class Upstream:
         )
 
     def url(self, path: str) -> str:
-        """Upstream URL for a client path below ``/v1`` (``/v1/models`` -> ``{base_url}/models``)."""
-        tail = path[3:] if path.startswith("/v1/") or path == "/v1" else path
-        return self.base_url + tail
+        """Upstream URL for a client path below ``/v1`` (``/v1/models`` -> ``{base_url}/models``).
+
+        Raises:
+            ValueError: ``path`` is not ``/v1`` or below it.
+        """
+        if not (path.startswith("/v1/") or path == "/v1"):
+            raise ValueError(f"not a /v1 path: {path!r}")
+        return self.base_url + path[3:]
+
+    def request_url(self, path: str, query: str | None = None) -> httpx.URL:
+        """The URL :meth:`send` requests for ``path`` and the raw query string ``query``, as httpx puts it on the
+        wire (httpx resolves ``.``/``..`` segments and percent-encodes characters a URL cannot hold)."""
+        return httpx.URL(self.url(path) + (f"?{query}" if query else ""))
+
+    def client_path(self, url: httpx.URL) -> str | None:
+        """The client path (``/v1/...``) that ``url``'s raw path stands for below ``base_url``, or None when it is
+        not below it. The inverse of :meth:`request_url` for the path."""
+        raw = url.raw_path.split(b"?", 1)[0].decode("ascii")
+        if raw != self._base_path and not raw.startswith(self._base_path + "/"):
+            return None
+        return "/v1" + raw[len(self._base_path):]
+
+    def interrupt(self) -> None:
+        """Stop this upstream for good: waiting and later requests and body reads raise :class:`ShuttingDown`."""
+        self._interrupted = True
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def wait(self, aw: Awaitable[T], timeout: float) -> T:
+        """``await aw`` for at most ``timeout`` seconds, unless :meth:`interrupt` comes first.
+
+        Raises:
+            asyncio.TimeoutError: ``aw`` did not finish in time (it is cancelled).
+            ShuttingDown: the upstream was interrupted before ``aw`` finished (it is cancelled).
+        """
+        if self._interrupted:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise ShuttingDown()
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait((task, self._stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled from outside: the awaited work goes too, before the caller closes things
+            await _cancel(task)
+            raise
+        if task in done:
+            return task.result()
+        await _cancel(task)
+        if self._stopped.done():
+            raise ShuttingDown()
+        raise asyncio.TimeoutError
 
     async def send(self, method: str, path: str, *, headers: Mapping[str, str], content: bytes | None = None,
                    params: str | None = None) -> UpstreamResponse:
         """Send a request and return once the response headers arrived (body not read).
 
         Args:
-            path: the client's path (``/v1/...``); query string in ``params`` (raw).
+            path: the client's path (``/v1/...``); query string in ``params`` (raw). The URL is
+                :meth:`request_url` of both.
             headers: the client's headers (filtered here with :func:`request_headers`).
         Raises:
-            UpstreamError: connect failure or no response headers before ``first_byte_timeout``.
+            UpstreamError: connect failure or no response headers before ``first_byte_timeout``;
+                :class:`ShuttingDown` once the upstream was interrupted.
         """
-        url = self.url(path) + (f"?{params}" if params else "")
-        req = self._client.build_request(method, url, headers=request_headers(headers, self.settings),
-                                         content=content)
+        req = self._client.build_request(method, self.request_url(path, params),
+                                         headers=request_headers(headers, self.settings), content=content)
         deadline = time.monotonic() + self.settings.first_byte_timeout
         try:
-            resp = await asyncio.wait_for(self._client.send(req, stream=True), self.settings.first_byte_timeout)
+            resp = await self.wait(self._client.send(req, stream=True), self.settings.first_byte_timeout)
         except asyncio.TimeoutError:
             raise UpstreamError("timeout", f"upstream sent no response within {self.settings.first_byte_timeout}s") from None
         except httpx.TimeoutException as e:
             raise UpstreamError("timeout", f"upstream timed out ({type(e).__name__})") from None
         except httpx.HTTPError as e:
             raise UpstreamError("connect", f"upstream unreachable ({type(e).__name__})") from None
-        return UpstreamResponse(resp, self.settings, deadline)
+        return UpstreamResponse(resp, self, deadline)
 
     async def aclose(self) -> None:
         """Close the pool."""
@@ -197,7 +284,39 @@ def build_upstreams(config) -> dict[str, Upstream]:
         base_url=u.base_url, api_key=u.api_key_value(), connect_timeout=u.connect_timeout,
         first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
         forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
+        passthrough_routes=tuple(u.passthrough_routes),
     )) for name, u in config.upstreams.items()}
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancel ``task`` and wait until it has finished (a cancellation of the caller meanwhile propagates); a
+    response it still produced is closed, an exception it raised is dropped."""
+    task.cancel()
+    await asyncio.wait((task,))
+    if task.cancelled() or task.exception() is not None:
+        return
+    if isinstance(task.result(), httpx.Response):
+        await task.result().aclose()
+
+
+def too_large(limit: int) -> ProxyError:
+    """502 ``upstream_too_large``: an upstream body over ``limit`` bytes (``limits.max_upstream_body_bytes``)."""
+    return ProxyError(502, f"Upstream response too large (over {limit} bytes).", code="upstream_too_large")
+
+
+async def bounded(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``body`` (an upstream body iterator) passed on read by read, refused before the read that takes it past
+    ``limit`` bytes: no more than ``limit`` bytes are ever yielded, and reading stops there.
+
+    Raises:
+        ProxyError: 502 ``upstream_too_large`` (:func:`too_large`).
+    """
+    size = 0
+    async for data in body:
+        size += len(data)
+        if size > limit:
+            raise too_large(limit)
+        yield data
 
 
 async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
@@ -206,10 +325,4 @@ async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
     Raises:
         ProxyError: 502 ``upstream_too_large``.
     """
-    parts, size = [], 0
-    async for data in body:
-        size += len(data)
-        if size > limit:
-            raise ProxyError(502, "Upstream response too large.", code="upstream_too_large")
-        parts.append(data)
-    return b"".join(parts)
+    return b"".join([data async for data in bounded(body, limit)])

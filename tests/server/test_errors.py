@@ -115,12 +115,12 @@ async def test_auth(stack):
 
 
 async def test_unknown_routes_are_404_in_openai_shape(stack):
-    _, _, client = stack
+    fake, _, client = stack
     assert_openai_error(await client.get("/nope", headers=AUTH), 404)
     assert_openai_error(await client.post("/v2/chat/completions", headers=AUTH), 404)
-    # an unknown /v1 route is relayed: the (fake) upstream's own 404 comes back
-    r = await client.get("/v1/does-not-exist", headers=AUTH)
-    assert r.status_code == 404 and r.headers.get("x-request-id")
+    # an unknown /v1 route is not relayed (fail closed): the proxy's own 404, nothing reaches the upstream
+    assert_openai_error(await client.get("/v1/does-not-exist", headers=AUTH), 404, "unmoderated_route")
+    assert fake.requests == []
 
 
 async def test_request_id_echoed_or_generated(stack):
@@ -135,7 +135,7 @@ async def test_request_id_echoed_or_generated(stack):
 async def test_readyz_without_engine_and_moderated_route_503(stack):
     _, _, client = stack
     r = await client.get("/readyz")
-    assert r.status_code == 503 and r.json()["checks"] == {"guard_model": False, "upstream": True}
+    assert r.status_code == 503 and r.json()["checks"] == {"guard_model": False, "upstream": True, "accepting": True}
     r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
                           headers=AUTH)
     assert_openai_error(r, 503, "guard_not_ready")
@@ -154,14 +154,20 @@ async def test_relay_with_openai_sdk_and_no_client_credential_forwarded(stack):
         assert rec.headers["Authorization"] == "Bearer sk-upstream-secret"
 
 
-async def test_relay_streams_arbitrary_bodies(stack):
-    fake, _, client = stack
-    payload = bytes(range(256)) * 40
-    async with client.stream("PUT", "/v1/echo/x?a=1", content=payload, headers=AUTH) as r:
-        assert r.status_code == 200 and r.headers["x-echo-method"] == "PUT"
-        got = b"".join([c async for c in r.aiter_raw()])
+async def test_relay_streams_arbitrary_bodies():
+    """A configured passthrough route relays any body both ways, streamed."""
+    async with FakeUpstream() as fake:
+        config = proxy_config(fake.base_url, upstream={"passthrough_routes": ["PUT /v1/echo/{name}"]})
+        async with RunningProxy(config, engine=None) as proxy:
+            async with httpx.AsyncClient(timeout=10) as client:
+                payload = bytes(range(256)) * 40
+                async with client.stream("PUT", proxy.base_url + "/echo/x?a=%26b&c=%23", content=payload,
+                                         headers=AUTH) as r:
+                    assert r.status_code == 200 and r.headers["x-echo-method"] == "PUT"
+                    got = b"".join([c async for c in r.aiter_raw()])
     assert got == payload
     assert fake.requests[-1].path == "/v1/echo/x"
+    assert fake.requests[-1].method == "PUT"
 
 
 async def test_upstream_unreachable_is_502():

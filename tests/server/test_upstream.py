@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from guardproxy.server.upstream import (
-    Upstream, UpstreamError, UpstreamSettings, request_headers, response_headers,
+    ShuttingDown, Upstream, UpstreamError, UpstreamSettings, request_headers, response_headers,
 )
 from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, fixture_bytes
 
@@ -130,3 +130,40 @@ async def test_mid_body_abort_is_typed():
             assert e.value.kind == "protocol"
         finally:
             await up.aclose()
+
+
+async def test_interrupt_ends_waiting_requests_and_body_reads_and_refuses_later_ones():
+    async with FakeUpstream() as fake:
+        fake.script("late", JSON({"ok": 1}, delay=30))
+        fake.script("stall", SSE(b"data: {}\n\n", hang_silent=True))
+        up = Upstream(UpstreamSettings(fake.base_url, idle_timeout=30, first_byte_timeout=30))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "stall"}')
+            reading = asyncio.ensure_future(resp.aread())
+            waiting = asyncio.ensure_future(up.send("POST", "/v1/chat/completions", headers={},
+                                                    content=b'{"model": "late"}'))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            up.interrupt()
+            for task in (reading, waiting):
+                with pytest.raises(ShuttingDown) as e:
+                    await task
+                assert e.value.kind == "shutdown" and isinstance(e.value, UpstreamError)
+            assert time.monotonic() - t0 < 0.5 and resp.closed
+            with pytest.raises(ShuttingDown):
+                await up.send("GET", "/v1/models", headers={})
+            await asyncio.sleep(0.3)  # the fake upstream sees the streamed response's connection go away
+            assert [r.closed_early for r in fake.requests if r.body == {"model": "stall"}] == [True]
+        finally:
+            await up.aclose()
+
+
+def test_request_url_and_client_path_are_inverse_and_url_stays_below_v1():
+    for base in ["http://h:1/v1", "http://h:1/v1/", "http://h:1", "http://h:1/openai/deployments/d/v1"]:
+        up = Upstream(UpstreamSettings(base))
+        for path in ["/v1/models", "/v1/models/openai%2Fgpt-4o", "/v1/a%3Fb%23c"]:
+            assert up.client_path(up.request_url(path, "x=%26")) == path
+        assert up.client_path(up.request_url("/v1/x/../../y")) != "/v1/x/../../y"  # httpx resolves dot segments
+        for bad in ["/chat/completions", "/v2/x", "v1/x", "/v1x"]:
+            with pytest.raises(ValueError):
+                up.url(bad)
