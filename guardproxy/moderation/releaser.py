@@ -67,7 +67,7 @@ from guardproxy.moderation.channels import FieldSpan, Path, Piece
 from guardproxy.wire.chunks import ARGUMENTS_FIELD, TOOL_CALLS_FIELD, Chunk, choice_index
 from guardproxy.wire.sse import DONE, encode_comment, encode_data
 
-__all__ = ["Releaser"]
+__all__ = ["Releaser", "merge_redaction", "redacted"]
 
 _INF = float("inf")
 _TOP_KEEP = ("id", "object", "created", "model", "system_fingerprint")
@@ -241,14 +241,7 @@ class Releaser:
         start, end = max(start, int(ch.upto)), min(end, ch.length)
         if start >= end:
             return None
-        keep, s, e = [], start, end
-        for r in ch.redactions:
-            if r[1] <= start or r[0] >= end:
-                keep.append(r)
-            else:
-                s, e = min(s, r[0]), max(e, r[1])
-        bisect.insort(keep, [s, e, mask, per_char], key=lambda r: r[0])
-        ch.redactions = keep
+        ch.redactions = merge_redaction(ch.redactions, start, end, mask, per_char)
         return start, end
 
     def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None) -> list[bytes]:
@@ -459,14 +452,28 @@ class Releaser:
             if lo >= hi:
                 continue
             out.append(value[pos:lo])
-            out.append(_redacted(ch.redactions, value[lo:hi], s.g + lo - s.start))
+            out.append(redacted(ch.redactions, value[lo:hi], s.g + lo - s.start))
             pos = hi
         out.append(value[pos:b])
         return "".join(out)
 
 
-def _redacted(redactions: list[list], text: str, g: int) -> str:
-    """``text`` (global offsets ``[g, g+len)``) with the redactions applied."""
+def merge_redaction(redactions: list[list], start: int, end: int, mask: str, per_char: bool) -> list[list]:
+    """``redactions`` (sorted disjoint ``[start, end, mask, per_char]``, global offsets) with ``[start, end)`` added:
+    overlapping ones merge into one span with the newest mask, adjacent ones stay separate."""
+    keep, s, e = [], start, end
+    for r in redactions:
+        if r[1] <= start or r[0] >= end:
+            keep.append(r)
+        else:
+            s, e = min(s, r[0]), max(e, r[1])
+    bisect.insort(keep, [s, e, mask, per_char], key=lambda r: r[0])
+    return keep
+
+
+def redacted(redactions: list[list], text: str, g: int) -> str:
+    """``text`` (global offsets ``[g, g+len)``) with the redactions applied: a span's mask appears where the span
+    starts (or once per character with ``per_char``), its other characters vanish."""
     if not redactions:
         return text
     out, pos, end = [], g, g + len(text)

@@ -43,8 +43,8 @@ from guardproxy.moderation.choice import ChoiceModerator
 from guardproxy.moderation.decider import Action, Cut, Flag, Redact
 from guardproxy.moderation.releaser import Releaser
 from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
-from guardproxy.wire.errors import content_filter_annotation
-from guardproxy.wire.sse import Event, encode_comment
+from guardproxy.wire.errors import content_filter_annotation, error_frame
+from guardproxy.wire.sse import DONE, Event, encode_comment
 
 __all__ = ["Decision", "GuardFailure", "ResponseModerator", "guard_failure", "hold"]
 
@@ -189,9 +189,17 @@ class ResponseModerator:
             out += self._finish_choice(c)
         return out + self._release_unheld()
 
-    def finish(self) -> list[bytes]:
-        """Everything left of the choices not cut, then exactly one ``data: [DONE]``."""
-        return self.releaser.finish()
+    def finish(self, error: tuple[str, str, str] | None = None) -> list[bytes]:
+        """Everything left of the choices not cut, then exactly one ``data: [DONE]``; with ``error``
+        (``(message, type, code)`` of a failure that ended the stream) its error frame just before ``[DONE]``."""
+        out = self.releaser.finish()
+        if error is not None and out:
+            out = out[:-1] + [error_frame(error[0], type=error[1], code=error[2]), out[-1]]
+        return out
+
+    def abort(self, message: str, kind: str, code: str) -> list[bytes]:
+        """End the stream now: an error frame (the SDKs raise on it) and ``[DONE]``; nothing held goes out."""
+        return [error_frame(message, type=kind, code=code), DONE]
 
     # -- whole completion --------------------------------------------------------------------------------------------
     def add_completion(self, body: dict) -> None:

@@ -55,9 +55,11 @@ MODERATED = MODERATED_ROUTES
 BUILTIN_PASSTHROUGH = tuple(PassthroughRoute.model_validate(r) for r in (
     "GET /v1/models", "GET /v1/models/{model}", "POST /v1/embeddings", "POST /v1/tokenize", "POST /v1/detokenize"))
 
-#: The last SSE frame (before ``[DONE]``) of a stream the server stopped at its drain timeout.
-SHUTDOWN_FRAME = error_frame("guardproxy is shutting down; the stream was stopped. Retry the request.",
-                             type="service_unavailable", code="shutting_down")
+#: ``(message, type, code)`` of the error that ends a stream the server stopped at its drain timeout.
+SHUTDOWN_ERROR = ("guardproxy is shutting down; the stream was stopped. Retry the request.", "service_unavailable",
+                  "shutting_down")
+#: The last SSE frame (before ``[DONE]``) of a chat stream the server stopped at its drain timeout.
+SHUTDOWN_FRAME = error_frame(SHUTDOWN_ERROR[0], type=SHUTDOWN_ERROR[1], code=SHUTDOWN_ERROR[2])
 
 _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 #: Characters a path segment may hold raw (RFC 3986 pchar, escapes aside).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -23,12 +24,12 @@ from guardproxy.moderation.response import GuardFailure, ResponseModerator
 from guardproxy.server.context import RequestContext
 from guardproxy.server.guard import OFFLOAD_BYTES, ChoiceStreams, off_loop, score_pending
 from guardproxy.server.request import ParsedRequest
-from guardproxy.server.relay import SHUTDOWN_FRAME
+from guardproxy.server.relay import SHUTDOWN_ERROR
 from guardproxy.server.upstream import ShuttingDown, UpstreamError, UpstreamResponse, read_bounded
 from guardproxy.wire.chunks import BadChunk
-from guardproxy.wire.errors import ProxyError, error_frame
+from guardproxy.wire.errors import ProxyError
 from guardproxy.wire.jsonio import loads
-from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
+from guardproxy.wire.sse import SSEDecoder, SSEError
 
 log = logging.getLogger("guardproxy.moderation")  # one logger name for the whole request glue
 
@@ -70,37 +71,48 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         yield data
 
 
-def _guard_error(e: GuardFailure) -> bytes:
-    return error_frame(f"The content guard is {e.kind}; the stream was stopped.", type="service_unavailable",
-                       code="guard_unavailable")
+def _guard_error(e: GuardFailure) -> tuple[str, str, str]:
+    return f"The content guard is {e.kind}; the stream was stopped.", "service_unavailable", "guard_unavailable"
 
 
 async def stream_moderated(ctx: RequestContext, request: web.Request, req: ParsedRequest, resp: UpstreamResponse,
                            streams: ChoiceStreams, headers: dict[str, str],
                            body: AsyncIterator[bytes] | None = None) -> web.StreamResponse:
-    """Relay an SSE response through the guard (see the module docstring). Always ends with ``[DONE]``. ``streams``:
-    the choices' guard streams (closed here); ``body``: the upstream body iterator (default ``resp.aiter_bytes()``)."""
+    """Relay a chat (or legacy completions) SSE response through the guard (see the module docstring). Always
+    ends with ``[DONE]``. ``streams``: the choices' guard streams (closed here); ``body``: the upstream body
+    iterator (default ``resp.aiter_bytes()``)."""
+    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n)
+    return await relay_moderated(ctx, request, resp, mod, streams, headers, body)
+
+
+async def relay_moderated(ctx: RequestContext, request: web.Request, resp: UpstreamResponse, mod: Any,
+                          streams: ChoiceStreams, headers: dict[str, str],
+                          body: AsyncIterator[bytes] | None = None) -> web.StreamResponse:
+    """The streaming loop around a moderator: ``mod`` is a :class:`ResponseModerator` or a
+    :class:`guardproxy.moderation.responses.ResponsesModerator` (the same protocol: ``add`` / ``eof`` / ``finish``
+    / ``abort`` and the scoring of :func:`score_pending`); each moderator ends its stream the way its API does
+    (``finish(error)`` / ``abort``: an error frame and ``[DONE]``, or an ``error`` event). ``streams`` is closed
+    here."""
     out = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         "x-request-id": ctx.request_id, **headers})
     await out.prepare(request)
-    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n)
     dec = SSEDecoder(ctx.limits.max_sse_event_bytes)
 
     async def write(parts: list[bytes]) -> None:
         if parts:
             await out.write(b"".join(parts))
 
-    async def drain(tail: list) -> list[bytes]:
-        """The upstream ended: score every choice through its end, then the rest and ``[DONE]`` (a guard failure
-        under ``fail_mode: closed`` ends it with an error frame instead; ``[DONE]`` is last either way)."""
+    async def drain(tail: list, error: tuple[str, str, str] | None = None) -> list[bytes]:
+        """The upstream ended: score the response through its end, then the rest and the end of the stream (with
+        ``error`` when a failure ended it; a guard failure under ``fail_mode: closed`` ends it with its own)."""
         parts = mod.eof(tail)
         try:
             while mod.has_pending:
                 parts += await score_pending(ctx, mod, streams)
         except GuardFailure as e:
-            return parts + [_guard_error(e), DONE]
-        return parts + mod.finish()
+            return parts + mod.abort(*_guard_error(e))
+        return parts + mod.finish(error)
     try:
         try:
             eof = True
@@ -115,24 +127,22 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
             await write(await drain(dec.close() if eof else []))
         except ShuttingDown:  # the server is draining and its drain timeout passed: ended, well-formed
             await resp.aclose()
-            parts = await drain([])
-            await write(parts[:-1] + [SHUTDOWN_FRAME, parts[-1]])
+            await write(await drain([], SHUTDOWN_ERROR))
         except (UpstreamError, SSEError, BadChunk) as e:
             await resp.aclose()
             kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")
             ctx.metrics.upstream_errors.labels(kind=kind).inc()
             log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
-            parts = await drain([])
-            await write(parts[:-1] + [error_frame(f"Upstream error: {e}", code=f"upstream_{kind}"), parts[-1]])
+            await write(await drain([], (f"Upstream error: {e}", "server_error", f"upstream_{kind}")))
         except GuardFailure as e:
             await resp.aclose()
-            await write([_guard_error(e), DONE])
+            await write(mod.abort(*_guard_error(e)))
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: the finally blocks close the upstream and the guard streams
         except Exception:  # a bug: the stream still ends well-formed
             log.exception("request %s: internal error while streaming", ctx.request_id)
             await resp.aclose()
-            await write([error_frame("Internal error in guardproxy.", code="internal_error"), DONE])
+            await write(mod.abort("Internal error in guardproxy.", "server_error", "internal_error"))
         await out.write_eof()
     finally:
         streams.close()

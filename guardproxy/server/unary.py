@@ -8,6 +8,7 @@ and, with ``annotations: true``, as ``content_filter_results`` on the choice.
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -40,13 +41,23 @@ async def json_moderated(ctx: RequestContext, req: ParsedRequest, resp: Upstream
         streams.close()
 
 
-async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, streams: ChoiceStreams,
-                     headers: dict[str, str]) -> web.Response:
+async def read_json(ctx: RequestContext, resp: UpstreamResponse) -> tuple[int, Any]:
+    """The upstream's JSON body: (its size in bytes, the parsed value).
+
+    Raises:
+        ProxyError: 502 ``upstream_bad_json`` for a body that is not JSON, 502 ``upstream_too_large`` for one
+            larger than ``max_upstream_body_bytes``.
+    """
     raw = await read_bounded(resp.aiter_bytes(), ctx.limits.max_upstream_body_bytes)
     try:
-        body = orjson.loads(raw)
+        return len(raw), orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ProxyError(502, "Upstream returned invalid JSON.", code="upstream_bad_json") from None
+
+
+async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResponse, streams: ChoiceStreams,
+                     headers: dict[str, str]) -> web.Response:
+    size, body = await read_json(ctx, resp)
     try:
         if isinstance(body, dict):
             normalize_chunk(body, req.n)
@@ -56,7 +67,25 @@ async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResp
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         return json_response(body, 200, headers)
     mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, whole=True)
-    await off_loop(len(raw), OFFLOAD_BYTES, lambda: mod.add_completion(body))
+    return await moderate_body(ctx, mod, body, lambda: mod.add_completion(body), mod.completion, size, streams,
+                               headers)
+
+
+async def moderate_body(ctx: RequestContext, mod: Any, body: dict, add: Callable[[], None],
+                        render: Callable[[], dict], size: int, streams: ChoiceStreams,
+                        headers: dict[str, str]) -> web.Response:
+    """Score a whole body with a whole-mode moderator (``add()`` gives it the body, ``render()`` returns it with
+    the decisions applied) in one guard round and answer it; ``size``: the body's bytes (large ones are read off
+    the event loop).
+
+    Raises:
+        ProxyError: 502 for a body the guard cannot read (``BadChunk`` from ``add``), 503 ``guard_unavailable`` when
+            the guard fails under ``fail_mode: closed``.
+    """
+    try:
+        await off_loop(size, OFFLOAD_BYTES, add)
+    except BadChunk as e:
+        raise ProxyError(502, f"Upstream returned a malformed response: {e}.", code="upstream_bad_json") from None
     try:
         await score_pending(ctx, mod, streams)
     except GuardFailure as e:
@@ -66,7 +95,7 @@ async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResp
         log.warning("request %s: guard unavailable on the response, fail_mode open: relaying UNMODERATED",
                     ctx.request_id)
         return json_response(body, 200, {**headers, "x-guard-status": "unmoderated; guard unavailable (fail_mode open)"})
-    body = mod.completion()
+    body = render()
     if mod.decisions:
         headers["x-guard-response-actions"] = ",".join(f"{d.choice}:{d.action}:{d.category}" for d in mod.decisions)
     return json_response(body, 200, headers)
