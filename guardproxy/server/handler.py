@@ -1,6 +1,8 @@
 """The glue of one moderated request: prompt check, upstream call, response moderation, client response.
 
-:func:`handle` is the per-request entry; the stages follow the data path, one module each:
+:func:`handle` is the per-request entry of the chat routes; :func:`moderate_request` runs the stages every moderated
+route shares (the Responses API route, :mod:`guardproxy.server.responses`, calls it with its own prompt and answer).
+The stages follow the data path, one module each:
 
 - :mod:`guardproxy.server.request`: :func:`parse_request` -> :class:`ParsedRequest` (limits ``MAX_DEPTH``, ``MAX_N``).
 - :mod:`guardproxy.server.prompt`: :func:`check_prompt` -> :class:`PromptOutcome` (query head; block -> HTTP 400 in
@@ -19,6 +21,7 @@ comment, metric, log).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -44,8 +47,35 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     streaming). Raises ProxyError / UpstreamError for failures before the first byte (the server maps them).
     """
     req = parse_request(body, legacy=legacy)
+
+    async def respond(resp: UpstreamResponse, streams: ChoiceStreams, headers: dict[str, str]) -> web.StreamResponse:
+        if req.stream:
+            body = resp.aiter_bytes()
+            if "text/event-stream" not in resp.content_type:
+                body = await sniff_stream(ctx, resp, body)
+            return await stream_moderated(ctx, request, req, resp, streams, headers, body)
+        return await json_moderated(ctx, req, resp, streams, headers)
+    return await moderate_request(ctx, request, raw, req.messages, req.n, respond)
+
+
+def require_engine(ctx: RequestContext) -> None:
+    """Raises ProxyError 503 ``guard_not_ready`` while the guard model is not loaded."""
     if ctx.engine is None:
         raise ProxyError(503, "The guard model is not loaded yet.", code="guard_not_ready", type="service_unavailable")
+
+
+Respond = Callable[[UpstreamResponse, ChoiceStreams, dict], Awaitable[web.StreamResponse]]
+
+
+async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes, prompt: list, n: int,
+                           respond: Respond, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """The stages every moderated route shares: the prompt check of ``prompt`` (messages, or the ids a route
+    rendered itself) with ``n`` guard streams, the upstream request (``raw`` on the client's path, in parallel
+    with the check under ``prompt_mode: parallel``), a block as HTTP 400 before any byte, upstream errors and the
+    fail mode passed on unmoderated; then ``respond(upstream response, guard streams, headers)`` writes the
+    moderated answer. ``headers``: more headers for the answer. Everything opened here is closed here.
+    """
+    require_engine(ctx)
     policy = ctx.policy
     up_task: asyncio.Task | None = None
     outcome: PromptOutcome | None = None
@@ -57,9 +87,10 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        outcome = await check_prompt(ctx, req.messages, req.n)
+        outcome = await check_prompt(ctx, prompt, n)
+        out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":
-            return json_response(prompt_blocked(outcome.verdict), 400, guard_headers(outcome, policy))
+            return json_response(prompt_blocked(outcome.verdict), 400, out_headers)
         if up_task is None:
             up_task = send()
         try:
@@ -67,20 +98,14 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
         except UpstreamError as e:
             ctx.metrics.upstream_errors.labels(kind=e.kind).inc()
             raise
-        headers = guard_headers(outcome, policy)
         if resp.status >= 400 or outcome.stream is None:
-            return await relay_unmoderated(ctx, request, resp, headers)
+            return await relay_unmoderated(ctx, request, resp, out_headers)
         try:
-            streams = ChoiceStreams(outcome.stream, req.n, outcome.admission)
+            streams = ChoiceStreams(outcome.stream, n, outcome.admission)
         except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
-            return await relay_unmoderated(ctx, request, resp, guard_headers(guard_unavailable(ctx, e, "response"),
-                                                                             policy))
-        if req.stream:
-            body = resp.aiter_bytes()
-            if "text/event-stream" not in resp.content_type:
-                body = await sniff_stream(ctx, resp, body)
-            return await stream_moderated(ctx, request, req, resp, streams, headers, body)
-        return await json_moderated(ctx, req, resp, streams, headers)
+            return await relay_unmoderated(ctx, request, resp, {**(headers or {}), **guard_headers(
+                guard_unavailable(ctx, e, "response"), policy)})
+        return await respond(resp, streams, out_headers)
     finally:
         if up_task is not None and resp is None:  # the upstream response was never taken over: close it too
             if not up_task.done():
@@ -90,7 +115,6 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
             await resp.aclose()
         if outcome is not None:
             outcome.close()
-
 
 
 def _close_response_when_done(t: asyncio.Task) -> None:
