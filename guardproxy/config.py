@@ -143,6 +143,20 @@ class ModerateTargets(_Strict):
     tool_arguments: bool = True
 
 
+class ResponsesPolicy(_Strict):
+    """What the Responses API route (``POST /v1/responses``) does with a ``previous_response_id`` the proxy cannot
+    show the guard.
+
+    Attributes:
+        unknown_previous: ``block`` (HTTP 400 ``unknown_previous_response``, nothing sent upstream) or
+            ``current_only`` (the prompt stage scores this request's own input alone, and says so in the
+            ``x-guard-previous`` header) for an id that is not in the tenant's stored conversations and could not be
+            fetched from the upstream (``upstreams.<name>.fetch_previous_responses``).
+    """
+
+    unknown_previous: Literal["block", "current_only"] = "block"
+
+
 class Policy(_Strict):
     """One tenant's moderation policy (``policies/<name>.yaml``). ``Policy()`` equals ``policies/default.yaml``.
 
@@ -160,6 +174,7 @@ class Policy(_Strict):
         fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)
             when the guard is overloaded or fails.
         annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
+        responses: Responses API settings (:class:`ResponsesPolicy`).
     """
 
     prompt: PromptPolicy = Field(default_factory=PromptPolicy)
@@ -173,6 +188,7 @@ class Policy(_Strict):
     prompt_mode: Literal["parallel", "sequential"] = "parallel"
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
+    responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
 
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
@@ -219,7 +235,10 @@ class Limits(_Strict):
 
 
 #: The routes guardproxy moderates (POST); no other spelling of them is ever relayed.
-MODERATED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+MODERATED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+#: Routes below this prefix (``GET /v1/responses/{id}``, ``.../input_items``, ``.../cancel``, ``DELETE``) reach the
+#: upstream's stored responses: unmoderated output of every tenant sharing the upstream. They are never relayed.
+STORED_RESPONSES = "/v1/responses/"
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: A literal segment of a passthrough route: RFC 3986 unreserved and sub-delimiter characters, ':' and '@'; no ';'
@@ -276,6 +295,9 @@ class PassthroughRoute(_Strict):
             if self.matches(self.method, route):
                 raise ValueError(f"{self.method} {self.path} matches the moderated route {route}: it is never "
                                  "relayed unmoderated")
+        if self.path.split("/")[2] == STORED_RESPONSES.strip("/").split("/")[1]:
+            raise ValueError(f"{self.method} {self.path}: routes below {STORED_RESPONSES} read or change the "
+                             "upstream's stored responses (unmoderated model output, any tenant's): never relayed")
         return self
 
     def matches(self, method: str, path: str, param_ok: Callable[[str], bool] = lambda seg: True) -> bool:
@@ -380,6 +402,17 @@ class Shutdown(_Strict):
     drain_timeout: float = Field(25.0, ge=0)
 
 
+class ResponsesStore(_Strict):
+    """The conversations the Responses API route keeps for ``previous_response_id`` (in memory, per tenant).
+
+    ``max_per_tenant``: responses kept per tenant (the oldest goes first); ``max_age``: seconds one is kept. 0 keeps
+    none (every ``previous_response_id`` is then unknown to the proxy).
+    """
+
+    max_per_tenant: int = Field(1024, ge=0)
+    max_age: float = Field(3600.0, ge=0)
+
+
 class TenantConfig(_Strict):
     """A tenant: who (hashes of its API keys), which policy, which upstream. Keys are never stored in clear."""
 
@@ -426,6 +459,7 @@ class Config(_Strict):
     policies: dict[str, Policy] = Field(default_factory=dict)
     allow_anonymous_tenant: Optional[str] = None
     shutdown: Shutdown = Field(default_factory=Shutdown)
+    responses: ResponsesStore = Field(default_factory=ResponsesStore)
 
     def with_overrides(
         self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None

@@ -3,6 +3,10 @@
 Routes:
     POST /v1/chat/completions, POST /v1/completions   moderated (:mod:`guardproxy.server.handler`); other
                                                       methods there: 405 (OpenAI error shape, ``Allow: POST``)
+    POST /v1/responses                                moderated (:mod:`guardproxy.server.responses`); other
+                                                      methods: 405; every route below /v1/responses/ (a stored
+                                                      response, its input items, cancel, delete): 404
+                                                      ``unmoderated_route``
     any other /v1/*                                   relayed only when allow-listed (built-in read-only routes and
                                                       the upstream's ``passthrough_routes``), response bodies
                                                       streamed; another spelling of a moderated route and every
@@ -47,7 +51,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
 from guardproxy.tenants import Tenant, TenantRegistry, extract_api_key
-from guardproxy.server import handler
+from guardproxy.server import handler, responses
+from guardproxy.server.conversations import ConversationStore
 from guardproxy.server import relay as relays
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
@@ -111,6 +116,7 @@ class ProxyState:
         tenants: API key -> tenant.
         metrics: Prometheus metrics of this server (own registry).
         lifecycle: requests in flight and the drain state.
+        conversations: the Responses API conversations kept for ``previous_response_id`` (``responses.*``).
     """
 
     config: Config
@@ -119,6 +125,12 @@ class ProxyState:
     tenants: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    conversations: ConversationStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.conversations is None:
+            store = self.config.responses
+            self.conversations = ConversationStore(store.max_per_tenant, store.max_age)
 
     @property
     def max_body_bytes(self) -> int:
@@ -251,7 +263,8 @@ def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
 
 
 async def moderated(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions and /v1/completions: authenticate, validate, moderate (:mod:`.handler`)."""
+    """POST /v1/chat/completions, /v1/completions (:mod:`.handler`) and /v1/responses (:mod:`.responses`):
+    authenticate, validate, moderate."""
     state = request.app[STATE]
     tenant = resolve_tenant(state, request)
     body = await read_json(request)
@@ -259,6 +272,8 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     ctx = RequestContext(
         request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
         metrics=state.metrics, limits=state.config.limits)
+    if request.path == "/v1/responses":
+        return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
     return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
 
 

@@ -14,7 +14,9 @@ Route rule (:func:`check_route`), decided on the URL the upstream will receive:
    normalised one is refused (400 ``invalid_path``). This route is what is checked and what is sent.
 3. A route that is a moderated route in any letter case (``/v1/chat/completions/``, ``/v1/x/../completions``,
    ``/v1/Chat/Completions``, ...): 404 ``unmoderated_route``, never relayed.
-4. Allow-list: ``METHOD route`` must match :data:`BUILTIN_PASSTHROUGH` or the upstream's ``passthrough_routes``;
+4. A route below ``/v1/responses/`` (any letter case, escapes decoded): 404 ``unmoderated_route``, whatever the
+   allow-list says: it reads the upstream's stored responses (:data:`guardproxy.config.STORED_RESPONSES`).
+5. Allow-list: ``METHOD route`` must match :data:`BUILTIN_PASSTHROUGH` or the upstream's ``passthrough_routes``;
    a ``{name}`` segment only takes a :func:`plain_param`. Anything else: 404 ``unmoderated_route``.
 
 Bodies: relay-route responses, upstream error bodies and non-SSE fail-open bodies are bounded by
@@ -35,7 +37,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from aiohttp import web
 
-from guardproxy.config import MODERATED_ROUTES, PassthroughRoute
+from guardproxy.config import MODERATED_ROUTES, STORED_RESPONSES, PassthroughRoute
 from guardproxy.server.context import RequestContext
 from guardproxy.server.upstream import (
     ShuttingDown, Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
@@ -161,6 +163,10 @@ def check_route(request: web.Request, up: Upstream) -> tuple[str, str]:
     if moderated is not None:
         raise ProxyError(404, f"Route {method} {sent} is not available through guardproxy: it is another spelling "
                               f"of the moderated route; use POST {moderated}.", code="unmoderated_route")
+    if unquote(sent).lower().startswith(STORED_RESPONSES):
+        raise ProxyError(404, f"Route {method} {sent} is not available through guardproxy: the upstream's stored "
+                              "responses hold unmoderated model output; read a response from the stream or the JSON "
+                              "answer of POST /v1/responses.", code="unmoderated_route")
     routes = BUILTIN_PASSTHROUGH + tuple(up.settings.passthrough_routes)
     if not any(r.matches(method, sent, plain_param) for r in routes):
         raise ProxyError(404, f"Route {method} {sent} is not available through guardproxy: only moderated routes and "

@@ -30,6 +30,8 @@ from typing import Any
 from aiohttp import web
 
 FIXTURES_DIR = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "sse"
+#: The Responses API stream fixtures of this repository (``tests/fixtures/responses``: ``*.sse``, ``manifest.json``).
+RESPONSES_FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "responses"
 
 
 def fixture_bytes(name: str, directory: Path | None = None) -> bytes:
@@ -130,6 +132,9 @@ class FakeUpstream:
         self.default = default
         self.scripts: dict[str, SSE | JSON] = {}
         self.requests: list[Recorded] = []
+        #: response id -> {"response": the response object, "input_items": [items]}: what
+        #: ``GET /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items`` answer (404 for other ids)
+        self.stored: dict[str, dict] = {}
         self.base_url = ""
         self._runner: web.AppRunner | None = None
         self._live = 0
@@ -151,6 +156,9 @@ class FakeUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/responses", self._completions)
+        app.router.add_get("/v1/responses/{id}", self._stored_response)
+        app.router.add_get("/v1/responses/{id}/input_items", self._stored_input_items)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_route("*", "/v1/echo/{tail:.*}", self._echo)
@@ -234,6 +242,32 @@ class FakeUpstream:
             raise
         finally:
             self._live -= 1
+
+    async def _stored_response(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        entry = self.stored.get(request.match_info["id"])
+        if entry is None:
+            return web.json_response({"error": {"message": "No response found.", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=404)
+        return web.json_response(entry["response"])
+
+    async def _stored_input_items(self, request: web.Request) -> web.Response:
+        """The stored input items a page at a time, as OpenAI's API lists them: ``limit`` (default 20), ``after``
+        (an item id), ``order`` ``desc`` (the default: newest first) or ``asc``."""
+        await self._record(request)
+        entry = self.stored.get(request.match_info["id"])
+        if entry is None:
+            return web.json_response({"error": {"message": "No response found.", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=404)
+        items = entry["input_items"]
+        items = items if request.query.get("order", "desc") == "asc" else items[::-1]
+        limit = int(request.query.get("limit", "20"))
+        after = request.query.get("after")
+        start = next((i + 1 for i, it in enumerate(items) if it.get("id") == after), 0) if after else 0
+        page = items[start:start + limit]
+        return web.json_response({"object": "list", "data": page, "first_id": page[0].get("id") if page else None,
+                                  "last_id": page[-1].get("id") if page else None,
+                                  "has_more": start + limit < len(items)})
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from guardproxy.testing.fake_upstream import TEST_KEY
 
-__all__ = ["AUTH", "PII_TRIGGER", "TRIGGER", "USER", "content", "frames", "leaked", "texts", "wait_until",
-           "well_formed"]
+__all__ = ["AUTH", "PII_TRIGGER", "TRIGGER", "USER", "content", "frames", "leaked", "texts", "typed_events",
+           "wait_until", "well_formed"]
 
 #: Planted as Unsafe / Violent.
 TRIGGER = "zebrafish"
@@ -39,6 +39,21 @@ def frames(body: bytes) -> list[Any]:
         if data:
             d = b"\n".join(data)
             out.append("[DONE]" if d == b"[DONE]" else json.loads(d))
+    return out
+
+
+def typed_events(body: bytes) -> list[tuple[str | None, Any]]:
+    """The events of a raw Responses API SSE body, in order: ``(the event: field or None, the data parsed as
+    JSON)``; ``[DONE]`` comes as ``(None, "[DONE]")``. Comments are skipped. Raises ``json.JSONDecodeError`` for a
+    data field that is not JSON."""
+    out: list[tuple[str | None, Any]] = []
+    for ev in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = ev.split(b"\n")
+        data = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
+        name = next((ln[6:].strip().decode() for ln in lines if ln.startswith(b"event:")), None)
+        if data:
+            d = b"\n".join(data)
+            out.append((name, "[DONE]" if d == b"[DONE]" else json.loads(d)))
     return out
 
 

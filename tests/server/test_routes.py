@@ -24,7 +24,10 @@ from guardproxy.testing.fake_upstream import TEST_KEY, FakeUpstream, RunningProx
 from guardproxy.wire.errors import ProxyError
 from tests.server.raw import RecordingUpstream, port_of, raw_request
 
-MODERATED_READINGS = {"/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions"}
+MODERATED_READINGS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/chat/completions", "/completions",
+                      "/responses"}
+#: Readings below these reach the upstream's stored responses (never relayed either).
+STORED_READINGS = ("/v1/responses/", "/responses/")
 
 
 def readings(target: str) -> set[str]:
@@ -52,7 +55,8 @@ def readings(target: str) -> set[str]:
 
 
 def relayed_moderated(up: RecordingUpstream) -> list[str]:
-    return [s.target for s in up.seen if readings(s.target) & MODERATED_READINGS]
+    return [s.target for s in up.seen if readings(s.target) & MODERATED_READINGS
+            or any(r.startswith(STORED_READINGS) for r in readings(s.target))]
 
 
 def test_readings_see_the_known_bypasses():
@@ -230,7 +234,8 @@ def test_plain_param():
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,path", [
-    ("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel"),
+    ("GET", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel"), ("DELETE", "/v1/responses/resp_1"),
+    ("GET", "/v1/responses/resp_1/input_items"), ("GET", "/v1/Responses/resp_1"), ("GET", "/v1/responses%2Fresp_1"),
     ("POST", "/v1/batches"), ("GET", "/v1/batches/b1"), ("POST", "/v1/files"), ("GET", "/v1/files/f1/content"),
     ("GET", "/v1/realtime"), ("POST", "/v1/realtime/sessions"), ("POST", "/v1/realtime/client_secrets"),
     ("POST", "/v1/conversations"), ("GET", "/v1/conversations/c1/items"), ("POST", "/v1/images/generations"),
@@ -309,6 +314,22 @@ async def test_configured_passthrough_routes_and_only_those_are_relayed():
         ("GET", "/v1/files/f-1/content"), ("POST", "/v1/files"), ("DELETE", "/v1/models/x")]
 
 
+async def test_stored_responses_are_never_relayed_whatever_the_allow_list():
+    """``GET /v1/responses/{id}`` returns the upstream's stored, unmoderated output (of any tenant sharing its key):
+    a pattern that happens to match it does not open it."""
+    routes = ["GET /v1/{a}/{b}/{c}", "POST /v1/{a}/{b}/{c}"]
+    async with RecordingUpstream() as up:
+        async with RunningProxy(proxy_config(up.base_url, upstream={"passthrough_routes": routes}), None) as proxy:
+            port = port_of(proxy.base_url)
+            for method, target in [("GET", "/v1/responses/resp_1/input_items"), ("POST", "/v1/responses/r/cancel"),
+                                   ("GET", "/v1/Responses/r/input_items"), ("GET", "/v1/%72esponses/r/x")]:
+                r = await raw_request(port, method, target)
+                assert_openai_error(r, 404, "unmoderated_route")
+            r = await raw_request(port, "GET", "/v1/files/f/content")
+            assert r.status == 200
+    assert [s.target for s in up.seen] == ["/v1/files/f/content"]
+
+
 async def test_base_url_with_a_longer_path_gets_the_route_below_it():
     async with RecordingUpstream() as up:
         base = up.base_url.removesuffix("/v1") + "/openai/deployments/d/v1"
@@ -330,6 +351,8 @@ async def test_unauthenticated_relay_is_401_before_any_route_check(stack):
     (["POST /v1/chat/completions"], "passthrough_routes[0]", "moderated route /v1/chat/completions"),
     (["GET /v1/{a}/{b}"], "passthrough_routes[0]", "moderated route /v1/chat/completions"),
     (["POST /v1/{x}"], "passthrough_routes[0]", "moderated route /v1/completions"),
+    (["GET /v1/responses/{id}"], "passthrough_routes[0]", "stored responses"),
+    (["DELETE /v1/responses/{id}"], "passthrough_routes[0]", "never relayed"),
     (["GET /v1/files", "FETCH /v1/files"], "passthrough_routes[1].method", "unknown method 'FETCH'"),
     (["GET /v2/files"], "passthrough_routes[0].path", "starts with /v1/"),
     (["GET /v1/files/"], "passthrough_routes[0].path", "segment ''"),
