@@ -326,6 +326,9 @@ class Upstream(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     # routes relayed unmoderated besides the built-in read-only ones (guardproxy.server.relay.BUILTIN_PASSTHROUGH)
     passthrough_routes: list[PassthroughRoute] = Field(default_factory=list)
+    # a previous_response_id the proxy holds no conversation for: read its turns from this upstream's response
+    # store (GET /v1/responses/{id}/input_items and GET /v1/responses/{id}); docs/CONFIG.md says when that is safe
+    fetch_previous_responses: bool = False
 
     @field_validator("base_url")
     @classmethod

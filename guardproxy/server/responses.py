@@ -94,7 +94,7 @@ async def earlier_turns(ctx: RequestContext, request: web.Request, req: Response
         log.warning("request %s tenant %s: previous_response_id of another tenant refused", ctx.request_id, tenant)
         raise ProxyError(400, "The previous response is not known to guardproxy.", param="previous_response_id",
                          code="unknown_previous_response")
-    if getattr(ctx.upstream.settings, "fetch_previous_responses", False):
+    if ctx.upstream.settings.fetch_previous_responses:
         fetched = await fetch_previous(ctx, request.headers, rid)
         if fetched is not None:
             return fetched, {"x-guard-previous": "fetched"}

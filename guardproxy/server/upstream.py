@@ -75,6 +75,8 @@ class UpstreamSettings:
         headers: extra static headers sent upstream (e.g. ``OpenAI-Organization``).
         passthrough_routes: routes relayed unmoderated besides the built-in ones
             (:class:`guardproxy.config.PassthroughRoute`; see :mod:`guardproxy.server.relay`).
+        fetch_previous_responses: read the turns of a ``previous_response_id`` the proxy does not hold from this
+            upstream's response store (:func:`guardproxy.server.conversations.fetch_previous`).
     """
 
     base_url: str
@@ -86,6 +88,7 @@ class UpstreamSettings:
     max_connections: int = 256
     headers: Mapping[str, str] = field(default_factory=dict)
     passthrough_routes: tuple[Any, ...] = ()
+    fetch_previous_responses: bool = False
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
@@ -284,7 +287,7 @@ def build_upstreams(config) -> dict[str, Upstream]:
         base_url=u.base_url, api_key=u.api_key_value(), connect_timeout=u.connect_timeout,
         first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
         forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
-        passthrough_routes=tuple(u.passthrough_routes),
+        passthrough_routes=tuple(u.passthrough_routes), fetch_previous_responses=u.fetch_previous_responses,
     )) for name, u in config.upstreams.items()}
 
 

@@ -86,6 +86,8 @@ class SSE:
         hang_silent: after the body, keep the connection open without sending anything.
         abort: after the body, drop the TCP connection without the chunked-encoding terminator.
         per_event: write one SSE event (up to and including its blank line) per write, instead of ``write_size``.
+        splits: write the body in pieces ending at these byte offsets (sorted, deduplicated), instead of
+            ``write_size``.
     """
 
     body: bytes
@@ -96,6 +98,7 @@ class SSE:
     hang_silent: bool = False
     abort: bool = False
     per_event: bool = False
+    splits: list[int] | None = None
 
 
 @dataclass
@@ -214,6 +217,9 @@ class FakeUpstream:
             await resp.prepare(request)
             if b.per_event:
                 parts = [p + b"\n\n" for p in b.body.split(b"\n\n") if p]
+            elif b.splits is not None:
+                ends = sorted({e for e in b.splits if 0 < e < len(b.body)}) + [len(b.body)]
+                parts = [b.body[a:e] for a, e in zip([0] + ends, ends)]
             else:
                 step = b.write_size or max(1, len(b.body))
                 parts = [b.body[i:i + step] for i in range(0, len(b.body), step)]
