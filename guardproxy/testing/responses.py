@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["reassemble", "response_events", "sse"]
+__all__ = ["reassemble", "response_events", "sse", "unparsed"]
 
 
 def _message(oi: int, spec: dict) -> tuple[list[tuple[str, dict]], dict]:
@@ -119,3 +119,11 @@ def reassemble(events: list[Any]) -> dict:
         elif t == "error" or e.get("error"):
             out["errors"].append(e)
     return out
+
+
+def unparsed(value: Any) -> Any:
+    """An SDK object's JSON (Python ``to_dict()``, Node's objects) without the fields the SDKs' parsing helpers add
+    to output items (``parsed``, ``parsed_arguments``), for comparing with what the upstream sent."""
+    if isinstance(value, dict):
+        return {k: unparsed(v) for k, v in value.items() if k not in ("parsed", "parsed_arguments")}
+    return [unparsed(v) for v in value] if isinstance(value, list) else value

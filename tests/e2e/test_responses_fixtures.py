@@ -20,6 +20,7 @@ from guardproxy.testing.fake_upstream import (
     JSON, RESPONSES_FIXTURES, SSE, TEST_KEY, FakeUpstream, RunningProxy, fixture_bytes, proxy_config,
 )
 from guardproxy.testing.harness import AUTH, typed_events
+from guardproxy.testing.responses import unparsed
 
 ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
              "response": {"controversial": "allow", "unsafe": "allow"}}
@@ -43,13 +44,6 @@ def manifest() -> dict:
 
 def upstream_events(name: str) -> list[dict]:
     return [obj for _, obj in typed_events(fixture_bytes(name, RESPONSES_FIXTURES))]
-
-
-def unparsed(value):
-    """An SDK object's dict without the fields its parsing helpers add (``parsed``, ``parsed_arguments``)."""
-    if isinstance(value, dict):
-        return {k: unparsed(v) for k, v in value.items() if k not in ("parsed", "parsed_arguments")}
-    return [unparsed(v) for v in value] if isinstance(value, list) else value
 
 
 def terminal(name: str) -> dict | None:
