@@ -374,3 +374,58 @@ async def test_controversial_earlier_turn_flags_the_prompt(engine):
     assert r.status_code == 200 and r.headers["x-guard-prompt-action"] == "flag"
     assert r.headers["x-guard-prompt-category"] == "PII"
     await wait_idle(engine)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Failures: every stream the proxy started ends well-formed
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["abort", "bad_event", "eof"])
+async def test_a_broken_upstream_stream_ends_with_an_error_event_the_sdk_raises(engine, how):
+    events = response_events([{"type": "message", "deltas": ["Half ", "an ", "answer"]}], end=None)
+    if how == "bad_event":
+        events.append({"type": "response.audio.transcript.delta", "sequence_number": len(events), "delta": "unread"})
+    async with FakeUpstream() as fake:
+        fake.script("m", SSE(sse(events), write_size=11, abort=how == "abort"))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            r = await post(proxy, {"model": "m", "input": SAFE, "stream": True})
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            with pytest.raises(openai.APIError) as e:
+                async for _ in await client.responses.create(model="m", input=SAFE, stream=True):
+                    pass
+            await client.close()
+    evs = events_of(r)
+    assert r.status_code == 200 and evs[-1]["type"] == "error" and evs[-1]["error"]["code"].startswith("upstream_")
+    assert [x["sequence_number"] for x in evs] == list(range(len(evs)))
+    assert b"unread" not in r.content and "Half an answer" in "".join(x.get("delta", "") for x in evs)
+    assert e.value.message
+    await wait_idle(engine)
+
+
+async def test_upstream_http_error_is_passed_on_before_any_event(engine):
+    err = {"error": {"message": "model not found", "type": "invalid_request_error", "param": "model",
+                     "code": "model_not_found"}}
+    async with FakeUpstream() as fake:
+        fake.script("m", JSON(err, status=404))
+        async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            with pytest.raises(openai.NotFoundError) as e:
+                await client.responses.create(model="m", input=SAFE, stream=True)
+            await client.close()
+    assert e.value.code == "model_not_found"
+    await wait_idle(engine)
+
+
+async def test_annotations_ride_on_the_final_response(engine):
+    items = [{"type": "message", "deltas": ["I like ", PII_TRIGGER, " cake."]}]
+    async with FakeUpstream() as fake:
+        fake.script("m", SSE(sse(response_events(items))))
+        async with RunningProxy(proxy_config(fake.base_url, {"annotations": True}), engine) as proxy:
+            r = await post(proxy, {"model": "m", "input": SAFE, "stream": True})
+    got = reassemble(events_of(r))
+    assert got["terminal"] == "response.completed" and got["deltas"][(0, "content", 0)] == f"I like {PII_TRIGGER} cake."
+    notes = got["final"]["content_filters"]
+    assert notes[0]["content_filter_results"]["guard"] == {
+        "filtered": False, "action": "flag", "risk_level": "Controversial", "category": "PII",
+        "risk_probability": notes[0]["content_filter_results"]["guard"]["risk_probability"]}
+    await wait_idle(engine)
