@@ -320,3 +320,19 @@ def test_a_cut_before_the_response_began_waits_for_its_first_event(renderer):
     evs = [o for _, o in typed_events(b"".join(out + mod.finish()))]
     assert [e["type"] for e in evs] == ["response.created", "response.incomplete"] and mod.all_cut
     assert [e["sequence_number"] for e in evs] == [0, 1] and evs[1]["response"]["id"] == "resp_test"
+
+
+def test_a_failure_ends_the_stream_with_an_error_event_after_what_was_released(renderer, allow_all):
+    events = response_events([{"type": "message", "deltas": ["part", "ial"]}], end=None)
+    mod = ResponsesModerator(renderer, allow_all)
+    out = mod.add(SSEDecoder().feed(sse(events)))
+    while mod.has_pending:
+        out += score(mod, lambda i: V("Safe"))
+    out += mod.finish(("Upstream error: reset", "server_error", "upstream_protocol"))
+    last = [o for _, o in typed_events(b"".join(out))][-1]
+    assert last["error"]["code"] == "upstream_protocol" and last["sequence_number"] == len(events)
+    assert mod.finish() == [] and mod.abort("x", "server_error", "y") == []  # ended once
+    mod = ResponsesModerator(renderer, allow_all)
+    mod.add(SSEDecoder().feed(sse(events[:2])))
+    [aborted] = mod.abort("The content guard is failed.", "service_unavailable", "guard_unavailable")
+    assert json.loads(aborted.split(b"data: ", 1)[1])["error"]["type"] == "service_unavailable"
