@@ -50,7 +50,7 @@ from guardproxy.moderation.releaser import merge_redaction, redacted
 from guardproxy.wire.chunks import Chunk
 from guardproxy.wire.responses import (
     DONE_EVENTS, ITEM_EVENTS, LIFECYCLE_EVENTS, PART_EVENTS, TERMINAL_EVENTS, TEXT_ITEMS, TOOL_DONE_EVENTS, TOOL_ITEMS,
-    Path, Slot, encode_event_obj, error_event, item_texts,
+    Path, Slot, encode_event_obj, error_event, get_path, item_texts, put_path,
 )
 from guardproxy.wire.sse import DONE, encode_comment
 
@@ -139,16 +139,6 @@ class Entry:
     @property
     def kind(self) -> str | None:
         return self.obj.get("type") if isinstance(self.obj, dict) else None
-
-
-def _get(obj: Any, path: Path) -> Any:
-    for k in path:
-        obj = obj[k]
-    return obj
-
-
-def _put(obj: Any, path: Path, value: Any) -> None:
-    _get(obj, path[:-1])[path[-1]] = value
 
 
 def _text_key(part: dict | None) -> str:
@@ -257,15 +247,18 @@ class EventReleaser:
         if head is not None and head.slot is not None and head.g_start < at < head.g_end:
             a = head.renders[0][1][0][1]  # the delta's first slot char (its own render is its only one)
             out.append(self._send(head, [(("delta",), [(head.slot, a, a + at - head.g_start)])]))
+        final = next((e.obj["response"] for e in self._queue if e.kind in TERMINAL_EVENTS
+                      and isinstance(e.obj.get("response"), dict)), None)
         self._queue.clear()
-        return out + (self._close() if self._response is not None else [])
+        return out + (self._close(final) if self._response is not None else [])
 
-    def _close(self) -> list[bytes]:
-        """After a cut: close the open items, then ``response.incomplete``."""
+    def _close(self, final: dict | None = None) -> list[bytes]:
+        """After a cut: close the open items, then ``response.incomplete`` (built on the upstream's own final
+        response object when it had arrived, so its usage is kept)."""
         out = []
         for oi in sorted(self._open):
             out += self._close_item(oi)
-        base = copy.deepcopy(self._response or {})
+        base = copy.deepcopy(final or self._response or {})
         base.update(status="incomplete", incomplete_details=CONTENT_FILTER,
                     output=[self._client_item(oi) for oi in sorted(self._items)])
         if self.notes:
@@ -336,13 +329,13 @@ class EventReleaser:
         if numbered and self._seq is None:
             self._seq = seq
         notes = bool(self.notes) and e.kind in TERMINAL_EVENTS
-        same = not e.changed and not notes and all(_get(obj, p) == v for p, v in values)
+        same = not e.changed and not notes and all(get_path(obj, p) == v for p, v in values)
         if same and (not numbered or seq == self._seq):
             sent, raw = obj, e.chunk.raw
         else:
             sent = copy.deepcopy(obj)
             for path, value in values:
-                _put(sent, path, value)
+                put_path(sent, path, value)
             if numbered:
                 sent["sequence_number"] = self._seq
             if notes and isinstance(sent.get("response"), dict):
@@ -371,7 +364,7 @@ class EventReleaser:
         if kind in ITEM_EVENTS and isinstance(sent.get("item"), dict):
             self._items[oi] = item = copy.deepcopy(sent["item"])
             for path, part, j in item_texts(item):
-                self._parts.setdefault((oi, part, j), _get(item, path[:2]) if part != "args" else {})
+                self._parts.setdefault((oi, part, j), get_path(item, path[:2]) if part != "args" else {})
             (self._open.add if kind.endswith("added") else self._open.discard)(oi)
         elif kind in PART_EVENTS and isinstance(sent.get("part"), dict):
             slot = (oi, PART_EVENTS[kind][0], sent.get(PART_EVENTS[kind][1], 0))
@@ -478,7 +471,7 @@ def render_response(body: dict, slots: Slots, redactions: list[list], cut_at: in
             continue
         mirror = reasoning_mirror(item, j, slots)
         for path, part, k in texts:
-            _put(item, path, slots.render([((j, part, k), 0, slots.length((j, part, k)))], redactions, limit))
+            put_path(item, path, slots.render([((j, part, k), 0, slots.length((j, part, k)))], redactions, limit))
         if mirror is not None:
             item["encrypted_content"] = slots.render(mirror, redactions, limit)
         if end > limit:  # the item holding the cut point (its text from the cut point on is gone)

@@ -34,7 +34,6 @@ The response's text is finished (its ``<|im_end|>`` scored) at the upstream's te
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,11 +41,11 @@ from guardproxy.config import Policy
 from guardproxy.moderation.channels import FieldSpan, Kind, Piece
 from guardproxy.moderation.choice import ChoiceModerator
 from guardproxy.moderation.decider import Action, Cut, Flag, Redact
-from guardproxy.moderation.events import Entry, EventReleaser, Slots, Spec, reasoning_mirror, render_response
+from guardproxy.moderation.events import Entry, EventReleaser, Slots, reasoning_mirror, render_response
 from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure
 from guardproxy.wire.chunks import BadChunk, read_event
 from guardproxy.wire.responses import (
-    DONE_EVENTS, ITEM_EVENTS, LIFECYCLE_EVENTS, TERMINAL_EVENTS, TOOL_ITEMS, Slot, check_event, event_texts,
+    DONE_EVENTS, LIFECYCLE_EVENTS, TERMINAL_EVENTS, TOOL_ITEMS, Slot, check_event, event_texts, get_path,
     item_texts, normalize_event,
 )
 from guardproxy.wire.sse import Event, encode_comment
@@ -55,12 +54,6 @@ __all__ = ["ResponsesModerator"]
 
 _REASONING_DELTAS = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
 _INF = float("inf")
-
-
-def _get(obj: Any, path: tuple) -> Any:
-    for k in path:
-        obj = obj[k]
-    return obj
 
 
 class ResponsesModerator:
@@ -175,7 +168,7 @@ class ResponsesModerator:
         for j, item in enumerate(output):
             self._learn(j, item)
             for path, part, k in item_texts(item):
-                self._push((j, part, k), _get(item, path))
+                self._push((j, part, k), get_path(item, path))
         self._end()
 
     def response(self) -> dict:
@@ -242,7 +235,7 @@ class ResponsesModerator:
         kind = entry.kind
         texts = event_texts(obj)
         for path, oi in texts.items:
-            self._learn(oi, _get(obj, path))
+            self._learn(oi, get_path(obj, path))
         if kind in LIFECYCLE_EVENTS and isinstance(obj["response"].get("id"), str):
             self.response_id = obj["response"]["id"]
         entry.g_start = self._length
@@ -253,9 +246,9 @@ class ResponsesModerator:
             entry.slot = slot
             entry.renders.append((path, [(slot, start, self.slots.length(slot))]))
         for path, slot in texts.snapshots:
-            entry.renders.append((path, [(slot, 0, self._extend(slot, _get(obj, path)))]))
+            entry.renders.append((path, [(slot, 0, self._extend(slot, get_path(obj, path)))]))
         for path, oi in texts.items:
-            mirror = reasoning_mirror(_get(obj, path), oi, self.slots)
+            mirror = reasoning_mirror(get_path(obj, path), oi, self.slots)
             if mirror is not None:
                 entry.renders.append((path + ("encrypted_content",), mirror))
         entry.g_end = self._length if self._length > entry.g_start else 0
@@ -264,7 +257,7 @@ class ResponsesModerator:
         entry.tool = entry.oi is not None and (self._kinds.get(entry.oi) in TOOL_ITEMS
                                                or (texts.delta is not None and texts.delta[0][1] == "args"))
         out = self.releaser.add(entry)
-        if kind in ITEM_EVENTS[1:] or (kind in DONE_EVENTS and DONE_EVENTS[kind][0] == "args"):
+        if kind == "response.output_item.done" or (kind in DONE_EVENTS and DONE_EVENTS[kind][0] == "args"):
             out += self.releaser.complete(entry.oi)
         if kind in TERMINAL_EVENTS:
             out += self._end()
@@ -326,8 +319,3 @@ class ResponsesModerator:
         if self.choice.decider.finished:
             out += rel.allow_finish()
         return out
-
-    def client_output(self) -> list[dict]:
-        """The output items as the client has them (the terminal response's ``output``; ``[]`` before it)."""
-        resp = self.final_response
-        return copy.deepcopy(resp.get("output") or []) if isinstance(resp, dict) else []

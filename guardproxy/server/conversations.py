@@ -84,9 +84,6 @@ class ConversationStore:
             return None
         return tenant
 
-    def __len__(self) -> int:
-        return sum(len(self._expire(t)) for t in list(self._entries))
-
 
 async def _get_json(ctx: RequestContext, headers: Any, path: str, query: str | None = None) -> Any:
     """GET ``path`` on the tenant's upstream: the JSON body of a 200 answer, else None (bounded by

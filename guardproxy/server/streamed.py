@@ -5,9 +5,11 @@ upstream read (:func:`guardproxy.server.guard.score_pending`: the ids that becam
 
 A stream request answered without ``text/event-stream`` goes through :func:`sniff_stream` first.
 
-Failure: after the stream started, an infrastructure failure (upstream dropped, idle timeout, data the guard cannot
-read, guard failure with ``fail_mode: closed``) ends the stream with an error frame and ``[DONE]``; the stream always
-ends with ``[DONE]``. ``fail_mode: open`` relays the rest unmoderated when the guard fails, visibly (SSE comment,
+The loop (:func:`relay_moderated`) serves the chat moderator and the Responses API's alike; each ends its stream
+the way its API does. Failure: after the stream started, an infrastructure failure (upstream dropped, idle timeout,
+data the guard cannot read, guard failure with ``fail_mode: closed``) ends the stream with an error the SDKs raise
+on: for chat an error frame and ``[DONE]`` (a chat stream always ends with ``[DONE]``), for the Responses API an
+``error`` event. ``fail_mode: open`` relays the rest unmoderated when the guard fails, visibly (SSE comment,
 metric, log).
 """
 

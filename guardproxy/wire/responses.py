@@ -32,9 +32,9 @@ from guardproxy.wire.sse import Event, encode_data, encode_event
 
 __all__ = [
     "DELTA_EVENTS", "DONE_EVENTS", "ITEM_EVENTS", "LIFECYCLE_EVENTS", "PART_EVENTS", "ResponsesRequest", "Slot",
-    "TERMINAL_EVENTS", "TEXT_ITEMS", "TOOL_DONE_EVENTS", "TOOL_ITEMS", "check_event", "encode_event_obj", "error_event", "event_texts",
-    "guard_conversation",
-    "item_texts", "items_messages", "normalize_event", "parse_request",
+    "TERMINAL_EVENTS", "TEXT_ITEMS", "TOOL_DONE_EVENTS", "TOOL_ITEMS", "check_event", "encode_event_obj", "error_event",
+    "event_texts", "get_path", "guard_conversation", "item_texts", "items_messages", "normalize_event", "parse_request",
+    "put_path",
 ]
 
 #: ``(output_index, "content" | "summary" | "args", index)``.
@@ -166,14 +166,20 @@ def event_texts(obj: dict) -> EventTexts:
         items = [(("response", "output", j), j) for j in range(len(output))] if isinstance(output, list) else []
     else:
         return EventTexts(None, [], [])
-    snaps = [(base + path, (i, part, j)) for base, i in items for path, part, j in item_texts(_get(obj, base))]
+    snaps = [(base + path, (i, part, j)) for base, i in items for path, part, j in item_texts(get_path(obj, base))]
     return EventTexts(None, snaps, items)
 
 
-def _get(obj: Any, path: Path) -> Any:
+def get_path(obj: Any, path: Path) -> Any:
+    """The value at ``path`` inside ``obj`` (dict keys and list positions)."""
     for k in path:
         obj = obj[k]
     return obj
+
+
+def put_path(obj: Any, path: Path, value: Any) -> None:
+    """Set the value at ``path`` (not empty) inside ``obj``."""
+    get_path(obj, path[:-1])[path[-1]] = value
 
 
 def _text_values(obj: dict) -> Iterator[tuple[Any, Union[str, int]]]:

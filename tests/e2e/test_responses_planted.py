@@ -11,7 +11,6 @@ stay contiguous; read splittings are generated. ``previous_response_id`` uses wh
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import openai

@@ -23,7 +23,13 @@ from guardproxy.testing.harness import typed_events
 from guardproxy.testing.responses import reassemble, response_events, sse
 from guardproxy.wire.chunks import BadChunk
 from guardproxy.wire.sse import SSEDecoder
-from tests.moderation.test_response import V, WORDS, renderer, verdict_of  # noqa: F401 (renderer: a fixture)
+from guardproxy.guard.template import ChatRenderer
+from tests.moderation.test_response import V, WORDS, verdict_of
+
+
+@pytest.fixture(scope="module")
+def renderer(tokenizer_dir) -> ChatRenderer:
+    return ChatRenderer(tokenizer_dir / "tokenizer.json")
 
 
 def score(mod: ResponsesModerator, verdict) -> list[bytes]:
@@ -336,3 +342,12 @@ def test_a_failure_ends_the_stream_with_an_error_event_after_what_was_released(r
     mod.add(SSEDecoder().feed(sse(events[:2])))
     [aborted] = mod.abort("The content guard is failed.", "service_unavailable", "guard_unavailable")
     assert json.loads(aborted.split(b"data: ", 1)[1])["error"]["type"] == "service_unavailable"
+
+
+def test_a_cut_at_the_very_end_keeps_the_upstream_usage(renderer):
+    """The last tokens are flagged: the cut is decided after response.completed arrived, and response.incomplete
+    carries that response's usage."""
+    events = response_events([{"type": "message", "deltas": ["All calm until the last word: kraken"]}])
+    out, _ = stream(renderer, Policy(), sse(events), [], trigger_verdicts(renderer, "kraken"))
+    final = reassemble([o for _, o in typed_events(out)])["final"]
+    assert final["status"] == "incomplete" and final["usage"] == events[-1]["response"]["usage"]
