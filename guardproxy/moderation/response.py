@@ -105,6 +105,17 @@ class Decision:
     start: int
     end: int
 
+    @classmethod
+    def of(cls, choice: int, action: Action) -> "Decision | None":
+        """The decision a decider action records on ``choice`` (an ``Allow`` records none; a cut's span is its
+        point)."""
+        if isinstance(action, Cut):
+            return cls(choice, "cut", action.level, action.category, action.probability, action.at, action.at)
+        if isinstance(action, (Redact, Flag)):
+            kind = "redact" if isinstance(action, Redact) else "flag"
+            return cls(choice, kind, action.level, action.category, action.probability, action.start, action.end)
+        return None
+
     def annotation(self) -> dict:
         """The choice fields that describe this decision (``policy.annotations: true``)."""
         return content_filter_annotation(self.action, self.level, self.category, self.probability, self.start,
@@ -286,19 +297,15 @@ class ResponseModerator:
         notes = self.policy.annotations
         out: list[bytes] = []
         for a in actions:
+            d = Decision.of(c, a)
+            if d is None:
+                continue
             if isinstance(a, Cut):
-                d = Decision(c, "cut", a.level, a.category, a.probability, a.at, a.at)
                 out += rel.release(c, a.at)
                 out += rel.cut(c, annotation=d.annotation() if notes else None)
                 self.decisions.append(d)
                 return out
-            if isinstance(a, Redact):
-                if rel.redact(c, a.start, a.end, a.mask) is None:
-                    continue
-                d = Decision(c, "redact", a.level, a.category, a.probability, a.start, a.end)
-            elif isinstance(a, Flag):
-                d = Decision(c, "flag", a.level, a.category, a.probability, a.start, a.end)
-            else:
+            if isinstance(a, Redact) and rel.redact(c, a.start, a.end, a.mask) is None:
                 continue
             self.decisions.append(d)
             if notes:

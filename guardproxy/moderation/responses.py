@@ -40,7 +40,7 @@ from typing import Any
 from guardproxy.config import Policy
 from guardproxy.moderation.channels import FieldSpan, Kind, Piece
 from guardproxy.moderation.choice import ChoiceModerator
-from guardproxy.moderation.decider import Action, Cut, Flag, Redact
+from guardproxy.moderation.decider import Action, Cut, Redact
 from guardproxy.moderation.events import Entry, EventReleaser, Slots, reasoning_mirror, render_response
 from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure
 from guardproxy.wire.chunks import BadChunk, read_event
@@ -294,26 +294,17 @@ class ResponsesModerator:
         rel, notes = self.releaser, self.policy.annotations
         out: list[bytes] = []
         for a in actions:
-            if isinstance(a, Cut):
-                d = Decision(0, "cut", a.level, a.category, a.probability, a.at, a.at)
-                self.decisions.append(d)
-                if notes:
-                    rel.notes.append(d.annotation())
-                if self.whole:
-                    rel.cut_at = a.at
-                    return out
-                return out + rel.release(a.at) + rel.cut(a.at)
-            if isinstance(a, Redact):
-                if rel.redact(a.start, a.end, a.mask) is None:
-                    continue
-                d = Decision(0, "redact", a.level, a.category, a.probability, a.start, a.end)
-            elif isinstance(a, Flag):
-                d = Decision(0, "flag", a.level, a.category, a.probability, a.start, a.end)
-            else:
+            d = Decision.of(0, a)
+            if d is None or (isinstance(a, Redact) and rel.redact(a.start, a.end, a.mask) is None):
                 continue
             self.decisions.append(d)
             if notes:
                 rel.notes.append(d.annotation())
+            if isinstance(a, Cut):
+                if self.whole:
+                    rel.cut_at = a.at
+                    return out
+                return out + rel.release(a.at) + rel.cut(a.at)
         if self.buffered:
             out += rel.release(self.choice.decider.release_bound)
         if self.choice.decider.finished:
