@@ -295,7 +295,7 @@ class PassthroughRoute(_Strict):
             if self.matches(self.method, route):
                 raise ValueError(f"{self.method} {self.path} matches the moderated route {route}: it is never "
                                  "relayed unmoderated")
-        if self.path.split("/")[2] == STORED_RESPONSES.strip("/").split("/")[1]:
+        if self.path.lower().startswith(STORED_RESPONSES):
             raise ValueError(f"{self.method} {self.path}: routes below {STORED_RESPONSES} read or change the "
                              "upstream's stored responses (unmoderated model output, any tenant's): never relayed")
         return self
