@@ -298,6 +298,8 @@ class Upstream(_Strict):
     api_key: Optional[SecretStr] = None
     api_key_env: Optional[str] = None
     connect_timeout: float = Field(5.0, gt=0)
+    pool_timeout: float = Field(30.0, gt=0)  # waiting for a free connection of the pool (queued, not failed)
+    max_connections: int = Field(1024, ge=1)  # connection pool size (concurrent requests to this upstream)
     first_byte_timeout: float = Field(120.0, gt=0)  # request sent -> response headers
     idle_timeout: float = Field(60.0, gt=0)  # between two reads of the body (SSE events, keep-alives)
     forward_client_authorization: bool = False
