@@ -174,6 +174,19 @@ class Policy(_Strict):
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
 
+    @property
+    def moderates_prompt(self) -> bool:
+        """Can the prompt verdict change anything (some prompt action is not ``allow``)?"""
+        return any(a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.prompt.actions_for_level(lvl))
+
+    @property
+    def moderates_response(self) -> bool:
+        """Can a response verdict change anything (a channel is moderated and some response action is not
+        ``allow``)? When neither stage can, requests take the pure relay path: the guard is not called."""
+        m = self.moderate
+        return (m.content or m.reasoning or m.tool_arguments) and any(
+            a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.response.actions_for_level(lvl))
+
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
         if self.release == "async":

@@ -35,6 +35,11 @@ from guardproxy.wire.errors import ProxyError, prompt_blocked
 
 __all__ = ["handle"]
 
+#: ``x-guard-status`` when the tenant's policy can change nothing: the guard is not called, bytes are relayed.
+POLICY_UNMODERATED = "unmoderated; the policy moderates nothing"
+#: ``x-guard-status`` when the policy moderates the prompt only: the response is relayed as it comes.
+RESPONSE_UNMODERATED = "moderated; the policy does not moderate the response"
+
 
 async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: bytes, *, legacy: bool
                  ) -> web.StreamResponse:
@@ -54,10 +59,16 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     def send() -> asyncio.Task:
         return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
                                                        params=request.rel_url.raw_query_string or None))
+    if not policy.moderates_prompt and not policy.moderates_response:  # nothing a verdict could change
+        resp = await send()
+        try:
+            return await relay_unmoderated(ctx, request, resp, {"x-guard-status": POLICY_UNMODERATED})
+        finally:
+            await resp.aclose()
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        outcome = await check_prompt(ctx, req.messages, req.n)
+        outcome = await check_prompt(ctx, req.messages, req.n if policy.moderates_response else 1)
         if outcome.action == "block":
             return json_response(prompt_blocked(outcome.verdict), 400, guard_headers(outcome, policy))
         if up_task is None:
@@ -70,6 +81,9 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
         headers = guard_headers(outcome, policy)
         if resp.status >= 400 or outcome.stream is None:
             return await relay_unmoderated(ctx, request, resp, headers)
+        if not policy.moderates_response:
+            outcome.close()  # the response will not be scored: free the guard stream now
+            return await relay_unmoderated(ctx, request, resp, {**headers, "x-guard-status": RESPONSE_UNMODERATED})
         try:
             streams = ChoiceStreams(outcome.stream, req.n, outcome.admission)
         except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
