@@ -1,8 +1,17 @@
-"""Prompt stage (query head): the conversation is opened on the guard engine (:meth:`GuardEngine.aopen`), which
-prefills it through the last user ``<|im_end|>`` and returns the prompt verdict (:func:`check_prompt`). With
-``prompt_mode: parallel`` the upstream request starts at the same time and its output is held until the verdict; a
-blocked prompt cancels the upstream request and answers HTTP 400 in Azure's content_filter shape before any SSE byte
-(see :func:`guardproxy.server.handler.handle`). :func:`guard_headers`: the ``x-guard-*`` headers of the verdict.
+"""Prompt stage (query head): every window of every conversation the request holds is opened on the guard engine
+(:meth:`GuardEngine.aopen` on the window's ids), which prefills it and returns its prompt verdict; the worst verdict
+is the request's (:func:`check_prompt`). With ``prompt_mode: parallel`` the upstream request starts at the same time
+and its output is held until the verdict; a blocked prompt cancels the upstream request and answers HTTP 400 in
+Azure's content_filter shape before any SSE byte (see :func:`guardproxy.server.handler.handle`).
+:func:`guard_headers`: the ``x-guard-*`` headers of the verdict.
+
+Windows: each conversation is rendered whole (:meth:`ChatRenderer.render_windows`) and cut into overlapping windows
+of at most ``engine.prompt_limit`` ids (the rule: :func:`guardproxy.guard.template.prompt_windows`), so the verdict
+covers every token of every message. Rendering and cutting run in a worker thread (the tokenizer releases the GIL),
+never on the event loop. Windows are opened one after another, each stream closed once its verdict is in, except the
+last window of the last conversation: that stream holds the prompt the response is scored after (forked per
+choice). A window whose verdict blocks ends the stage at once. With ``prompt.overlong: block`` a conversation longer
+than one window is refused instead (HTTP 400 ``prompt_too_long``).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from guardproxy.config import ACTION_SEVERITY
+from guardproxy.guard.labels import RISK_LEVELS, canonical_level
 from guardproxy.server.context import RequestContext
 from guardproxy.moderation.decider import decide_prompt
 from guardproxy.moderation.response import guard_failure
@@ -26,8 +37,9 @@ class PromptOutcome:
     """Result of the prompt stage.
 
     Attributes:
-        stream: the guard stream holding the prefilled prompt (fork it per choice), or None when unmoderated.
-        verdict: the prompt verdict (query head), or None when unmoderated.
+        stream: the guard stream holding the prefilled prompt (its last window; fork it per choice), or None when
+            unmoderated.
+        verdict: the prompt verdict (query head; the worst window's), or None when unmoderated.
         action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
     """
 
@@ -44,19 +56,80 @@ def _close_when_done(task: asyncio.Task) -> None:
     task.add_done_callback(cb)
 
 
-async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutcome:
-    """Open the guard stream for ``messages`` and apply the tenant's prompt policy.
+def _render_windows(renderer: Any, conversations: list[list[dict]], limit: int) -> list[list]:
+    """Every conversation's windows (:meth:`ChatRenderer.render_windows`); runs in a worker thread."""
+    return [renderer.render_windows(messages, limit) for messages in conversations]
+
+
+async def request_windows(ctx: RequestContext, conversations: list[list[dict]]) -> list[Any]:
+    """What the engine opens, in order: the ids of every window of every conversation, rendered off the event loop.
+
+    An engine that exposes no renderer gets the conversations themselves (``GuardEngine.open`` renders messages).
 
     Raises:
-        ProxyError: 503 ``guard_overloaded`` / ``guard_unavailable`` under ``fail_mode: closed``.
+        ProxyError: 400 ``prompt_too_long`` when a conversation needs more than one window and the policy says
+            ``prompt.overlong: block``; 400 ``invalid_value`` for a conversation the renderer cannot read.
+    """
+    renderer = getattr(ctx.engine, "renderer", None)
+    if renderer is None:
+        return list(conversations)
+    limit = ctx.engine.prompt_limit
+    try:
+        per = await asyncio.to_thread(_render_windows, renderer, conversations, limit)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ProxyError(400, f"The guard cannot read this request: {e}", code="invalid_value") from None
+    longest = max(ws[-1].end for ws in per)
+    if ctx.policy.prompt.overlong == "block" and longest > limit:
+        raise ProxyError(400, f"The prompt renders to {longest} tokens; the content guard reads at most {limit} "
+                         "at once and this policy refuses longer prompts (prompt.overlong: block).",
+                         code="prompt_too_long")
+    return [w.ids for ws in per for w in ws]
+
+
+def _severity(policy: Any, verdict: Any) -> tuple[int, int]:
+    """How bad a window's verdict is: (severity of the policy's action, risk level Safe < Controversial < Unsafe)."""
+    level = canonical_level(verdict.risk_level)
+    return ACTION_SEVERITY[decide_prompt(policy, verdict).action], RISK_LEVELS.index(level) if level else 0
+
+
+async def _open(ctx: RequestContext, window: Any) -> tuple[Any, Any]:
+    task = asyncio.ensure_future(ctx.engine.aopen(window))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _close_when_done(task)
+        raise
+
+
+async def _score(ctx: RequestContext, windows: list[Any]) -> tuple[Any, Any]:
+    """Open the windows one after another; ``(stream, verdict)``: the worst verdict (the first of the worst, by
+    :func:`_severity`) and the last window's stream, or the stream of the first window whose verdict blocks (the
+    rest is not opened). Every other stream is closed."""
+    worst = None
+    for i, window in enumerate(windows):
+        stream, verdict = await _open(ctx, window)
+        key = _severity(ctx.policy, verdict)
+        if worst is None or key > worst[0]:
+            worst = (key, verdict)
+        if i == len(windows) - 1 or decide_prompt(ctx.policy, verdict).action == "block":
+            return stream, worst[1]
+        stream.close()
+    raise ValueError("no prompt window to open")
+
+
+async def check_prompt(ctx: RequestContext, conversations: list[list[dict]]) -> PromptOutcome:
+    """Score every window of ``conversations`` (:attr:`ParsedRequest.messages`) and apply the tenant's prompt policy.
+
+    Raises:
+        ProxyError: 400 from :func:`request_windows`; 503 ``guard_overloaded`` / ``guard_unavailable`` under
+            ``fail_mode: closed``.
     """
     policy = ctx.policy
     t0 = time.monotonic()
-    task = asyncio.ensure_future(ctx.engine.aopen(messages))
+    windows = await request_windows(ctx, conversations)
     try:
-        gstream, verdict = await asyncio.shield(task)
+        gstream, verdict = await _score(ctx, windows)
     except asyncio.CancelledError:
-        _close_when_done(task)
         raise
     except Exception as e:
         failure = guard_failure(policy, e)
@@ -73,9 +146,9 @@ async def check_prompt(ctx: RequestContext, messages: list[dict]) -> PromptOutco
     action = decide_prompt(policy, verdict).action
     ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=verdict.risk_level,
                                        category=verdict.category if verdict.risk_level != "Safe" else "").inc()
-    if action != "allow":
-        log.info("request %s tenant %s: prompt %s (%s, %s)", ctx.request_id, ctx.tenant.name, action,
-                 verdict.risk_level, verdict.category)
+    if action != "allow" or len(windows) > 1:
+        log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
+                 action, verdict.risk_level, verdict.category, len(windows))
     if action == "block":
         gstream.close()
     return PromptOutcome(gstream, verdict, action)
