@@ -24,6 +24,7 @@ from typing import Any
 
 from guardproxy.config import ACTION_SEVERITY
 from guardproxy.guard.labels import RISK_LEVELS, canonical_level
+from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
 from guardproxy.moderation.decider import decide_prompt
 from guardproxy.moderation.response import guard_failure
@@ -56,9 +57,21 @@ def _close_when_done(task: asyncio.Task) -> None:
     task.add_done_callback(cb)
 
 
-def _render_windows(renderer: Any, conversations: list[list[dict]], limit: int) -> list[list]:
-    """Every conversation's windows (:meth:`ChatRenderer.render_windows`); runs in a worker thread."""
-    return [renderer.render_windows(messages, limit) for messages in conversations]
+def _render_windows(renderer: Any, conversations: list[list[dict]], limit: int, overlong: str) -> list[list[int]]:
+    """The ids of every window of every conversation, in order (runs in a worker thread).
+
+    Raises:
+        ProxyError: 400 ``prompt_too_long`` for a conversation longer than ``limit`` under ``overlong == "block"``.
+    """
+    out = []
+    for messages in conversations:
+        ids = renderer.render_prompt(messages)
+        if overlong == "block" and len(ids) > limit:
+            raise ProxyError(400, f"The prompt renders to {len(ids)} tokens; the content guard reads at most {limit} "
+                             "at once and this policy refuses longer prompts (prompt.overlong: block).",
+                             code="prompt_too_long")
+        out += [w.ids for w in prompt_windows(ids, limit)]
+    return out
 
 
 async def request_windows(ctx: RequestContext, conversations: list[list[dict]]) -> list[Any]:
@@ -73,17 +86,11 @@ async def request_windows(ctx: RequestContext, conversations: list[list[dict]]) 
     renderer = getattr(ctx.engine, "renderer", None)
     if renderer is None:
         return list(conversations)
-    limit = ctx.engine.prompt_limit
     try:
-        per = await asyncio.to_thread(_render_windows, renderer, conversations, limit)
+        return await asyncio.to_thread(_render_windows, renderer, conversations, ctx.engine.prompt_limit,
+                                       ctx.policy.prompt.overlong)
     except (TypeError, ValueError, RecursionError) as e:
         raise ProxyError(400, f"The guard cannot read this request: {e}", code="invalid_value") from None
-    longest = max(ws[-1].end for ws in per)
-    if ctx.policy.prompt.overlong == "block" and longest > limit:
-        raise ProxyError(400, f"The prompt renders to {longest} tokens; the content guard reads at most {limit} "
-                         "at once and this policy refuses longer prompts (prompt.overlong: block).",
-                         code="prompt_too_long")
-    return [w.ids for ws in per for w in ws]
 
 
 def _severity(policy: Any, verdict: Any) -> tuple[int, int]:
