@@ -136,14 +136,12 @@ async def classify_messages(engine, messages: list[dict], *, k: int = 2) -> dict
         ids, response_start = prompt_ids, len(prompt_ids)
     windows = prompt_windows(prompt_ids, engine.prompt_limit)
     prompt_verdict = None
-    for window in windows[:-1]:  # every window but the last: its verdict only
+    for i, window in enumerate(windows):  # the last window's stream scores the response; the others only a verdict
         stream, verdict = await _aopen(engine, window.ids)
-        stream.close()
         if prompt_verdict is None or _risk(verdict) > _risk(prompt_verdict):
             prompt_verdict = verdict
-    stream, verdict = await _aopen(engine, windows[-1].ids)
-    if prompt_verdict is None or _risk(verdict) > _risk(prompt_verdict):
-        prompt_verdict = verdict
+        if i < len(windows) - 1:
+            stream.close()
     try:
         rest = ids[len(prompt_ids):]
         fed = await stream.afeed(rest) if rest else []

@@ -115,11 +115,15 @@ async def _score(ctx: RequestContext, windows: list[Any]) -> tuple[Any, Any]:
     worst = None
     for i, window in enumerate(windows):
         stream, verdict = await _open(ctx, window)
-        key = _severity(ctx.policy, verdict)
-        if worst is None or key > worst[0]:
-            worst = (key, verdict)
-        if i == len(windows) - 1 or decide_prompt(ctx.policy, verdict).action == "block":
-            return stream, worst[1]
+        try:
+            key = _severity(ctx.policy, verdict)
+            if worst is None or key > worst[0]:
+                worst = (key, verdict)
+            if i == len(windows) - 1 or key[0] == ACTION_SEVERITY["block"]:
+                return stream, worst[1]
+        except BaseException:
+            stream.close()
+            raise
         stream.close()
     raise ValueError("no prompt window to open")
 
