@@ -33,7 +33,7 @@ field, its text becomes part of the turn it belongs to:
   ``response_format``, ``web_search_options``).
 * a first ``system`` message whose ``content`` is ``None`` carries no system text (only its ``tools``).
 * ``render_prompt``: messages after the last user turn (an assistant prefill the model continues, a late system
-  message) render as one more user turn (see :meth:`ChatRenderer.render_prompt`).
+  message) render as one more user turn (see :meth:`ChatRenderer.prompt_messages`).
 
 Prompt windows (:func:`prompt_windows`): a prompt longer than the guard's limit is scored as overlapping windows of
 its ids, each one a sequence of whole or cut turns.

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 from guardproxy.eval.classify import classify_messages, parse_row
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.errors import EngineOverloaded
-from guardproxy.testing.fake_upstream import JSON, FakeUpstream, RunningProxy, proxy_config, wait_idle
-from guardproxy.testing.harness import AUTH, TRIGGER
+from guardproxy.testing.fake_upstream import (
+    JSON, SSE, FakeUpstream, RunningProxy, content_chunks, proxy_config, sse_body, wait_idle,
+)
+from guardproxy.testing.harness import AUTH, TRIGGER, texts, well_formed
 
 CONTEXT = 256
 MARKER = "UPSTREAM-ANSWER-c41d"
@@ -149,8 +151,6 @@ async def test_a_trigger_late_in_a_response_beyond_the_context_is_cut(small_engi
     """The engine re-anchors a response longer than its context; a trigger ~5 contexts in is still cut."""
     content = filler(5 * CONTEXT) + f" {TRIGGER} " + filler(40)
     if stream:
-        from guardproxy.testing.fake_upstream import SSE, content_chunks, sse_body
-
         words = content.split(" ")
         upstream = SSE(sse_body(content_chunks([" ".join(words[i:i + 50]) + " " for i in range(0, len(words), 50)])))
     else:
@@ -160,8 +160,6 @@ async def test_a_trigger_late_in_a_response_beyond_the_context_is_cut(small_engi
                       upstream=upstream)
     assert r.status_code == 200
     if stream:
-        from guardproxy.testing.harness import texts, well_formed
-
         text, finish = texts(well_formed(r.content))
         got, reason = text.get(0, ""), finish.get(0)
     else:
