@@ -108,12 +108,18 @@ class _StageMixin:
 
 
 class PromptPolicy(_Strict, _StageMixin):
-    """What to do with the prompt verdict (query head, read once at the last user ``<|im_end|>``)."""
+    """What to do with the prompt verdict (query head, read at the last user ``<|im_end|>`` of each window).
+
+    Attributes:
+        overlong: a prompt longer than the guard's prompt limit: ``windows`` (scored in overlapping windows, the
+            worst verdict counts) or ``block`` (refused with HTTP 400 ``prompt_too_long``).
+    """
 
     safe: Literal["allow"] = "allow"
     controversial: PromptAction = "flag"
     unsafe: PromptAction = "block"
     categories: dict[str, PromptOverride] = Field(default_factory=dict)
+    overlong: Literal["windows", "block"] = "windows"
 
     @field_validator("categories", mode="before")
     @classmethod

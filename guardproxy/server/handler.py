@@ -68,7 +68,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        outcome = await check_prompt(ctx, req.messages, req.n if policy.moderates_response else 1)
+        outcome = await check_prompt(ctx, req.conversations, req.n if policy.moderates_response else 1)
         if outcome.action == "block":
             return json_response(prompt_blocked(outcome.verdict), 400, guard_headers(outcome, policy))
         if up_task is None:

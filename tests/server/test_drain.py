@@ -68,7 +68,10 @@ class Overloaded:
 
     renderer = None
 
-    async def aopen(self, messages):
+    def admit(self, streams):
+        raise EngineOverloaded("no free stream")
+
+    async def aopen(self, messages, admission=None):
         raise EngineOverloaded("no free stream")
 
 
