@@ -408,15 +408,17 @@ def test_redactions_are_exactly_the_debounced_streaks(response, ok, levels, leng
 
 # -- word starts: the release bound, cut points and redaction starts ------------------------------------------------
 def word_start(text: str, at: int, floor: int, scored: int, max_back: int = MAX_WORD_BACK) -> int:
-    """Oracle: ``at`` moved back to the last UAX #29 word boundary at or before it (found over the whole text at once)
-    that lies before ``scored`` (the end of the newest scored token) and has two chars after it, never below
-    ``floor``, at most ``max_back`` chars."""
+    """Oracle: ``at`` moved back to the last UAX #29 word boundary at or before it (found over the whole text at
+    once) that has two base chars (not extend/format) after it within the scored text plus one char (and at most 32
+    chars past ``at``), never below ``floor``, at most ``max_back`` chars."""
     if at >= len(text) or text[at].isspace():
         return at
     lo = max(floor, at - max_back)
     if at <= lo:
         return at
-    trusted = min(len(text) - 2, scored - 1)
+    seen = text[: min(len(text), scored + 1, at + 32)]
+    bases = [i for i, c in enumerate(seen) if not regex.match(r"[\p{WB=Extend}\p{WB=Format}\p{WB=ZWJ}]", c)]
+    trusted = bases[-2] if len(bases) >= 2 else -1
     bounds = [m.start() for m in regex.finditer(r"\b", text, flags=regex.WORD | regex.V1)]
     return max([lo] + [b for b in bounds if lo <= b <= min(at, trusted)])
 
