@@ -367,9 +367,9 @@ LIGATURES = {"fi": "\ufb01", "fl": "\ufb02", "ff": "\ufb00", "ffi": "\ufb03", "f
 
 
 @st.composite
-def disguised(draw, word: str) -> str:
+def disguised(draw, word: str, invisible: list[str] = INVISIBLE) -> str:
     """``word`` (ASCII letters) as a reader sees it, written so that a tokenizer does not: letters swapped for
-    compatibility forms or ligatures, invisible chars inserted between letters (never at the ends)."""
+    compatibility forms or ligatures, chars of ``invisible`` inserted between letters (never at the ends)."""
     out, i = [], 0
     while i < len(word):
         lig = [(k, v) for k, v in LIGATURES.items() if word.startswith(k, i)]
@@ -382,7 +382,7 @@ def disguised(draw, word: str) -> str:
             out.append(draw(st.sampled_from(forms)))
             i += 1
         if i < len(word):
-            out += draw(st.lists(st.sampled_from(INVISIBLE), max_size=2))
+            out += draw(st.lists(st.sampled_from(invisible), max_size=2))
     return "".join(out)
 
 
