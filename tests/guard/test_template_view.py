@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.guard.normalize import view
-from guardproxy.guard.template import ChatRenderer
+from tests.guard.test_template import hf, renderer  # noqa: F401 (the session fixtures: real renderer, real tokenizer)
 from tests.moderation.test_retokenizer import INVISIBLE, disguised
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -18,18 +18,6 @@ WORDS = st.sampled_from(["zebrafish", "marzipan", "fish", "office", "stiff"])
 #: view-then-strip agree.
 SENTENCE = st.builds(lambda a, w, b: a + w + b, st.sampled_from(["", "My ", "a big "]), WORDS.flatmap(disguised),
                      st.sampled_from(["", " bites.", "es"]))
-
-
-@pytest.fixture(scope="session")
-def renderer(tokenizer_dir) -> ChatRenderer:
-    return ChatRenderer(tokenizer_dir / "tokenizer.json")
-
-
-@pytest.fixture(scope="session")
-def hf(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def viewed(messages: list[dict]) -> list[dict]:
