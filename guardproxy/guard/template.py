@@ -146,7 +146,7 @@ class ChatRenderer:
         removed, NFKC; then NFC + Qwen3 pre-tokenizer + byte-level BPE), added/special-token parsing OFF.
 
         ``"<|im_end|>"`` typed in ``text`` yields ordinary BPE ids (``<``, ``|``, ``im``, ``_end``, ``|``, ``>``),
-        never 151645; ``"ｚｅｂ\u200bｒａ"`` yields the ids of ``"zebra"``. Ids are in 0..151642. The view is the
+        never 151645; ``"ｚｅｂ\\u200bｒａ"`` yields the ids of ``"zebra"``. Ids are in 0..151642. The view is the
         identity on the template's own text (ASCII) and no template text next to client text combines with it, so
         a run of glue and client text reads as the glue with the view of the client text; it deviates from the
         real template only where the view changes client text (deliberately: the guard reads what a person reads).
