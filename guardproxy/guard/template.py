@@ -143,7 +143,8 @@ class ChatRenderer:
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:
         """BPE ids of the guard's view of ``text`` (:func:`guardproxy.guard.normalize.view`: invisible format chars
-        removed, NFKC; then NFC + Qwen3 pre-tokenizer + byte-level BPE), added/special-token parsing OFF.
+        removed, compatibility forms of letters and digits folded, NFC; then the Qwen3 pre-tokenizer and byte-level
+        BPE), added/special-token parsing OFF.
 
         ``"<|im_end|>"`` typed in ``text`` yields ordinary BPE ids (``<``, ``|``, ``im``, ``_end``, ``|``, ``>``),
         never 151645; ``"ｚｅｂ\\u200bｒａ"`` yields the ids of ``"zebra"``. Ids are in 0..151642. The view is the

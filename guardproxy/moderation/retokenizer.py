@@ -17,13 +17,15 @@ appears when the content's view is not empty. So the ids equal the real template
 message with each of its client texts replaced by its view.
 
 Control ids (``</think>`` 151668, ``<tool_call>`` 151657, ``</tool_call>`` 151658, ``<|im_end|>`` 151645) split the
-text into segments that are encoded independently, like the tokenizer's added-token split. Within a segment, REMOVED
-chars are dropped as they arrive, the rest is NFKC-normalised and then normalised by the tokenizer (NFC for Qwen3),
-split by the Qwen3 pre-tokenizer regex (the ``tokenizer.json`` of the Qwen3 checkpoints) and BPE-encoded per
-pretoken. Facts that make a prefix final:
+text into segments that are encoded independently, like the tokenizer's added-token split. Within a segment, chars
+are folded as they arrive (:func:`~guardproxy.guard.normalize.view_chars`: REMOVED ones dropped, FOLDED ones
+replaced by their NFKC), the result is NFC-normalised (the tokenizer's normaliser), split by the Qwen3 pre-tokenizer
+regex (the ``tokenizer.json`` of the Qwen3 checkpoints) and BPE-encoded per pretoken. Facts that make a prefix
+final:
 
-* NFKC: text before a char where :func:`~guardproxy.guard.normalize.boundary_before` holds (UAX #15, NFKC quick
-  check) normalises independently of what follows; the open cluster after the last such char is held back.
+* NFC: text before a char where :func:`~guardproxy.guard.normalize.boundary_before` holds (``ccc == 0`` and
+  ``NFC_Quick_Check == Yes``, a "boundary before" in UAX #15) normalises independently of what follows; the open
+  cluster after the last such char is held back.
 * JSON escapes: the raw chars of an escape not complete yet (``\\``, ``\\u00``, a high surrogate before its low half)
   are held until it completes or the call ends.
 * Pre-tokenizer: a match ``[s, e)`` that is not the last one is final when the regex engine could not have looked
@@ -35,17 +37,17 @@ pretoken. Facts that make a prefix final:
 Char spans: ``TokenSpan.start/end`` are offsets in the choice's GLOBAL char offset space (Python ``str`` code points
 of the original text of every piece, as the client receives it, concatenated in arrival order, ``"unmoderated"``
 pieces included). Each char the guard reads carries the client chars it came from: a plain char itself; a decoded
-JSON escape all the raw chars of the escape (``\\u007a`` -> six chars; a surrogate pair twelve); a char that NFKC
-expands, every char of its expansion (``"ﬁ"`` -> ``"f"`` and ``"i"``, both carrying the ligature); a cluster that
-normalisation changes as a whole (a starter and marks that compose with it), its chars before the first change 1:1
-and the rest to the first changed normalised char (``"e" + U+0301`` -> the token of ``"é"``). A token covers
+JSON escape all the raw chars of the escape (``\\u007a`` -> six chars; a surrogate pair twelve); a folded char,
+every char of its fold (``"ﬁ"`` -> ``"f"`` and ``"i"``, both carrying the ligature); a cluster that NFC changes as a
+whole (a starter and marks that compose with it), its chars before the first change 1:1 and the rest to the first
+changed normalised char (``"e" + U+0301`` -> the token of ``"é"``). A token covers
 ``[start, end)`` = from the first to the last client char (+1) of the chars it holds a UTF-8 byte of (a char whose
 bytes two tokens split belongs to both); tokens holding no client character (template glue, the tool NAME) have
 ``start == end`` at the end of the previous span. REMOVED chars belong to no token: one between two chars of a token
 lies inside its span, one between two tokens between their spans (a redaction of both covers it). Client characters
 that the template drops (the ``"\\n"``s stripped from the ends of the reasoning and from the start of the content)
 and ``"unmoderated"`` pieces belong to no token either. Starts and ends are non-decreasing; two spans overlap only on
-a char that the tokens split between them (its UTF-8 bytes, or the chars of its NFKC expansion).
+a char that the tokens split between them (its UTF-8 bytes, or the chars of its fold).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import Union
 
 from tokenizers import Tokenizer
 
-from guardproxy.guard.normalize import JsonStringDecoder, Sourced, boundary_before, nfkc, remove, removed
+from guardproxy.guard.normalize import JsonStringDecoder, Sourced, boundary_before, view_chars
 from guardproxy.guard.tokens import END_THINK, END_TOOL_CALL, IM_END, TOOL_CALL
 
 __all__ = ["Retokenizer", "TokenSpan"]
@@ -153,7 +155,7 @@ class Retokenizer:
             chars = self._json.setdefault(kind[1], JsonStringDecoder()).feed(text, start)
         else:
             chars = [(c, (o,)) for o, c in enumerate(text, start)]
-        chars = [s for s in chars if not removed(s[0])]
+        chars = view_chars(chars)
         if kind == "reasoning" and self._phase == "reasoning":
             self._reasoning(chars)
         elif kind == "content" and self._phase in ("reasoning", "content"):
@@ -221,14 +223,14 @@ class Retokenizer:
         out += self._commit(final=True) + [self._glue(TOOL_CALL)]
         self._phase, self._tool = "tool", key
         self._tools_seen.add(key)
-        self._raw.extend((c, ()) for c in '\n{"name": "' + remove(name or "") + '", "arguments": ')
+        self._raw.extend(view_chars((c, ()) for c in '\n{"name": "' + (name or "") + '", "arguments": '))
         return out
 
     def _flush_json(self, key) -> None:
         """The held chars of an incomplete escape at the end of a call's arguments, as they are."""
         decoder = self._json.get(key)
         if decoder is not None and decoder.pending:
-            self._raw.extend(s for s in decoder.flush() if not removed(s[0]))
+            self._raw.extend(view_chars(decoder.flush()))
 
     def _close_tool(self) -> list[TokenSpan]:
         self._raw.extend((c, ()) for c in "}\n")
@@ -239,8 +241,7 @@ class Retokenizer:
 
     # ------------------------------------------------------------------ exact incremental encoding
     def _normalize(self, text: str) -> str:
-        """NFKC, then the tokenizer's own normaliser (NFC for Qwen3: the identity on NFKC output)."""
-        text = nfkc(text)
+        """The tokenizer's own normaliser (NFC for Qwen3)."""
         return self._normalizer.normalize_str(text) if self._normalizer is not None else text
 
     def _normalize_raw(self, final: bool) -> None:
@@ -262,28 +263,21 @@ class Retokenizer:
 
     def _extend(self, cluster: list[Sourced]) -> None:
         """Append the normalised chars of one cluster with the offsets each carries (module docstring)."""
-        norm, attr = self._norm, self._attr
         text = "".join(c for c, _ in cluster)
-        normed = text if len(text) == 1 and text < "\x80" else self._normalize(text)
+        normed = text if len(text) == 1 and boundary_before(text) else self._normalize(text)
         if normed == text:
-            norm.extend(text)
-            attr.extend(a for _, a in cluster)
+            self._norm.extend(text)
+            self._attr.extend(a for _, a in cluster)
             return
-        parts = [self._normalize(c) for c, _ in cluster] if len(cluster) > 1 else [normed]
-        if "".join(parts) == normed:  # each char normalises on its own (compatibility forms, expansions)
-            for (_, a), part in zip(cluster, parts):
-                norm.extend(part)
-                attr.extend(a for _ in part)
-            return
-        # composition or reordering across chars: the chars before the first change map 1:1, the rest of the
-        # cluster goes to the first changed char
+        # composition or reordering: the chars before the first change map 1:1, the rest of the cluster goes to the
+        # first changed char
         same = 0
         while same < min(len(cluster), len(normed)) - 1 and cluster[same][0] == normed[same]:
             same += 1
-        norm.extend(normed)
-        attr.extend(a for _, a in cluster[:same])
-        attr.append(tuple(o for _, a in cluster[same:] for o in a))
-        attr.extend(() for _ in normed[same + 1:])
+        self._norm.extend(normed)
+        self._attr.extend(a for _, a in cluster[:same])
+        self._attr.append(tuple(o for _, a in cluster[same:] for o in a))
+        self._attr.extend(() for _ in normed[same + 1:])
 
     def _commit(self, final: bool) -> list[TokenSpan]:
         """Emit the ids of every final pretoken of the current segment (all of them when ``final``)."""
@@ -291,13 +285,10 @@ class Retokenizer:
         if not self._norm:
             return []
         text = "".join(self._norm)
-        # Look-ahead char: the first normalised char of the open cluster. Normalisation may still compose it with
-        # marks that follow, but a canonical composition never changes its class (letter / number / whitespace /
-        # other; checked over all of Unicode), which is all the regex decides on at a match's horizon.
-        ahead = ""
-        if not final and self._raw:
-            c = self._raw[0][0]
-            ahead = c if c < "\x80" else self._normalize(c)[:1]
+        # Look-ahead char: the first char of the open NFC cluster. NFC may still compose it with marks that follow,
+        # but a canonical composition never changes its class (letter / number / whitespace / other; checked over
+        # all of Unicode), which is all the regex decides on at a match's horizon.
+        ahead = "" if final or not self._raw else self._raw[0][0]
         seen = text + ahead
         pretokens = self._pre.pre_tokenize_str(seen)
         n = len(seen)
