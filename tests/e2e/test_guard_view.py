@@ -48,9 +48,8 @@ def completion(message: dict, finish_reason: str = "stop") -> JSON:
 
 
 def seen_by_client(body: bytes) -> str:
-    """Every string of every data frame at the socket, through the guard's view (what a reader would read)."""
-    return view(json.dumps(frames(body) if body.startswith(b"data:") or b"\ndata:" in body else json.loads(body),
-                           ensure_ascii=False))
+    """Every data frame of an SSE body at the socket as JSON text, through the guard's view (what a reader reads)."""
+    return view(json.dumps(frames(body), ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
