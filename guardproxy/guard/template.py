@@ -49,6 +49,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from guardproxy.guard import tokens
+from guardproxy.guard.normalize import view
 from guardproxy.guard.tokens import (
     END_THINK,
     END_TOOL_CALL,
@@ -432,11 +433,17 @@ class ChatRenderer:
 
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:
-        """BPE ids of ``text`` (NFC + Qwen3 pre-tokenizer + byte-level BPE), added/special-token parsing OFF.
+        """BPE ids of the guard's view of ``text`` (:func:`guardproxy.guard.normalize.view`: invisible format chars
+        removed, compatibility forms of letters and digits folded, NFC; then the Qwen3 pre-tokenizer and byte-level
+        BPE), added/special-token parsing OFF.
 
         ``"<|im_end|>"`` typed in ``text`` yields ordinary BPE ids (``<``, ``|``, ``im``, ``_end``, ``|``, ``>``),
-        never 151645. Ids are in 0..151642.
+        never 151645; ``"ｚｅｂ\\u200bｒａ"`` yields the ids of ``"zebra"``. Ids are in 0..151642. The view is the
+        identity on the template's own text (ASCII) and no template text next to client text combines with it, so
+        a run of glue and client text reads as the glue with the view of the client text; it deviates from the
+        real template only where the view changes client text (deliberately: the guard reads what a person reads).
         """
+        text = view(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
     def _encode_parts(self, parts: _Parts) -> list[int]:

@@ -7,9 +7,10 @@ import math
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardproxy.guard.normalize import remove
 from guardproxy.guard.template import ChatRenderer, content_text, prompt_windows, request_messages, window_overlap
 from guardproxy.testing.tokenizer import ADDED_TOKENS
 
@@ -73,7 +74,9 @@ PIECE = st.one_of(
     st.sampled_from(list("éüßñçøЖж日本語中文한국어")),
     st.sampled_from(["\u0301", "\u0308", "😀", "👍🏽", "🇫🇷", "👩\u200d👩\u200d👧", "\u200d"]),
 )
-text = st.lists(PIECE, max_size=12).map("".join).filter(lambda s: not any(c in s for c in CONTROL_STRINGS))
+# without the chars the guard's view removes (a ZWJ): where the view changes text the renderer deliberately differs
+# from the real template (tests/guard/test_template_view.py)
+text = st.lists(PIECE, max_size=12).map("".join).map(remove).filter(lambda s: not any(c in s for c in CONTROL_STRINGS))
 name = st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
 args = st.one_of(
     st.dictionaries(name, st.one_of(st.integers(-5, 99), text), max_size=2),
