@@ -56,6 +56,7 @@ from typing import Iterable, Mapping, Optional, Protocol, Union
 import regex
 
 from guardproxy.config import ACTION_SEVERITY, Policy
+from guardproxy.guard.normalize import REMOVED
 from guardproxy.guard.labels import canonical_category, canonical_level
 
 __all__ = [
@@ -77,6 +78,9 @@ MAX_WORD_BACK = 48
 _BOUNDARY = regex.compile(r"\b", flags=regex.WORD | regex.V1)
 #: Chars the word-boundary rules do not skip (UAX #29 WB4 skips Extend, Format and ZWJ after a char).
 _BASE = regex.compile(r"[^\p{Word_Break=Extend}\p{Word_Break=Format}\p{Word_Break=ZWJ}]")
+#: What a char the guard's view removes stands for when words are found: U+2060 WORD JOINER (a format char, which
+#: the rules skip), one code point for one, so offsets stay.
+WORD_JOINER = "\u2060"
 #: Chars after a lookup offset that a lookup reads at most (a boundary needs only the next two base chars).
 _LOOKAHEAD = 32
 _TIERS = ("Controversial", "Unsafe")
@@ -85,7 +89,9 @@ _TIERS = ("Controversial", "Unsafe")
 class _WordStarts:
     """Where the words of one choice's text start, by Unicode's default word boundaries (UAX #29, as the ``regex``
     module's ``WORD`` flag implements them: punctuation and whitespace end a word, each ideograph is a word of its
-    own, a katakana run or a letter/digit run such as ``it's`` or ``3.14`` is one word), built incrementally.
+    own, a katakana run or a letter/digit run such as ``it's`` or ``3.14`` is one word), built incrementally. The
+    text is read as the guard reads it: a char its view removes (:data:`guardproxy.guard.normalize.REMOVED`, e.g. a
+    zero-width space) joins the word around it.
 
     ``push(text)`` appends text (global offsets continue); ``start(at, floor, scored)`` is the start of the word
     holding char ``at``: ``at`` itself when that char is whitespace or not received yet, else the last boundary at
@@ -134,7 +140,7 @@ class _WordStarts:
             return at
         end = min(self._n if self._closed else min(self._n, scored + 1), at + _LOOKAHEAD)
         w0 = max(self._starts[self._head] if self._head < len(self._starts) else 0, lo - 4)
-        window = self._slice(w0, end)
+        window = REMOVED.sub(WORD_JOINER, self._slice(w0, end))  # as the guard reads it: "zeb\u200brafish" is a word
         if window[at - w0].isspace():
             return at
         if self._closed and end == self._n:

@@ -25,8 +25,9 @@ from tests.moderation.test_retokenizer import INVISIBLE, disguised, escape_char,
 
 E2E = settings(max_examples=10, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-#: U+200B is the one removed char that is a word boundary in UAX #29 (see the xfail test below).
-WORD_JOINING = [c for c in INVISIBLE if c != "\u200b"]
+#: The removed chars are read as word joiners when the decider finds word starts, U+200B included (a word boundary in
+#: UAX #29 as written).
+WORD_JOINING = list(INVISIBLE)
 REDACT = {"response": {"unsafe": "redact"}, "mask": "[MASKED]"}
 
 
@@ -101,9 +102,9 @@ async def test_a_disguised_trigger_in_a_stream_is_cut_before_its_first_char(engi
     assert "z" not in seen_by_client(r.content)  # ... and no form of its first char reached the socket
 
 
-@pytest.mark.xfail(strict=True, reason="the decider moves a cut back to a UAX #29 word start in the client's text, "
-                                       "and U+200B is a word boundary there: the letters before it go out")
 async def test_a_zero_width_space_does_not_split_the_cut_word(engine):
+    """U+200B is a word boundary in UAX #29; the decider finds word starts with the removed chars read as word
+    joiners, so the cut still starts at the disguised word's first letter."""
     full = BEFORE + "zeb\u200brafish likes cake."
     r = await post(engine, SSE(sse_body(content_chunks([full]))), stream=True)
     assert texts(well_formed(r.content))[0][0] == BEFORE

@@ -482,3 +482,23 @@ def test_buffered_cut_moves_to_the_word_start_and_flag_spans_too():
     assert d2.safe_upto == 8 and d2.release_bound == 4  # "say ": the bound never sits inside "zebr..."
     (cut,) = d2.push(Span(2, 8, 13), Verdict("Unsafe")) + d2.push(Span(3, 13, 17), Verdict("Unsafe"))
     assert cut.at == 4
+
+
+def test_word_starts_join_removed_chars_and_skip_extend_chars():
+    # a zero-width space (removed by the guard's view) joins the word: the cut starts at its first letter
+    text = "say zeb\u200brafish now"
+    d = Decider(make_policy(hold_back=0))
+    d.text(text)
+    d.push(Span(0, 0, 3), Verdict("Safe"))
+    d.push(Span(1, 3, 7), Verdict("Safe"))  # " zeb"
+    assert d.release_bound == 4
+    (cut,) = d.push(Span(2, 7, 14), Verdict("Unsafe")) + d.push(Span(3, 14, 18), Verdict("Unsafe"))
+    assert cut.at == 4
+    # "." between letters with a combining mark after it stays inside the word (UAX #29 WB4 skips the mark)
+    text = "aaaaaaa.\u0e48a b"
+    d = Decider(make_policy(hold_back=0))
+    d.text(text)
+    d.push(Span(0, 0, 8), Verdict("Safe"))  # "aaaaaaa."
+    assert d.release_bound == 0  # the word goes on: nothing of it is released yet
+    d.push(Span(1, 8, 11), Verdict("Safe"))  # mark, "a", " "
+    assert d.release_bound == 10  # "aaaaaaa.\u0e48a" is one word, released whole
