@@ -108,12 +108,18 @@ class _StageMixin:
 
 
 class PromptPolicy(_Strict, _StageMixin):
-    """What to do with the prompt verdict (query head, read once at the last user ``<|im_end|>``)."""
+    """What to do with the prompt verdict (query head, read at the last user ``<|im_end|>`` of each window).
+
+    Attributes:
+        overlong: a prompt longer than the guard's prompt limit: ``windows`` (scored in overlapping windows, the
+            worst verdict counts) or ``block`` (refused with HTTP 400 ``prompt_too_long``).
+    """
 
     safe: Literal["allow"] = "allow"
     controversial: PromptAction = "flag"
     unsafe: PromptAction = "block"
     categories: dict[str, PromptOverride] = Field(default_factory=dict)
+    overlong: Literal["windows", "block"] = "windows"
 
     @field_validator("categories", mode="before")
     @classmethod
@@ -189,6 +195,19 @@ class Policy(_Strict):
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
+
+    @property
+    def moderates_prompt(self) -> bool:
+        """Can the prompt verdict change anything (some prompt action is not ``allow``)?"""
+        return any(a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.prompt.actions_for_level(lvl))
+
+    @property
+    def moderates_response(self) -> bool:
+        """Can a response verdict change anything (a channel is moderated and some response action is not
+        ``allow``)? When neither stage can, requests take the pure relay path: the guard is not called."""
+        m = self.moderate
+        return (m.content or m.reasoning or m.tool_arguments) and any(
+            a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.response.actions_for_level(lvl))
 
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
@@ -320,6 +339,8 @@ class Upstream(_Strict):
     api_key: Optional[SecretStr] = None
     api_key_env: Optional[str] = None
     connect_timeout: float = Field(5.0, gt=0)
+    pool_timeout: float = Field(30.0, gt=0)  # waiting for a free connection of the pool (queued, not failed)
+    max_connections: int = Field(1024, ge=1)  # connection pool size (concurrent requests to this upstream)
     first_byte_timeout: float = Field(120.0, gt=0)  # request sent -> response headers
     idle_timeout: float = Field(60.0, gt=0)  # between two reads of the body (SSE events, keep-alives)
     forward_client_authorization: bool = False

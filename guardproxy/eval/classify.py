@@ -1,9 +1,11 @@
 """``guardproxy classify``: offline, per-token evaluation of conversations in a JSONL file.
 
-For each input row (``{"messages": [...]}``, OpenAI-style; ``"message"`` as in Qwen3GuardTest is accepted too) the
-conversation is rendered exactly as the official code does (``ChatRenderer.render_conversation``), the prompt is
-prefilled through the ``<|im_end|>`` closing the last user turn (prompt verdict from the query heads), and when the
-last message is from the assistant the rest of the sequence is fed to the same stream (response heads). Output row::
+For each input row (``{"messages": [...]}``, OpenAI-style; ``"message"`` as in Qwen3GuardTest is accepted too; a row
+is read like a Chat Completions request by the live proxy, so its ``tools``, ``functions``, ``response_format``...
+are rendered too: :func:`guardproxy.guard.template.request_messages`) the conversation is rendered exactly as the
+official code does (``ChatRenderer.render_conversation``), the prompt is prefilled through the ``<|im_end|>`` closing
+the last user turn (prompt verdict from the query heads), and when the last message is from the assistant the rest of
+the sequence is fed to the same stream (response heads). Output row::
 
     {"row": i, "input_ids": [...], "response_start": int, "prompt": VERDICT, "tokens": [VERDICT, ...],
      "flag": null | {"index": int, "risk_level": str, "category": str}}
@@ -12,11 +14,13 @@ last message is from the assistant the rest of the sequence is fed to the same s
 ``response_start``**, of the k-th token of the first k-consecutive streak (first any Unsafe streak; only if none, a
 Controversial one: ``consecutive_unsafe`` of Qwen's ``eval/eval_stream.py``); its category is that token's category.
 A prompt-only row (last message not from the assistant) has ``response_start == len(input_ids)``, ``tokens == []``,
-``flag == null``. When the conversation exceeds the checkpoint's context the engine drops the oldest turns (never
-the last user turn); ``input_ids`` then holds what the model saw and ``prompt_tokens_dropped`` says how many prompt
-ids were cut (such rows are left out of the latency bins, whose spans index the uncut sequence). A response longer
-than the context is scored on the engine's re-anchored window (see ``guardproxy.guard.scheduler``). A row that cannot
-be processed becomes ``{"row": i, "error": "..."}`` and the run continues.
+``flag == null``. A prompt longer than the engine's prompt limit is scored as the live proxy scores it: in
+overlapping windows (:func:`guardproxy.guard.template.prompt_windows`), the prompt verdict being the first of the
+highest risk level; ``prompt_windows`` then gives their number, ``input_ids`` holds the last window (what the
+response is scored after) and the rest, and ``prompt_tokens_dropped`` how many prompt ids lie before that window
+(such rows are left out of the latency bins, whose spans index the uncut sequence). A response longer than the
+context is scored on the engine's re-anchored window (see ``guardproxy.guard.scheduler``). A row that cannot be
+processed becomes ``{"row": i, "error": "..."}`` and the run continues.
 
 Rows with a ``label`` (Qwen3GuardTest layout: ``label``, ``unsafe_start_index``, ``unsafe_end_index``) are also
 scored: F1 strict/loose for response rows (prediction = flag level, Safe when unflagged) and prompt rows (prediction =
@@ -42,6 +46,8 @@ from typing import Any, TextIO
 from guardproxy.eval import scoring
 from guardproxy.guard.dtypes import DTYPE_NAMES
 from guardproxy.guard.errors import EngineOverloaded
+from guardproxy.guard.labels import RISK_LEVELS, canonical_level
+from guardproxy.guard.template import prompt_windows, request_messages
 
 #: Attempts (with back-off) when the engine refuses a stream because it is full; offline runs can wait.
 _OVERLOAD_RETRIES = 200
@@ -52,7 +58,8 @@ class RowError(ValueError):
 
 
 def parse_row(row: Any) -> list[dict]:
-    """The message list of one input row.
+    """The message list of one input row, with the row's request-level fields folded in as the live proxy folds a
+    request's (:func:`~guardproxy.guard.template.request_messages`).
 
     Args:
         row: a decoded JSON value (or a JSON text line).
@@ -74,7 +81,10 @@ def parse_row(row: Any) -> list[dict]:
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RowError(f"messages[{j}] is not an object with a string 'role'")
-    return msgs
+    try:
+        return request_messages({**row, "messages": msgs})
+    except TypeError as e:
+        raise RowError(str(e)) from None
 
 
 def flag_of(tokens: list, k: int) -> dict | None:
@@ -101,6 +111,11 @@ async def _aopen(engine, ids: list[int]):
             await asyncio.sleep(min(0.5, 0.01 * (attempt + 1)))
 
 
+def _risk(verdict) -> int:
+    level = canonical_level(verdict.risk_level)
+    return RISK_LEVELS.index(level) if level else 0
+
+
 async def classify_messages(engine, messages: list[dict], *, k: int = 2) -> dict:
     """Classify one conversation through ``engine`` (a :class:`GuardEngine`).
 
@@ -110,33 +125,40 @@ async def classify_messages(engine, messages: list[dict], *, k: int = 2) -> dict
         ValueError: the renderer rejects the conversation (e.g. no user turn); engine errors propagate.
     """
     renderer = engine.renderer
-    prompt_ids = list(renderer.render_prompt(messages))
-    if messages[-1]["role"] == "assistant":
+    scored = messages[-1]["role"] == "assistant"  # the last message is the response to score
+    prompt_ids = list(renderer.render_prompt(messages[:-1] if scored else messages))
+    if scored:
         ids, response_start = renderer.render_conversation(messages)
         ids = list(ids)
         if ids[: len(prompt_ids)] != prompt_ids or not len(prompt_ids) <= response_start <= len(ids):
             raise ValueError("rendered conversation does not extend the rendered prompt")
     else:
         ids, response_start = prompt_ids, len(prompt_ids)
-    stream, prompt_verdict = await _aopen(engine, prompt_ids)
+    windows = prompt_windows(prompt_ids, engine.prompt_limit)
+    prompt_verdict = None
+    for i, window in enumerate(windows):  # the last window's stream scores the response; the others only a verdict
+        stream, verdict = await _aopen(engine, window.ids)
+        if prompt_verdict is None or _risk(verdict) > _risk(prompt_verdict):
+            prompt_verdict = verdict
+        if i < len(windows) - 1:
+            stream.close()
     try:
         rest = ids[len(prompt_ids):]
         fed = await stream.afeed(rest) if rest else []
-        # the engine cuts an overlong prompt (oldest turns first); report the ids the model actually saw
-        seen = list(getattr(stream, "prompt_ids", prompt_ids))
+        seen = list(getattr(stream, "prompt_ids", windows[-1].ids))  # the ids the response is scored after
     finally:
         stream.close()
-    cut = len(prompt_ids) - len(seen)
     tokens = fed[response_start - len(prompt_ids):]
     out = {
         "input_ids": seen + rest,
-        "response_start": response_start - cut,
+        "response_start": len(seen) + response_start - len(prompt_ids),
         "prompt": prompt_verdict.to_json(),
         "tokens": [v.to_json() for v in tokens],
         "flag": flag_of(tokens, k),
     }
-    if cut:
-        out["prompt_tokens_dropped"] = cut
+    if len(windows) > 1:
+        out["prompt_windows"] = len(windows)
+        out["prompt_tokens_dropped"] = windows[-1].start
     return out
 
 

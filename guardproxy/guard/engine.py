@@ -190,6 +190,18 @@ class Admission:
         self._engine = engine
         self.left = streams
 
+    def recycle(self, stream: "GuardStream") -> None:
+        """Close ``stream`` (one this admission's request opened) and keep its slot reserved for the next stream it
+        opens, in one step: no other request can take the slot in between."""
+        engine = self._engine
+        with engine._cv:
+            if stream.closed:
+                return
+            engine._drop(stream, StreamClosed("stream closed"))
+            if not engine._closed:
+                engine._sched.reserve(1)
+                self.left += 1
+
     def close(self) -> None:
         """Give back the streams not taken. Idempotent."""
         with self._engine._cv:

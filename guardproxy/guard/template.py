@@ -11,18 +11,37 @@ result is identical to ``tokenizer(apply_chat_template(...))`` (tested against t
 The control ids come from :mod:`guardproxy.guard.tokens`; the rendering rules are those of the Qwen3 chat template,
 rendered as the Qwen3Guard-Stream streaming code reads a conversation (Qwen3Guard technical report, arXiv 2510.14276).
 
-Deliberate deviations from the real template (all make the guard see MORE of what the model sees, never less):
+Deliberate deviations from the real template (all make the guard see MORE of what the model sees, never less). Every
+message is first brought to the template's own shape (:func:`native_message`); where the template has no place for a
+field, its text becomes part of the turn it belongs to:
 
-* ``content`` given as a list of parts (``[{"type": "text", "text": ...}, ...]``) is rendered as its text parts
-  joined with ``""``. The real template renders ``''`` for non-string content, which would let a client hide a
-  prompt from the guard. Such a user message also counts as a query for the ``last_query_index`` rule (the real
-  template would skip it because its content is not a string).
-* ``reasoning`` is accepted as an alias of ``reasoning_content`` on assistant messages (vLLM / Ollama spelling).
-* In ``render_prompt``, messages after the last user turn (e.g. an assistant prefill) are not rendered.
+* ``content`` given as a list of parts is rendered as its text-bearing parts joined with ``"\n"``
+  (:func:`content_text`, the join vLLM's ``chat_utils`` applies before the template). The real template renders
+  ``''`` for non-string content, which would let a client hide a prompt from the guard.
+* roles: ``developer`` renders as ``system`` (first message: the system block; later: a system turn); ``function``
+  (legacy tool results) renders as ``tool``; any other role renders as a ``user`` turn whose text starts with
+  ``"ROLE: "``.
+* ``name`` (any message): the turn's text starts with ``"NAME: "``.
+* assistant messages: ``refusal`` is appended to the content (joined with ``"\n"``); the legacy ``function_call`` and
+  custom tool calls (``{"type": "custom", "custom": {"name", "input"}}``, ``input`` rendered as the arguments) render
+  as tool calls after the ``tool_calls``; ``reasoning`` is an alias of ``reasoning_content`` (vLLM / Ollama). The
+  template drops the reasoning of assistant turns before the last user query; here every non-empty reasoning renders
+  in the template's ``<think>\n...\n</think>\n\n`` form (an upstream with another template may show it).
+* ``tools`` on the first (system) message render as the template's tools block, after the ``tools`` argument; on any
+  other message they are appended to its text as JSON. :func:`request_messages` moves the request-level fields of a
+  Chat Completions request there (``tools``, legacy ``functions``, and as text ``tool_choice``, ``function_call``,
+  ``response_format``, ``web_search_options``).
+* a first ``system`` message whose ``content`` is ``None`` carries no system text (only its ``tools``).
+* ``render_prompt``: messages after the last user turn (an assistant prefill the model continues, a late system
+  message) render as one more user turn (see :meth:`ChatRenderer.prompt_messages`).
+
+Prompt windows (:func:`prompt_windows`): a prompt longer than the guard's limit is scored as overlapping windows of
+its ids, each one a sequence of whole or cut turns.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +49,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from guardproxy.guard import tokens
+from guardproxy.guard.normalize import view
 from guardproxy.guard.tokens import (
     END_THINK,
     END_TOOL_CALL,
@@ -69,45 +89,183 @@ def _tojson(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def content_text(content) -> str:
-    """Message ``content`` as text: a string as is, ``None`` as ``""``, a list of parts as its text parts joined.
+#: Content-part types the upstream model reads as text, and the key holding the text. vLLM's ``chat_utils``
+#: (``_parse_chat_message_content_part``) reads these five, and plain-string parts; images, audio and files are not
+#: text.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"}
+#: The join of a message's text parts: vLLM's ``chat_utils`` hands the template ``"\n".join(texts)``.
+PART_JOIN = "\n"
+#: Roles the template renders; :func:`native_message` maps ``developer`` -> ``system``, ``function`` -> ``tool``.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+          "function": "tool"}
+#: Request-level fields of a Chat Completions request (openai SDK ``completion_create_params``) that the upstream reads
+#: and the template has no place for; :func:`request_messages` renders them as ``"FIELD: JSON"`` lines. Not listed,
+#: because no model reads them as text: ``prediction`` (a draft checked against the model's own output), ``stop``,
+#: ``logit_bias``, ``metadata``, ``user``, ``safety_identifier``, ``prompt_cache_key`` and the sampling settings.
+REQUEST_TEXT_FIELDS = ("tool_choice", "function_call", "response_format", "web_search_options")
 
-    A part is a dict with ``"text"`` (OpenAI ``{"type": "text", "text": ...}``) or a plain string; other parts
-    (images, audio) contribute nothing. Raises ``TypeError`` for any other type.
+
+def part_text(part) -> str | None:
+    """The text of one content part, or None for a part without text.
+
+    A plain string is its own text; a dict is read under the key its ``type`` names in :data:`TEXT_PARTS`, and a
+    part of any other type that still carries a string ``text``, ``refusal`` or ``thinking`` is read too.
+    """
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        return None
+    key = TEXT_PARTS.get(part.get("type"))  # type: ignore[arg-type]
+    if key is not None and isinstance(part.get(key), str):
+        return part[key]
+    for key in ("text", "refusal", "thinking"):
+        if isinstance(part.get(key), str):
+            return part[key]
+    return None
+
+
+def content_text(content) -> str:
+    """Message ``content`` as text: a string as is, ``None`` as ``""``, a list of parts as the texts of its
+    text-bearing parts (:func:`part_text`) joined with :data:`PART_JOIN`; parts without text (images, audio,
+    files) contribute nothing. The live proxy and ``guardproxy classify`` both read content through this function.
+
+    Raises:
+        TypeError: ``content`` is of another type.
     """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        out = []
-        for part in content:
-            if isinstance(part, str):
-                out.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                out.append(part["text"])
-        return "".join(out)
+        return PART_JOIN.join(t for t in map(part_text, content) if t is not None)
     raise TypeError(f"message content must be a string, a list of parts or None, got {type(content).__name__}")
 
 
+def _joined(*texts: str) -> str:
+    return PART_JOIN.join(t for t in texts if t)
+
+
+def _tool_call(call) -> dict:
+    """A tool call as the template reads it: ``{"name", "arguments"}`` (OpenAI ``{"function": {...}}``, custom
+    ``{"custom": {"name", "input"}}`` or already flat)."""
+    if not isinstance(call, dict):
+        return {"name": "", "arguments": call}
+    if isinstance(call.get("function"), dict):
+        call = call["function"]
+    elif isinstance(call.get("custom"), dict):
+        call = {"name": call["custom"].get("name"), "arguments": call["custom"].get("input")}
+    return {"name": call.get("name"), "arguments": call.get("arguments")}
+
+
+def _arguments(call: dict) -> str:
+    """A flat tool call's arguments as the template renders them: a string as is, anything else as JSON."""
+    args = call.get("arguments")
+    return args if isinstance(args, str) else _tojson(args)
+
+
+def native_message(m: dict, *, first: bool = False) -> dict:
+    """``m`` in the shape the Qwen3 template renders: ``role`` in system/user/assistant/tool, ``content`` a string,
+    for assistants ``reasoning_content`` and flat ``tool_calls`` (``[{"name", "arguments"}]``), and ``tools`` on a
+    ``first`` system message (see the module docstring for every rule). Idempotent.
+
+    Raises:
+        TypeError: a ``content`` of an unsupported type.
+    """
+    role = m.get("role")
+    native = _ROLES.get(role) if isinstance(role, str) else None
+    content = m.get("content")
+    if native == "system" and first and content is None:
+        text = None  # no system text: the tools block only
+    else:
+        text = content_text(content)
+        if native == "assistant" and isinstance(m.get("refusal"), str):
+            text = _joined(text, m["refusal"])
+        if native is None:
+            text, native = f"{role}: {text}", "user"
+        if isinstance(m.get("name"), str) and m["name"]:
+            text = f"{m['name']}: {text}"
+    out: dict = {"role": native, "content": text}
+    if native == "assistant":
+        reasoning = m.get("reasoning_content")
+        if not isinstance(reasoning, str):
+            reasoning = m.get("reasoning")
+        if isinstance(reasoning, str):
+            out["reasoning_content"] = reasoning
+        calls = [_tool_call(c) for c in (m.get("tool_calls") or [])]
+        if isinstance(m.get("function_call"), dict):
+            calls.append(_tool_call(m["function_call"]))
+        if calls:
+            out["tool_calls"] = calls
+    if m.get("tools"):
+        if native == "system" and first:
+            out["tools"] = list(m["tools"])
+        else:
+            out["content"] = _joined(out["content"], _tojson(m["tools"]))
+    return out
+
+
+def request_text(request: dict) -> str:
+    """The request-level text of a Chat Completions request the template has no place for: one
+    ``"FIELD: JSON"`` line per field of :data:`REQUEST_TEXT_FIELDS` that carries client text (``tool_choice`` /
+    ``function_call`` objects, a ``response_format`` other than a bare ``{"type": "text" | "json_object"}``, a
+    non-empty ``web_search_options``), ``""`` when none does."""
+    lines = []
+    for field in REQUEST_TEXT_FIELDS:
+        value = request.get(field)
+        if not isinstance(value, dict) or not value:
+            continue
+        if field == "response_format" and set(value) == {"type"} and value["type"] in ("text", "json_object"):
+            continue
+        lines.append(f"{field}: {_tojson(value)}")
+    return "\n".join(lines)
+
+
+def request_messages(request: dict) -> list[dict]:
+    """The messages the guard renders for a Chat Completions request body (``messages`` required).
+
+    The request's ``tools`` and legacy ``functions`` (each rendered as ``{"type": "function", "function": F}``) go
+    on the first message as ``tools`` (rendered as the template's tools block, after any tools that message already
+    carries), and :func:`request_text` is appended to the first message's text (joined with ``"\n\n"``); when the
+    first message is not ``system``/``developer``, a system message carrying them is put first. Other messages are
+    returned as given (the renderer reads them through :func:`native_message`).
+
+    Raises:
+        TypeError: ``messages`` is not a list, or a content of the first message has an unsupported type.
+    """
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        raise TypeError("the request has no 'messages' list")
+    tools = [t for t in request.get("tools") or []]
+    tools += [{"type": "function", "function": f} for f in request.get("functions") or []]
+    extra = request_text(request)
+    if not tools and not extra:
+        return list(messages)
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    if _ROLES.get(first.get("role")) == "system":
+        head = {**first, "tools": list(first.get("tools") or []) + tools}
+        rest = messages[1:]
+        if extra:
+            head["content"] = "\n\n".join(t for t in (content_text(first.get("content")), extra) if t)
+    else:
+        head, rest = {"role": "system", "content": extra or None, "tools": tools}, messages
+    if not head["tools"]:
+        del head["tools"]
+    return [head, *rest]
+
+
 def _is_query(message: dict) -> bool:
-    """The template's ``last_query_index`` test: a user message that is not a wrapped tool response."""
+    """The template's ``last_query_index`` test on a native message: a user turn that is not a wrapped tool
+    response."""
     if message.get("role") != "user":
         return False
-    content = message.get("content")
-    if isinstance(content, list):
-        return True  # deviation: list content is a query (see module docstring)
-    if not isinstance(content, str):
-        return False
+    content = message.get("content") or ""
     return not (content.startswith("<tool_response>") and content.endswith("</tool_response>"))
 
 
 def _reasoning_and_content(message: dict) -> tuple[str, str]:
-    """(reasoning, content) of an assistant message, as the template derives them (before strip/lstrip)."""
-    content = content_text(message.get("content"))
+    """(reasoning, content) of a native assistant message, as the template derives them (before strip/lstrip)."""
+    content = message.get("content") or ""
     reasoning = message.get("reasoning_content")
-    if not isinstance(reasoning, str):
-        reasoning = message.get("reasoning")
     if isinstance(reasoning, str):
         return reasoning, content
     if "</think>" in content:
@@ -115,6 +273,140 @@ def _reasoning_and_content(message: dict) -> tuple[str, str]:
         content = content.split("</think>")[-1].lstrip("\n")
         return reasoning, content
     return "", content
+
+
+class _GILFreeEncode:
+    """A ``tokenizers.Tokenizer`` whose ``encode`` releases the GIL while it runs.
+
+    The binding's ``Tokenizer.encode`` holds the GIL for the whole call (about 5 s for a 4 MB prompt on a busy CPU),
+    ``encode_batch`` releases it and gives the same ``Encoding``; so a prompt rendered in a worker thread never stalls
+    the event loop. Every other attribute is the wrapped tokenizer's.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, sequence, pair=None, is_pretokenized: bool = False, add_special_tokens: bool = True):
+        """``Tokenizer.encode`` through ``encode_batch`` (same arguments, same ``Encoding``)."""
+        item = sequence if pair is None else (sequence, pair)
+        return self._tokenizer.encode_batch([item], is_pretokenized=is_pretokenized,
+                                            add_special_tokens=add_special_tokens)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt windows
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Ids a window may add around its slice: a turn header ``<|im_start|>ROLE\n`` (3) before, ``<|im_end|>`` after.
+WINDOW_GLUE = 4
+#: Overlap of consecutive windows: ``min(MAX_WINDOW_OVERLAP, S // 8)`` ids, ``S = limit - WINDOW_GLUE``.
+MAX_WINDOW_OVERLAP = 512
+
+
+@dataclass(frozen=True)
+class Window:
+    """One prompt window: ``ids`` = (a turn header if ``start`` is inside a turn body) + ``full[start:end]`` +
+    (``<|im_end|>`` if ``end`` is inside a turn body), ``full`` being the whole prompt's ids."""
+
+    start: int
+    end: int
+    ids: list[int]
+
+
+def window_overlap(limit: int) -> int:
+    """The overlap :func:`prompt_windows` uses for ``limit``: ``min(512, (limit - 4) // 8)`` ids (at least 1)."""
+    return max(1, min(MAX_WINDOW_OVERLAP, (limit - WINDOW_GLUE) // 8))
+
+
+def prompt_windows(ids: list[int], limit: int, overlap: int | None = None) -> list[Window]:
+    """Cut prompt ``ids`` (a rendering: turns ``<|im_start|>ROLE\n ... <|im_end|>`` joined by ``"\n"``) into
+    overlapping windows of at most ``limit`` ids that together hold every id; one window when ``len(ids) <= limit``.
+
+    The rule, with ``S = limit - 4`` (slice length) and ``O = overlap`` (default :func:`window_overlap`), built from
+    the end so that the last window (the guard stream kept for the response) is as long as it can be:
+
+    * the last window ends at ``len(ids)``; a window whose slice would reach back to 0 within ``S`` ids starts at 0;
+    * a window ending at ``b`` starts at the first turn start in ``[b - S, b - 3S/4]`` (whole turns), else at
+      ``b - S``, moved back to its turn start when that falls in a turn header, or forward to the next turn start
+      when it falls on a turn's ``<|im_end|>`` or the ``"\n"`` after it;
+    * the window before one starting at ``a`` ends at the last turn end (after an ``<|im_end|>``) in
+      ``[a + O, a + S/4]``, else at ``a + O``, moved forward past a turn header or separator to the next body id
+      or ``<|im_end|>``. Consecutive slices therefore overlap by at least ``O`` ids (a word of up to ``O`` tokens
+      is always whole in some window) and at most ``S/4 + 4``; each window advances by at least ``S/2 - 6`` ids,
+      so there are at most ``1 + ceil((len(ids) - S) / (S/2 - 6))`` windows, and exactly
+      ``1 + ceil((len(ids) - S - 2) / (S - O))`` for one long turn (its first window starts at 0, header whole).
+    * a slice starting inside a turn body gets that turn's header ``<|im_start|>ROLE\n`` in front, one ending inside
+      a body gets ``<|im_end|>``: a long turn is split into overlapping pieces, each rendered as its own turn of the
+      same role.
+
+    Each window's prompt verdict is read at its last id (an ``<|im_end|>``).
+
+    Raises:
+        ValueError: ``limit < 28`` (the scheduler's smallest context, 32, gives a prompt limit of 28) or an overlap
+            outside ``1 .. S // 4``.
+    """
+    S = limit - WINDOW_GLUE
+    O = window_overlap(limit) if overlap is None else overlap
+    if S < 24 or not 1 <= O <= S // 4:
+        raise ValueError(f"windows need limit >= 28 and 1 <= overlap <= {max(S, 0) // 4}, got {limit}, {O}")
+    n = len(ids)
+    if n <= limit:
+        return [Window(0, n, list(ids))]
+    starts = [i for i, t in enumerate(ids) if t == IM_START]
+    ends = [i + 1 for i, t in enumerate(ids) if t == IM_END]
+
+    def turn_of(i: int) -> int | None:  # the start of the turn holding position i
+        k = bisect.bisect_right(starts, i) - 1
+        return starts[k] if k >= 0 else None
+
+    def kind(i: int) -> str:  # "start", "header", "end", "sep" or "body"
+        t = ids[i]
+        if t == IM_START:
+            return "start"
+        if t == IM_END:
+            return "end"
+        s = turn_of(i)
+        if s is not None and i - s <= 2 and IM_END not in ids[s:i]:
+            return "header"
+        if t == NEWLINE and i > 0 and ids[i - 1] == IM_END:
+            return "sep"
+        return "body"
+
+    spans: list[tuple[int, int]] = []
+    b = n
+    while True:
+        if b <= S:
+            spans.append((0, b))
+            break
+        k = bisect.bisect_left(starts, b - S)
+        if k < len(starts) and starts[k] <= b - 3 * S // 4:
+            a = starts[k]
+        else:
+            a = b - S
+            if kind(a) == "header":
+                a = turn_of(a)
+            while kind(a) in ("end", "sep"):
+                a += 1
+        spans.append((a, b))
+        if a == 0:
+            break
+        k = bisect.bisect_right(ends, a + S // 4) - 1
+        if k >= 0 and ends[k] >= a + O:
+            b = ends[k]
+        else:
+            b = a + O
+            while kind(b - 1) in ("start", "header", "sep"):
+                b += 1
+    spans.reverse()
+    out = []
+    for a, b in spans:
+        head = ids[turn_of(a): turn_of(a) + 3] if kind(a) == "body" and turn_of(a) is not None else []
+        tail = [IM_END] if kind(b - 1) == "body" else []
+        out.append(Window(a, b, head + ids[a:b] + tail))
+    return out
 
 
 class ChatRenderer:
@@ -137,15 +429,21 @@ class ChatRenderer:
         data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
         check_tokenizer(data, str(tokenizer_json))
         data["added_tokens"] = []  # no added-token matching: control ids only ever come from the renderer
-        self.tokenizer = Tokenizer.from_str(json.dumps(data))
+        self.tokenizer = _GILFreeEncode(Tokenizer.from_str(json.dumps(data)))
 
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:
-        """BPE ids of ``text`` (NFC + Qwen3 pre-tokenizer + byte-level BPE), added/special-token parsing OFF.
+        """BPE ids of the guard's view of ``text`` (:func:`guardproxy.guard.normalize.view`: invisible format chars
+        removed, compatibility forms of letters and digits folded, NFC; then the Qwen3 pre-tokenizer and byte-level
+        BPE), added/special-token parsing OFF.
 
         ``"<|im_end|>"`` typed in ``text`` yields ordinary BPE ids (``<``, ``|``, ``im``, ``_end``, ``|``, ``>``),
-        never 151645. Ids are in 0..151642.
+        never 151645; ``"ｚｅｂ\\u200bｒａ"`` yields the ids of ``"zebra"``. Ids are in 0..151642. The view is the
+        identity on the template's own text (ASCII) and no template text next to client text combines with it, so
+        a run of glue and client text reads as the glue with the view of the client text; it deviates from the
+        real template only where the view changes client text (deliberately: the guard reads what a person reads).
         """
+        text = view(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
     def _encode_parts(self, parts: _Parts) -> list[int]:
@@ -162,25 +460,28 @@ class ChatRenderer:
 
     # ------------------------------------------------------------------ template
     def _render(self, messages: list[dict], tools: list | None) -> list[_Parts]:
-        """Parts per rendered block: block 0 is the system/tools header (may be empty), then one block per message.
+        """Parts per rendered block: block 0 is the system/tools header (may be empty), then one block per message
+        (messages are read through :func:`native_message`).
 
         Every block starts with a control id or is empty, so blocks encode independently and lengths add up.
         """
+        messages = [native_message(m, first=i == 0) for i, m in enumerate(messages)]
         header: _Parts = []
-        first_is_system = bool(messages) and messages[0].get("role") == "system"
+        first_is_system = bool(messages) and messages[0]["role"] == "system"
+        system_text = messages[0]["content"] if first_is_system else None
+        tools = list(tools or []) + (messages[0].get("tools", []) if first_is_system else [])
         if tools:
             header += [IM_START, _Text("system\n")]
-            if first_is_system:
-                header.append(_Text(content_text(messages[0].get("content")) + "\n\n", client=True))
+            if system_text is not None:
+                header.append(_Text(system_text + "\n\n", client=True))
             header.append(_Text(_TOOLS_INTRO))
             for tool in tools:
                 header.append(_Text("\n" + _tojson(tool)))
             # "<tool_call></tool_call> XML tags:\n<tool_call>...</tool_call>": the tags are added tokens
             header += [_Text(_TOOLS_OUTRO_A), TOOL_CALL, END_TOOL_CALL, _Text(" XML tags:\n"), TOOL_CALL,
                        _Text(_TOOLS_OUTRO_B), END_TOOL_CALL, IM_END, _Text("\n")]
-        elif first_is_system:
-            header += [IM_START, _Text("system\n"), _Text(content_text(messages[0].get("content")), client=True),
-                       IM_END, _Text("\n")]
+        elif system_text is not None:
+            header += [IM_START, _Text("system\n"), _Text(system_text, client=True), IM_END, _Text("\n")]
 
         last_query = len(messages) - 1
         for i in range(len(messages) - 1, -1, -1):
@@ -191,27 +492,28 @@ class ChatRenderer:
         blocks: list[_Parts] = [header]
         n = len(messages)
         for i, m in enumerate(messages):
-            role = m.get("role")
+            role = m["role"]
             out: _Parts = []
             if role == "user" or (role == "system" and i > 0):
-                out = [IM_START, _Text(role + "\n"), _Text(content_text(m.get("content")), client=True), IM_END,
-                       _Text("\n")]
+                out = [IM_START, _Text(role + "\n"), _Text(m["content"], client=True), IM_END, _Text("\n")]
             elif role == "assistant":
                 out = self._assistant(m, think=i > last_query, last=i == n - 1)
             elif role == "tool":
-                if i == 0 or messages[i - 1].get("role") != "tool":
+                if i == 0 or messages[i - 1]["role"] != "tool":
                     out += [IM_START, _Text("user")]
-                out += [_Text("\n"), TOOL_RESPONSE, _Text("\n"), _Text(content_text(m.get("content")), client=True),
-                        _Text("\n"), END_TOOL_RESPONSE]
-                if i == n - 1 or messages[i + 1].get("role") != "tool":
+                out += [_Text("\n"), TOOL_RESPONSE, _Text("\n"), _Text(m["content"], client=True), _Text("\n"),
+                        END_TOOL_RESPONSE]
+                if i == n - 1 or messages[i + 1]["role"] != "tool":
                     out += [IM_END, _Text("\n")]
             blocks.append(out)
         return blocks
 
     def _assistant(self, m: dict, *, think: bool, last: bool) -> _Parts:
+        """One native assistant message; ``think``: it comes after the last user query, ``last``: it is the final
+        message. The think block renders as the template renders it there, and for every non-empty reasoning."""
         reasoning, content = _reasoning_and_content(m)
         out: _Parts = [IM_START, _Text("assistant\n")]
-        if think and (last or reasoning):
+        if (think and last) or reasoning:
             out += [THINK, _Text("\n"), _Text(reasoning.strip("\n"), client=True), _Text("\n"), END_THINK,
                     _Text("\n\n"), _Text(content.lstrip("\n"), client=True)]
         else:
@@ -219,41 +521,64 @@ class ChatRenderer:
         for k, call in enumerate(m.get("tool_calls") or []):
             if (k == 0 and content) or k > 0:
                 out.append(_Text("\n"))
-            fn = call.get("function", call) if isinstance(call, dict) else call
-            args = fn.get("arguments")
-            args = args if isinstance(args, str) else _tojson(args)
-            out += [TOOL_CALL, _Text('\n{"name": "'), _Text(str(fn.get("name")), client=True),
-                    _Text('", "arguments": '), _Text(args, client=True), _Text("}\n"), END_TOOL_CALL]
+            out += [TOOL_CALL, _Text('\n{"name": "'), _Text(str(call["name"]), client=True),
+                    _Text('", "arguments": '), _Text(_arguments(call), client=True), _Text("}\n"), END_TOOL_CALL]
         return out + [IM_END, _Text("\n")]
 
     # ------------------------------------------------------------------ public API
+    def prompt_messages(self, messages: list[dict]) -> list[dict]:
+        """The native messages :meth:`render_prompt` renders: :func:`native_message` of each, with the messages
+        after the last user turn (the last ``user``, or a later ``tool``) folded into one more user turn.
+
+        That last turn's text is, per folded message, ``"ROLE: TEXT"`` (the role as the client named it; an
+        assistant's TEXT is its reasoning, content and tool calls ``{"name": "NAME", "arguments": ARGS}`` joined
+        with ``"\n"``), the messages joined with ``"\n"``. An assistant prefill the model continues is thus read by
+        the query head where it reads every prompt: at the ``<|im_end|>`` closing the last user turn.
+
+        Raises:
+            ValueError: no ``user`` (or ``tool``) message. TypeError: a content of an unsupported type.
+        """
+        native = [native_message(m, first=i == 0) for i, m in enumerate(messages)]
+        last = max((i for i, m in enumerate(native) if m["role"] in ("user", "tool")), default=None)
+        if last is None:
+            raise ValueError("cannot render a guard prompt: the conversation has no user turn "
+                             f"(roles: {[m.get('role') for m in messages]})")
+        if last == len(native) - 1:
+            return native
+        folded = []
+        for m, n in zip(messages[last + 1:], native[last + 1:]):
+            text = n["content"] or ""
+            if n["role"] == "assistant":
+                calls = [f'{{"name": "{c["name"]}", "arguments": {_arguments(c)}}}' for c in n.get("tool_calls", [])]
+                text = _joined(n.get("reasoning_content") or "", text, *calls)
+            folded.append(f"{m.get('role')}: {text}")
+        return native[: last + 1] + [{"role": "user", "content": PART_JOIN.join(folded)}]
+
     def render_prompt(self, messages: list[dict], max_tokens: int | None = None, *,
                       tools: list | None = None) -> list[int]:
         """Ids from the start through the ``<|im_end|>`` closing the last user turn (the prompt the guard prefills).
 
         The last user turn is the last ``user`` message, or the last ``tool`` message if one comes later (tool
-        results render as a user turn ``<|im_start|>user\\n<tool_response>...``); messages after it are not rendered.
-        ``tools`` (OpenAI ``tools`` request field) renders the template's tools system block.
+        results render as a user turn ``<|im_start|>user\n<tool_response>...``); messages after it are folded into
+        one more user turn (:meth:`prompt_messages`). ``tools`` (OpenAI ``tools`` request field) renders the
+        template's tools system block, before any ``tools`` of the first message (:func:`request_messages`).
 
         Context limit: with ``max_tokens``, while the ids are longer, the oldest turns after the system block are
         dropped (never the last user turn); if still too long, only the END of the last turn's content is kept
         (the longest character suffix that fits, found by binary search: token counts are monotone in the cut
-        except in rare BPE corner cases, where a slightly shorter suffix than possible may be kept); if even an empty content does not fit, the system block is
-        dropped as a last resort.
+        except in rare BPE corner cases, where a slightly shorter suffix than possible may be kept); if even an
+        empty content does not fit, the system block is dropped as a last resort. The proxy does not cut: it
+        scores every window of the whole rendering (:meth:`render_windows`).
 
         Raises:
             ValueError: no ``user`` (or ``tool``) message; ``max_tokens`` too small for an empty last turn.
             TypeError: a message content of an unsupported type.
         """
-        last = max((i for i, m in enumerate(messages) if m.get("role") in ("user", "tool")), default=None)
-        if last is None:
-            raise ValueError("cannot render a guard prompt: the conversation has no user turn "
-                             f"(roles: {[m.get('role') for m in messages]})")
-        msgs = list(messages[: last + 1])
+        msgs = self.prompt_messages(messages)
         ids = self._prompt_ids(msgs, tools)
         if max_tokens is None or len(ids) <= max_tokens:
             return ids
-        keep_sys = 1 if msgs[0].get("role") == "system" else 0
+        keep_sys = 1 if msgs[0]["role"] == "system" else 0
         # 1) drop the oldest turns (one rendered block per message, lengths add up).
         while len(ids) > max_tokens and len(msgs) - keep_sys > 1:
             del msgs[keep_sys]
@@ -266,6 +591,12 @@ class ChatRenderer:
             if fitted is not None:
                 return fitted
         raise ValueError(f"max_tokens={max_tokens} is too small for the last user turn's template tokens")
+
+    def render_windows(self, messages: list[dict], limit: int, *, tools: list | None = None,
+                       overlap: int | None = None) -> list[Window]:
+        """The whole prompt (:meth:`render_prompt` without a cut) as :func:`prompt_windows` of at most ``limit``
+        ids: one window when it fits."""
+        return prompt_windows(self.render_prompt(messages, tools=tools), limit, overlap)
 
     def _prompt_ids(self, msgs: list[dict], tools) -> list[int]:
         blocks = self._render(msgs, tools)
@@ -307,8 +638,8 @@ class ChatRenderer:
           on (interleaved glue such as ``</think>``, tool-call wrappers, and the closing ``<|im_end|>``) is scored.
           If the response is empty, ``response_start`` is the index of the closing ``<|im_end|>``.
 
-        For the usual final assistant turn (after the last user query) ``ids[:k] == render_prompt(messages[:-1])
-        + ASSISTANT_HEADER`` with ``k = len(render_prompt(messages[:-1])) + 5``, and ``k <= response_start``.
+        ``ids[:k] == render_prompt(messages[:-1]) + ASSISTANT_HEADER`` with ``k = len(render_prompt(messages[:-1]))
+        + 5``, and ``k <= response_start`` (the final turn always follows the prompt's last user turn).
 
         Raises:
             ValueError: the last message is not ``assistant`` or there is no user turn before it.
@@ -317,9 +648,8 @@ class ChatRenderer:
             raise ValueError("render_conversation needs the assistant response to score as the last message")
         if not any(m.get("role") in ("user", "tool") for m in messages[:-1]):
             raise ValueError("cannot render a guard conversation: there is no user turn before the response")
-        blocks = self._render(messages, tools)
-        ids = [t for b in blocks[:-1] for t in self._encode_parts(b)]
-        final = blocks[-1][:-1]  # drop the trailing "\n" after <|im_end|>
+        ids = self.render_prompt(messages[:-1], tools=tools) + [NEWLINE]
+        final = self._assistant(native_message(messages[-1]), think=True, last=True)[:-1]  # no "\n" after it
         return ids + self._encode_parts(final), len(ids) + self._first_client_token(final)
 
     def _first_client_token(self, parts: _Parts) -> int:

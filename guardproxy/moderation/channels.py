@@ -10,15 +10,17 @@ order, the pieces:
   ``reasoning.text`` / ``reasoning.summary`` items). When several of
   these carry the same text (OpenRouter sends ``reasoning`` and ``reasoning_details``), the text is one piece and the
   duplicates are recorded as ``Piece.mirrors`` so a redaction can be applied to every copy;
-* ``("content", text)`` from ``delta.content`` (and ``delta.refusal``), or ``choices[].text`` for ``/v1/completions``;
+* ``("content", text)`` from ``delta.content``, ``delta.refusal`` and ``delta.audio.transcript``, or
+  ``choices[].text`` for ``/v1/completions``;
 * inline ``<think>...</think>`` inside ``content`` when the content starts with ``<think>`` (after optional
   whitespace, as vLLM/DeepSeek-style outputs without a reasoning parser do): the inside becomes ``"reasoning"``
   pieces, the tag characters are not moderated text. A tag may be split across deltas: characters that may still
   be part of a tag (leading whitespace, a prefix of ``<think>`` / ``</think>``) are *pending* until decided, at the
   latest on the choice's ``finish_reason``, on text from another field of the same choice, or on :meth:`flush`;
-* ``(("tool", tool_index), text)`` from ``delta.tool_calls[].function.arguments``, with the call's name and id kept
-  per (choice, tool index): given on the first delta, on every delta (TGI, ``"name": null`` on continuations) or all
-  in one delta (old Ollama); the first index may be 1.
+* ``(("tool", tool_index), text)`` from ``delta.tool_calls[].function.arguments`` (a custom tool's
+  ``tool_calls[].custom.input``), with the call's name and id kept per (choice, tool index): given on the first
+  delta, on every delta (TGI, ``"name": null`` on continuations) or all in one delta (old Ollama); the first index
+  may be 1. The deprecated ``delta.function_call.arguments`` is one more call, ``("tool", "function_call")``.
 
 Within one delta the order is reasoning, content, tool calls (the order the Qwen3 chat template renders them).
 Pieces are never empty. Each piece records where its characters live (:class:`FieldSpan`: a path inside the choice
@@ -34,19 +36,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from guardproxy.wire.chunks import (
-    ARGUMENTS_FIELD, CHOICE_TEXT_FIELDS, CONTENT_FIELDS, DETAIL_TEXT_FIELDS, DETAILS_FIELD, REASONING_FIELDS,
-    TOOL_CALLS_FIELD, choice_index,
+    CHOICE_TEXT_FIELDS, CONTENT_FIELDS, DETAIL_TEXT_FIELDS, DETAILS_FIELD, REASONING_FIELDS, TEXT_FIELDS,
+    TOOL_CALLS_FIELD, choice_index, text_values,
 )
 
 
 __all__ = ["ChannelSplitter", "FieldSpan", "Kind", "Path", "Piece"]
 
-#: ``"reasoning"``, ``"content"`` or ``("tool", tool_index)``.
-Kind = Union[str, tuple[str, int]]
+#: ``"reasoning"``, ``"content"`` or ``("tool", key)``: ``key`` is the call's index in ``tool_calls``, or
+#: ``"function_call"`` for the deprecated single call.
+Kind = Union[str, tuple[str, Union[int, str]]]
 #: Location of a string inside a choice object, e.g. ``("delta", "content")``,
 #: ``("delta", "tool_calls", 0, "function", "arguments")`` (list positions are ints), ``("text",)``.
 Path = tuple[Union[str, int], ...]
 
+#: Tool-call text: paths inside each ``tool_calls`` item, and the other calls (``function_call``) by their field.
+_CALL_ITEM_PATHS = tuple(f.path[2:] for f in TEXT_FIELDS if f.channel == "tool" and f.path[0] == TOOL_CALLS_FIELD)
+_SINGLE_CALLS = tuple(f.path for f in TEXT_FIELDS if f.channel == "tool" and f.path[0] != TOOL_CALLS_FIELD)
 _THINK, _END_THINK = "<think>", "</think>"
 _WS = " \t\r\n"
 
@@ -74,7 +80,7 @@ class Piece:
 
     Attributes:
         choice: the choice ``index``.
-        kind: ``"reasoning"``, ``"content"`` or ``("tool", tool_index)``.
+        kind: ``"reasoning"``, ``"content"`` or ``("tool", key)`` (see :data:`Kind`).
         text: the characters (exactly the slice of the field named by ``span``).
         span: where the characters live.
         name / tool_id: for tool pieces, the call's function name and id as known so far (else ``None``).
@@ -101,8 +107,8 @@ class Piece:
     @property
     def source(self) -> str:
         """The field the text came from: ``content``, ``reasoning_content``, ``reasoning``, ``reasoning_details``,
-        ``refusal``, ``tool_calls`` or ``text`` (inline ``<think>`` reasoning has kind ``reasoning``, source
-        ``content``)."""
+        ``refusal``, ``audio``, ``tool_calls``, ``function_call`` or ``text`` (inline ``<think>`` reasoning has kind
+        ``reasoning``, source ``content``)."""
         p = self.span.path
         return str(p[1] if p[0] in ("delta", "message") and len(p) > 1 else p[0])
 
@@ -187,9 +193,10 @@ class ChannelSplitter:
             if (reasoning or tools) and st.pending:
                 out += self._flush(c)  # pending chars arrived before this delta's other text
             out += reasoning
-            for key in CONTENT_FIELDS:
-                if isinstance(delta.get(key), str) and delta[key]:
-                    out += self._content(c, st, delta[key], (self.container, key), ref)
+            for path in CONTENT_FIELDS:
+                for keys, parent, key in text_values(delta, path):
+                    if isinstance(parent.get(key), str) and parent[key]:
+                        out += self._content(c, st, parent[key], (self.container, *keys), ref)
             if tools and st.pending:
                 out += self._flush(c)  # undecided content (a possible tag prefix) ends where the tool calls start
             out += tools
@@ -234,20 +241,28 @@ class ChannelSplitter:
         calls = delta.get(TOOL_CALLS_FIELD)
         out: list[Piece] = []
         for j, item in enumerate(calls if isinstance(calls, list) else []):
-            if not isinstance(item, dict):
-                continue
-            idx = choice_index(item, j)
-            fn = item.get("function") if isinstance(item.get("function"), dict) else {}
-            known = st.tools.setdefault(idx, [None, None])
-            if isinstance(fn.get("name"), str) and fn["name"]:
-                known[0] = fn["name"]
-            if isinstance(item.get("id"), str) and item["id"]:
-                known[1] = item["id"]
-            args = fn.get(ARGUMENTS_FIELD)
-            if isinstance(args, str) and args:
-                span = FieldSpan(ref, (self.container, TOOL_CALLS_FIELD, j, "function", ARGUMENTS_FIELD), 0, len(args))
-                out.append(Piece(c, ("tool", idx), args, span, name=known[0], tool_id=known[1]))
+            if isinstance(item, dict):
+                out += self._call(c, st, choice_index(item, j), item, (TOOL_CALLS_FIELD, j), _CALL_ITEM_PATHS, ref)
+        for path in _SINGLE_CALLS:
+            if isinstance(delta.get(path[0]), dict):
+                out += self._call(c, st, path[0], delta[path[0]], path[:1], (path[1:],), ref)
         return out
+
+    def _call(self, c: int, st: _ChoiceState, key: int | str, call: dict, where: Path, paths, ref: Any) -> list[Piece]:
+        """The pieces of one tool call (``call`` lies at ``where`` in the delta; ``paths`` lead to its text); its
+        name (the ``name`` beside its text) and ``id`` are remembered per call ``key``."""
+        known = st.tools.setdefault(key, [None, None])
+        if isinstance(call.get("id"), str) and call["id"]:
+            known[1] = call["id"]
+        found = []
+        for path in paths:
+            for keys, parent, k in text_values(call, path):
+                if isinstance(parent.get("name"), str) and parent["name"]:
+                    known[0] = parent["name"]
+                if isinstance(parent.get(k), str) and parent[k]:
+                    found.append((keys, parent[k]))
+        return [Piece(c, ("tool", key), text, FieldSpan(ref, (self.container, *where, *keys), 0, len(text)),
+                      name=known[0], tool_id=known[1]) for keys, text in found]
 
     def _content(self, c: int, st: _ChoiceState, text: str, path: Path, ref: Any) -> list[Piece]:
         if st.mode == "content":

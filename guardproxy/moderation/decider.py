@@ -56,6 +56,7 @@ from typing import Iterable, Mapping, Optional, Protocol, Union
 import regex
 
 from guardproxy.config import ACTION_SEVERITY, Policy
+from guardproxy.guard.normalize import REMOVED
 from guardproxy.guard.labels import canonical_category, canonical_level
 
 __all__ = [
@@ -75,21 +76,32 @@ _RANK = {"Safe": 0, "Controversial": 1, "Unsafe": 2}
 #: Most characters a word start may lie before the offset it is looked up for (longer "words" are cut there).
 MAX_WORD_BACK = 48
 _BOUNDARY = regex.compile(r"\b", flags=regex.WORD | regex.V1)
+#: Chars the word-boundary rules do not skip (UAX #29 WB4 skips Extend, Format and ZWJ after a char).
+_BASE = regex.compile(r"[^\p{Word_Break=Extend}\p{Word_Break=Format}\p{Word_Break=ZWJ}]")
+#: What a char the guard's view removes stands for when words are found: U+2060 WORD JOINER (a format char, which
+#: the rules skip), one code point for one, so offsets stay.
+WORD_JOINER = "\u2060"
+#: Chars after a lookup offset that a lookup reads at most (a boundary needs only the next two base chars).
+_LOOKAHEAD = 32
 _TIERS = ("Controversial", "Unsafe")
 
 
 class _WordStarts:
     """Where the words of one choice's text start, by Unicode's default word boundaries (UAX #29, as the ``regex``
     module's ``WORD`` flag implements them: punctuation and whitespace end a word, each ideograph is a word of its
-    own, a katakana run or a letter/digit run such as ``it's`` or ``3.14`` is one word), built incrementally.
+    own, a katakana run or a letter/digit run such as ``it's`` or ``3.14`` is one word), built incrementally. The
+    text is read as the guard reads it: a char its view removes (:data:`guardproxy.guard.normalize.REMOVED`, e.g. a
+    zero-width space) joins the word around it.
 
     ``push(text)`` appends text (global offsets continue); ``start(at, floor, scored)`` is the start of the word
     holding char ``at``: ``at`` itself when that char is whitespace or not received yet, else the last boundary at
-    or before ``at``, but never below ``floor`` nor more than :data:`MAX_WORD_BACK` chars back. A boundary counts
-    only with the two chars after it known (``3.`` may still become ``3.14``), and only within the text scored so
-    far (``scored``: the end of the newest scored token) plus one char, or anywhere once :meth:`close` said no more
-    text comes: what is decided then depends on the scored tokens alone, never on how much text happened to have
-    arrived (the streamed and the whole-completion path see the same boundaries). Each lookup reads a window of
+    or before ``at``, but never below ``floor`` nor more than :data:`MAX_WORD_BACK` chars back. A lookup reads only
+    the text scored so far (``scored``: the end of the newest scored token) plus one char, at most
+    :data:`_LOOKAHEAD` chars past ``at``, and a boundary counts only with the two base chars after it in that text
+    (``3.`` may still become ``3.14``; extend and format chars between them are skipped as the rules skip them),
+    or anywhere once :meth:`close` said no more text comes: what is decided depends on the scored tokens alone,
+    never on how much text happened to have arrived (the streamed and the whole-completion path see the same
+    boundaries). Each lookup reads a window of
     about :data:`MAX_WORD_BACK` chars around ``at``: O(window), never the whole text. ``forget(before)`` drops text more than 4096 chars before ``before`` (the decider only looks near
     its release bound).
     """
@@ -126,11 +138,16 @@ class _WordStarts:
         lo = max(floor, at - MAX_WORD_BACK)
         if at <= lo:
             return at
-        trusted = self._n if self._closed else min(self._n - 2, scored - 1)
+        end = min(self._n if self._closed else min(self._n, scored + 1), at + _LOOKAHEAD)
         w0 = max(self._starts[self._head] if self._head < len(self._starts) else 0, lo - 4)
-        window = self._slice(w0, min(self._n, at + 4, max(at + 1, trusted + 2)))
+        window = REMOVED.sub(WORD_JOINER, self._slice(w0, end))  # as the guard reads it: "zeb\u200brafish" is a word
         if window[at - w0].isspace():
             return at
+        if self._closed and end == self._n:
+            trusted = end  # no text comes after the window
+        else:  # a boundary needs two base chars after it (the rules skip extend and format chars)
+            bases = [i for i in range(len(window) - 1, -1, -1) if _BASE.match(window, i)][:2]
+            trusted = w0 + bases[1] if len(bases) == 2 else -1
         best = lo
         for m in _BOUNDARY.finditer(window, pos=max(0, lo - w0)):
             p = w0 + m.start()

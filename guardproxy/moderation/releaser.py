@@ -45,9 +45,9 @@ Guarantees:
 Whole completions (``Releaser(whole=True)``): :meth:`add_completion` holds the choices of a non-streamed completion
 (text under ``message``); release, redact, cut and annotate record what to do and send nothing; :meth:`completion`
 renders the edited completion with the same rules: redactions applied, a cut choice keeps its text before the cut
-point, ends with ``finish_reason`` set to the cut's reason and carries the cut's annotation; of its tool calls, only
-the ones whose arguments lie wholly before the cut point are kept (a cut call would hand the client invalid,
-partial arguments).
+point, ends with ``finish_reason`` set to the cut's reason and carries the cut's annotation; of its tool calls
+(``function_call`` included), only the ones whose arguments lie wholly before the cut point are kept (a cut call
+would hand the client invalid, partial arguments); a cut or redacted choice's ``logprobs`` become ``null``.
 
 Redaction masks: ``mask`` replaces the whole span once (at its first character; the span's other characters
 vanish), or, with ``per_char=True``, every character of the span is replaced by ``mask``. Overlapping redactions merge
@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.moderation.channels import FieldSpan, Path, Piece
-from guardproxy.wire.chunks import ARGUMENTS_FIELD, TOOL_CALLS_FIELD, Chunk, choice_index
+from guardproxy.wire.chunks import FUNCTION_CALL_FIELD, TOOL_CALLS_FIELD, Chunk, choice_index
 from guardproxy.wire.sse import DONE, encode_comment, encode_data
 
 __all__ = ["Releaser", "merge_redaction", "redacted"]
@@ -325,6 +325,8 @@ class Releaser:
             if ch.cut:
                 e.obj["finish_reason"] = ch.reason
                 _drop_cut_tool_calls(e.obj, kept_whole)
+            if (ch.cut or ch.redactions) and e.obj.get("logprobs") is not None:
+                e.obj["logprobs"] = None  # its tokens would show what was cut or redacted
             e.obj.update(ch.notes)
         return self._body
 
@@ -526,13 +528,20 @@ def _minimal(src: dict, new: dict[Path, str]) -> dict:
 
 
 def _drop_cut_tool_calls(choice_obj: dict, kept_whole: dict[Path, bool]) -> None:
-    """Of a cut choice's ``message.tool_calls`` keep only the calls whose arguments were kept whole (they lie before
-    the cut point); ``tool_calls`` becomes ``None`` when none is left. A call without argument text carries nothing
-    the guard scored and is dropped too."""
+    """Of a cut choice's tool calls (``message.tool_calls`` items, the deprecated ``message.function_call``) keep only
+    the calls whose text (``function.arguments``, ``custom.input``, ``arguments``) was kept whole (it lies before the
+    cut point); ``tool_calls`` / ``function_call`` become ``None`` when none is left. A call without text carries
+    nothing the guard scored and is dropped too."""
     msg = choice_obj.get("message")
-    calls = msg.get(TOOL_CALLS_FIELD) if isinstance(msg, dict) else None
-    if not isinstance(calls, list):
+    if not isinstance(msg, dict):
         return
-    kept = [call for j, call in enumerate(calls)
-            if kept_whole.get(("message", TOOL_CALLS_FIELD, j, "function", ARGUMENTS_FIELD))]
-    msg[TOOL_CALLS_FIELD] = kept or None
+
+    def whole(where: Path) -> bool:
+        kept = [k for p, k in kept_whole.items() if p[:len(where)] == where]
+        return bool(kept) and all(kept)
+
+    calls = msg.get(TOOL_CALLS_FIELD)
+    if isinstance(calls, list):
+        msg[TOOL_CALLS_FIELD] = [call for j, call in enumerate(calls) if whole(("message", TOOL_CALLS_FIELD, j))] or None
+    if isinstance(msg.get(FUNCTION_CALL_FIELD), dict) and not whole(("message", FUNCTION_CALL_FIELD)):
+        msg[FUNCTION_CALL_FIELD] = None

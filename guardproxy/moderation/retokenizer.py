@@ -9,13 +9,25 @@ chat template (``docs/ARCHITECTURE.md``, "ChatRenderer")::
     per tool call: ["\\n" if content or not the first call]  <tool_call>  '\\n{"name": "' NAME '", "arguments": ' ARGS '}\\n'  </tool_call>
     <|im_end|>
 
-Control ids (``</think>`` 151668, ``<tool_call>`` 151657, ``</tool_call>`` 151658, ``<|im_end|>`` 151645) split the
-text into segments that are encoded independently, like the tokenizer's added-token split. Within a segment, text is
-NFC-normalised, split by the Qwen3 pre-tokenizer regex (the ``tokenizer.json`` of the Qwen3 checkpoints) and
-BPE-encoded per pretoken. Two facts make a prefix final:
+where every client text is read through the guard's view (:mod:`guardproxy.guard.normalize`): ``reasoning``,
+``content`` and ``NAME`` are ``view(text)``, ``ARGS`` is ``view(decoded)`` with ``decoded`` the argument text with
+its JSON string escapes decoded (:class:`~guardproxy.guard.normalize.JsonStringDecoder`). The strip rules apply to
+the view (a removed char before a leading ``"\\n"`` does not keep it), and the ``"\\n"`` before the first tool call
+appears when the content's view is not empty. So the ids equal the real template and tokenizer applied to the
+message with each of its client texts replaced by its view.
 
-* NFC: text before a code point with ``ccc == 0`` and ``NFC_Quick_Check == Yes`` (a "boundary before" in UAX #15)
-  normalises independently of what follows; the open cluster after the last such point is held back.
+Control ids (``</think>`` 151668, ``<tool_call>`` 151657, ``</tool_call>`` 151658, ``<|im_end|>`` 151645) split the
+text into segments that are encoded independently, like the tokenizer's added-token split. Within a segment, chars
+are folded as they arrive (:func:`~guardproxy.guard.normalize.view_chars`: REMOVED ones dropped, FOLDED ones
+replaced by their NFKC), the result is NFC-normalised (the tokenizer's normaliser), split by the Qwen3 pre-tokenizer
+regex (the ``tokenizer.json`` of the Qwen3 checkpoints) and BPE-encoded per pretoken. Facts that make a prefix
+final:
+
+* NFC: text before a char where :func:`~guardproxy.guard.normalize.boundary_before` holds (``ccc == 0`` and
+  ``NFC_Quick_Check == Yes``, a "boundary before" in UAX #15) normalises independently of what follows; the open
+  cluster after the last such char is held back.
+* JSON escapes: the raw chars of an escape not complete yet (``\\``, ``\\u00``, a high surrogate before its low half)
+  are held until it completes or the call ends.
 * Pre-tokenizer: a match ``[s, e)`` that is not the last one is final when the regex engine could not have looked
   past the text we have: for a match containing a non-whitespace char it looked at most at ``text[e]``; for a pure
   whitespace match (``\\s*[\\r\\n]+``, ``\\s+(?!\\S)``, ``\\s+``) it scanned the whole whitespace run starting at ``s``
@@ -23,14 +35,19 @@ BPE-encoded per pretoken. Two facts make a prefix final:
   ``str.isspace`` (a superset of the regex engine's ``\\s``: conservative).
 
 Char spans: ``TokenSpan.start/end`` are offsets in the choice's GLOBAL char offset space (Python ``str`` code points
-of the original, pre-NFC text of every piece, concatenated in arrival order, ``"unmoderated"`` pieces included). A
-character belongs to the token that holds its first UTF-8 byte; when NFC changes a cluster (a starter and the marks
-that compose with it), its chars before the first change map 1:1 and the rest of the cluster belongs to the token
-holding the first byte of the first changed normalised char (``"e" + U+0301`` -> the token of ``"é"``). A token
-covers ``[start, end)`` = from its first to its last character (+1); tokens holding no client character (template
-glue, the tool NAME, continuation bytes of a split character) have ``start == end`` at the end of the previous span.
-Client characters that the template drops (the ``"\\n"``s stripped from the ends of the reasoning and from the start
-of the content) and ``"unmoderated"`` pieces belong to no token. Spans are monotone and disjoint.
+of the original text of every piece, as the client receives it, concatenated in arrival order, ``"unmoderated"``
+pieces included). Each char the guard reads carries the client chars it came from: a plain char itself; a decoded
+JSON escape all the raw chars of the escape (``\\u007a`` -> six chars; a surrogate pair twelve); a folded char,
+every char of its fold (``"ﬁ"`` -> ``"f"`` and ``"i"``, both carrying the ligature); a cluster that NFC changes as a
+whole (a starter and marks that compose with it), its chars before the first change 1:1 and the rest to the first
+changed normalised char (``"e" + U+0301`` -> the token of ``"é"``). A token covers
+``[start, end)`` = from the first to the last client char (+1) of the chars it holds a UTF-8 byte of (a char whose
+bytes two tokens split belongs to both); tokens holding no client character (template glue, the tool NAME) have
+``start == end`` at the end of the previous span. REMOVED chars belong to no token: one between two chars of a token
+lies inside its span, one between two tokens between their spans (a redaction of both covers it). Client characters
+that the template drops (the ``"\\n"``s stripped from the ends of the reasoning and from the start of the content)
+and ``"unmoderated"`` pieces belong to no token either. Starts and ends are non-decreasing; two spans overlap only on
+a char that the tokens split between them (its UTF-8 bytes, or the chars of its fold).
 """
 
 from __future__ import annotations
@@ -39,16 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import regex
 from tokenizers import Tokenizer
 
+from guardproxy.guard.normalize import JsonStringDecoder, Sourced, boundary_before, view_chars
 from guardproxy.guard.tokens import END_THINK, END_TOOL_CALL, IM_END, TOOL_CALL
 
 __all__ = ["Retokenizer", "TokenSpan"]
-
-
-#: Code points before which NFC may NOT cut the text (they can combine with / reorder against the previous char).
-_NO_BOUNDARY_BEFORE = regex.compile(r"[\p{NFC_QC=N}\p{NFC_QC=M}\P{ccc=0}]")
 
 Kind = Union[str, tuple]
 
@@ -60,10 +73,6 @@ class TokenSpan:
     id: int
     start: int
     end: int
-
-
-def _boundary_before(c: str) -> bool:
-    return c < "\x80" or _NO_BOUNDARY_BEFORE.match(c) is None
 
 
 class Retokenizer:
@@ -78,8 +87,9 @@ class Retokenizer:
     rendered assistant turn after ``ASSISTANT_HEADER`` (through ``<|im_end|>``) when the pieces arrive in template
     order (reasoning, content, tool calls by first appearance). Out-of-order pieces (reasoning after content, content
     after a tool call, a piece of an earlier tool call) are rendered where they arrive, inside the current segment:
-    still read by the guard, but no longer the template's rendering. A single pretoken longer than ``max_pending``
-    chars (only adversarial text has one) is cut, which keeps memory and CPU bounded but breaks exactness there.
+    still read by the guard, but no longer the template's rendering. A single pretoken or normalisation cluster
+    longer than ``max_pending`` chars (only adversarial text has one: thousands of letters or combining marks in a
+    row) is cut, which keeps memory and CPU bounded but breaks exactness there.
     """
 
     #: Longest uncommitted normalised text (chars) before the safety valve cuts it (bounds memory and CPU).
@@ -98,12 +108,13 @@ class Retokenizer:
         self._phase = "reasoning"  # -> "content" -> "tool"
         self._tools_seen: set = set()
         self._tool = None  # current tool index
-        self._started = False  # a non-"\n" char of the current reasoning/content seen (strip rules)
-        self._held: list[int] = []  # global offsets of held trailing reasoning "\n"s
-        self._content_any = False  # any content char pushed (the template tests the raw content)
-        self._raw: list[tuple[str, int | None]] = [("\n", None)]  # open NFC cluster(s) of the current segment
+        self._json: dict = {}  # tool index -> JsonStringDecoder of its arguments
+        self._started = False  # a non-"\n" char of the current reasoning/content's view seen (strip rules)
+        self._held: list[tuple[int, ...]] = []  # offsets of held trailing reasoning "\n"s
+        self._content_any = False  # the content's view is not empty (the template tests the unstripped content)
+        self._raw: list[Sourced] = [("\n", ())]  # open normalisation cluster(s) of the current segment
         self._norm: list[str] = []  # normalised, not yet committed text of the current segment
-        self._attr: list[list[int]] = []  # per normalised char: global offsets it carries
+        self._attr: list[tuple[int, ...]] = []  # per normalised char: global offsets it carries
         self._finished = False
 
     # ------------------------------------------------------------------ stats
@@ -115,42 +126,44 @@ class Retokenizer:
     @property
     def pending_chars(self) -> int:
         """Client chars pushed but not yet covered by an emitted token nor known to be dropped (held back)."""
-        pend = sum(1 for _, o in self._raw if o is not None) + sum(len(a) for a in self._attr) + len(self._held)
-        return pend
+        held = {o for _, a in self._raw for o in a}.union(*self._attr, *self._held)
+        for decoder in self._json.values():
+            held.update(decoder.pending)
+        return sum(1 for o in held if o >= self._pos)
 
     # ------------------------------------------------------------------ input
     def push(self, kind: Kind, text: str, *, name: str | None = None) -> list[TokenSpan]:
         """Add one piece; returns the spans that became final.
 
-        ``kind``: ``"reasoning"``, ``"content"``, ``("tool", index)`` (``name`` = the function name, used when the
-        call's first piece arrives) or ``"unmoderated"`` (occupies global offsets, is not rendered).
-        Raises ``RuntimeError`` after ``finish()`` and ``ValueError`` for an unknown kind.
+        ``kind``: ``"reasoning"``, ``"content"``, ``("tool", key)`` (one tool call per ``key``, e.g. its index;
+        ``name`` = the function name, used when the call's first piece arrives) or ``"unmoderated"`` (occupies
+        global offsets, is not rendered). Raises ``RuntimeError`` after ``finish()`` and ``ValueError`` for an
+        unknown kind.
         """
         if self._finished:
             raise RuntimeError("push() after finish()")
         start, self._offset = self._offset, self._offset + len(text)
         if kind == "unmoderated" or not text:
             return []
+        tool = isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "tool"
+        if not tool and kind not in ("reasoning", "content"):
+            raise ValueError(f"unknown piece kind {kind!r}")
         out: list[TokenSpan] = []
-        offs = range(start, start + len(text))
+        if tool:
+            if kind[1] not in self._tools_seen:
+                out += self._open_tool(kind[1], name)
+            chars = self._json.setdefault(kind[1], JsonStringDecoder()).feed(text, start)
+        else:
+            chars = [(c, (o,)) for o, c in enumerate(text, start)]
+        chars = view_chars(chars)
         if kind == "reasoning" and self._phase == "reasoning":
-            self._reasoning(text, offs)
+            self._reasoning(chars)
         elif kind == "content" and self._phase in ("reasoning", "content"):
             if self._phase == "reasoning":
                 out += self._end_reasoning()
-            self._content_any = True
-            for c, o in zip(text, offs):
-                if not self._started and c == "\n":
-                    continue  # content.lstrip("\n")
-                self._started = True
-                self._raw.append((c, o))
-        elif isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "tool" and kind[1] not in self._tools_seen:
-            out += self._open_tool(kind[1], name)
-            self._raw.extend(zip(text, offs))
-        elif kind in ("reasoning", "content") or (isinstance(kind, tuple) and kind[:1] == ("tool",)):
-            self._raw.extend(zip(text, offs))  # out of template order: rendered where it arrives
+            self._content(chars)
         else:
-            raise ValueError(f"unknown piece kind {kind!r}")
+            self._raw.extend(chars)  # a tool call's arguments, or text out of template order: rendered where it arrives
         return out + self._commit(final=False)
 
     def finish(self) -> list[TokenSpan]:
@@ -160,6 +173,8 @@ class Retokenizer:
         out: list[TokenSpan] = []
         if self._phase == "reasoning":
             out += self._end_reasoning()
+        for key in list(self._json):
+            self._flush_json(key)
         if self._phase == "tool":
             out += self._close_tool()
         out += self._commit(final=True)
@@ -167,81 +182,102 @@ class Retokenizer:
         return out + [self._glue(IM_END)]
 
     # ------------------------------------------------------------------ template glue
-    def _reasoning(self, text: str, offs) -> None:
-        for c, o in zip(text, offs):
+    def _reasoning(self, chars: list[Sourced]) -> None:
+        for c, a in chars:
             if c == "\n":
                 if self._started:
-                    self._held.append(o)  # maybe trailing: decided by the next reasoning char or the end
+                    self._held.append(a)  # maybe trailing: decided by the next reasoning char or the end
                 continue  # leading: reasoning.strip("\n")
             self._started = True
             self._raw.extend(("\n", h) for h in self._held)
             self._held = []
-            self._raw.append((c, o))
+            self._raw.append((c, a))
+
+    def _content(self, chars: list[Sourced]) -> None:
+        self._content_any = self._content_any or bool(chars)
+        for c, a in chars:
+            if not self._started and c == "\n":
+                continue  # content.lstrip("\n")
+            self._started = True
+            self._raw.append((c, a))
 
     def _end_reasoning(self) -> list[TokenSpan]:
         self._held = []  # trailing "\n"s are stripped
-        self._raw.append(("\n", None))
+        self._raw.append(("\n", ()))
         out = self._commit(final=True) + [self._glue(END_THINK)]
         self._phase, self._started = "content", False
-        self._raw.extend(("\n", None) for _ in range(2))
+        self._raw.extend(("\n", ()) for _ in range(2))
         return out
 
-    def _open_tool(self, index, name: str | None) -> list[TokenSpan]:
+    def _open_tool(self, key, name: str | None) -> list[TokenSpan]:
         out: list[TokenSpan] = []
         if self._phase == "reasoning":
             out += self._end_reasoning()
         if self._phase == "content":
             if self._content_any:
-                self._raw.append(("\n", None))
+                self._raw.append(("\n", ()))
         else:
+            self._flush_json(self._tool)
             out += self._close_tool()
-            self._raw.append(("\n", None))
+            self._raw.append(("\n", ()))
         out += self._commit(final=True) + [self._glue(TOOL_CALL)]
-        self._phase, self._tool = "tool", index
-        self._tools_seen.add(index)
-        self._raw.extend((c, None) for c in '\n{"name": "' + (name or "") + '", "arguments": ')
+        self._phase, self._tool = "tool", key
+        self._tools_seen.add(key)
+        self._raw.extend(view_chars((c, ()) for c in '\n{"name": "' + (name or "") + '", "arguments": '))
         return out
 
+    def _flush_json(self, key) -> None:
+        """The held chars of an incomplete escape at the end of a call's arguments, as they are."""
+        decoder = self._json.get(key)
+        if decoder is not None and decoder.pending:
+            self._raw.extend(view_chars(decoder.flush()))
+
     def _close_tool(self) -> list[TokenSpan]:
-        self._raw.extend((c, None) for c in "}\n")
+        self._raw.extend((c, ()) for c in "}\n")
         return self._commit(final=True) + [self._glue(END_TOOL_CALL)]
 
     def _glue(self, tid: int) -> TokenSpan:
         return TokenSpan(tid, self._pos, self._pos)
 
     # ------------------------------------------------------------------ exact incremental encoding
+    def _normalize(self, text: str) -> str:
+        """The tokenizer's own normaliser (NFC for Qwen3)."""
+        return self._normalizer.normalize_str(text) if self._normalizer is not None else text
+
     def _normalize_raw(self, final: bool) -> None:
-        """Move complete NFC clusters from ``_raw`` to ``_norm``/``_attr`` (all of them when ``final``)."""
+        """Move complete normalisation clusters from ``_raw`` to ``_norm``/``_attr`` (all of them when ``final``)."""
         raw = self._raw
         cut = len(raw)
         if not final:
-            cut = 0
-            for j in range(len(raw) - 1, 0, -1):
-                if _boundary_before(raw[j][0]):
-                    cut = j
-                    break
-        if cut == 0:
-            return
+            cut = next((j for j in range(len(raw) - 1, 0, -1) if boundary_before(raw[j][0])), 0)
+            if cut == 0 and len(raw) > self.max_pending:
+                cut = len(raw) - 1  # safety valve: a cluster this long is adversarial; normalise it in parts
         i = 0
         while i < cut:
             j = i + 1
-            while j < cut and not _boundary_before(raw[j][0]):
+            while j < cut and not boundary_before(raw[j][0]):
                 j += 1
-            cluster = "".join(c for c, _ in raw[i:j])
-            normed = cluster if (j == i + 1 and _boundary_before(cluster)) else self._normalizer.normalize_str(cluster)
-            if normed == cluster:
-                self._norm.extend(cluster)
-                self._attr.extend([o] if o is not None else [] for _, o in raw[i:j])
-            else:  # chars before the first change map 1:1; the rest of the cluster goes to the next char
-                same = 0
-                while same < min(len(cluster), len(normed)) - 1 and cluster[same] == normed[same]:
-                    same += 1
-                self._norm.extend(normed)
-                self._attr.extend([o] if o is not None else [] for _, o in raw[i:i + same])
-                self._attr.append([o for _, o in raw[i + same:j] if o is not None])
-                self._attr.extend([] for _ in normed[same + 1:])
+            self._extend(raw[i:j])
             i = j
         del raw[:cut]
+
+    def _extend(self, cluster: list[Sourced]) -> None:
+        """Append the normalised chars of one cluster with the offsets each carries (module docstring)."""
+        text = "".join(c for c, _ in cluster)
+        normed = text if len(text) == 1 and boundary_before(text) else self._normalize(text)
+        if normed == text:
+            self._norm.extend(text)
+            self._attr.extend(a for _, a in cluster)
+            return
+        # composition or reordering: the chars before the first change map 1:1, the rest of the cluster goes to the
+        # first changed char
+        same = 0
+        while same < min(len(cluster), len(normed)) - 1 and cluster[same][0] == normed[same]:
+            same += 1
+        self._norm.extend(normed)
+        self._attr.extend(a for _, a in cluster[:same])
+        self._attr.append(tuple(o for _, a in cluster[same:] for o in a))
+        self._attr.extend(() for _ in normed[same + 1:])
 
     def _commit(self, final: bool) -> list[TokenSpan]:
         """Emit the ids of every final pretoken of the current segment (all of them when ``final``)."""
@@ -286,24 +322,21 @@ class Retokenizer:
         del self._norm[:upto], self._attr[:upto]
         return out
 
-    def _encode_pretoken(self, bytelevel: str, chars: str, attr: list[list[int]]) -> list[TokenSpan]:
-        """BPE one pretoken; each char's offsets go to the token holding its first UTF-8 byte."""
-        first_byte_owner: dict[int, list[int]] = {}  # byte position -> offsets of the char starting there
-        b = 0
+    def _encode_pretoken(self, bytelevel: str, chars: str, attr: list[tuple[int, ...]]) -> list[TokenSpan]:
+        """BPE one pretoken; a token covers the offsets of every char it holds a UTF-8 byte of."""
+        owner: list[tuple[int, ...]] = []  # per byte: the offsets of the char it belongs to
         for c, a in zip(chars, attr):
-            first_byte_owner[b] = a
-            b += len(c.encode("utf-8"))
+            owner += [a] * len(c.encode("utf-8"))
         out: list[TokenSpan] = []
         b = 0
         for tok in self._model.tokenize(bytelevel):
             nb = len(tok.value)  # one byte-level char per original byte
-            covered = [o for p in range(b, b + nb) for o in first_byte_owner.get(p, ())]
+            covered = [o for a in owner[b:b + nb] for o in a]
             b += nb
             if covered:
                 start, end = min(covered), max(covered) + 1
-                self._pos = end
+                self._pos = max(self._pos, end)
                 out.append(TokenSpan(tok.id, start, end))
             else:
                 out.append(self._glue(tok.id))
         return out
-

@@ -327,9 +327,11 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         upstreams: name -> :class:`Upstream` (default: built from ``config.upstreams``); closed on app cleanup.
     """
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=config.limits.max_body_bytes)
-    app[STATE] = ProxyState(config=config, engine=engine,
-                            upstreams=upstreams if upstreams is not None else build_upstreams(config),
-                            tenants=TenantRegistry(config), metrics=Metrics(engine=engine))
+    counters = Metrics(engine=engine)
+    if upstreams is None:
+        upstreams = build_upstreams(config, lambda name, s: counters.upstream_pool_wait.labels(upstream=name).observe(s))
+    app[STATE] = ProxyState(config=config, engine=engine, upstreams=upstreams, tenants=TenantRegistry(config),
+                            metrics=counters)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -21,8 +21,9 @@ class GuardEngine(Protocol):
         """Reserve a request's streams at once (an ``Admission``); raises ``EngineOverloaded``."""
         ...
 
-    async def aopen(self, messages: list[dict], admission: Any = None) -> tuple[Any, Any]:
-        """Prefill a conversation (taking a reserved stream); ``(GuardStream, prompt Verdict)``."""
+    async def aopen(self, messages_or_ids: list, admission: Any = None) -> tuple[Any, Any]:
+        """Prefill a prompt window's ids (or a message list), taking a reserved stream; ``(GuardStream, prompt
+        Verdict)``."""
         ...
 
 

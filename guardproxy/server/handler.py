@@ -29,7 +29,7 @@ from guardproxy.server.context import RequestContext
 from guardproxy.server.http import json_response
 from guardproxy.server.guard import ChoiceStreams
 from guardproxy.server.prompt import PromptOutcome, check_prompt, guard_headers, guard_unavailable
-from guardproxy.server.relay import relay_unmoderated
+from guardproxy.server.relay import ChatEnd, ResponsesEnd, relay_unmoderated
 from guardproxy.server.request import parse_request
 from guardproxy.server.streamed import sniff_stream, stream_moderated
 from guardproxy.server.unary import json_moderated
@@ -37,6 +37,11 @@ from guardproxy.server.upstream import UpstreamError, UpstreamResponse
 from guardproxy.wire.errors import ProxyError, prompt_blocked
 
 __all__ = ["handle"]
+
+#: ``x-guard-status`` when the tenant's policy can change nothing: the guard is not called, bytes are relayed.
+POLICY_UNMODERATED = "unmoderated; the policy moderates nothing"
+#: ``x-guard-status`` when the policy moderates the prompt only: the response is relayed as it comes.
+RESPONSE_UNMODERATED = "moderated; the policy does not moderate the response"
 
 
 async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: bytes, *, legacy: bool
@@ -55,7 +60,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
                 body = await sniff_stream(ctx, resp, body)
             return await stream_moderated(ctx, request, req, resp, streams, headers, body)
         return await json_moderated(ctx, req, resp, streams, headers)
-    return await moderate_request(ctx, request, raw, req.messages, req.n, respond)
+    return await moderate_request(ctx, request, raw, req.conversations, req.n, respond)
 
 
 def require_engine(ctx: RequestContext) -> None:
@@ -67,13 +72,19 @@ def require_engine(ctx: RequestContext) -> None:
 Respond = Callable[[UpstreamResponse, ChoiceStreams, dict], Awaitable[web.StreamResponse]]
 
 
-async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes, prompt: list, n: int,
-                           respond: Respond, headers: dict[str, str] | None = None) -> web.StreamResponse:
-    """The stages every moderated route shares: the prompt check of ``prompt`` (messages, or the ids a route
-    rendered itself) with ``n`` guard streams, the upstream request (``raw`` on the client's path, in parallel
-    with the check under ``prompt_mode: parallel``), a block as HTTP 400 before any byte, upstream errors and the
+async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes, conversations: list[list[dict]],
+                           n: int, respond: Respond, headers: dict[str, str] | None = None, *,
+                           respond_always: bool = False, stream_end: type[ChatEnd | ResponsesEnd] = ChatEnd
+                           ) -> web.StreamResponse:
+    """The stages every moderated route shares: the prompt check of ``conversations`` (message lists for the
+    renderer, each scored in windows: :func:`guardproxy.server.prompt.check_prompt`) with ``n`` guard streams, the
+    upstream request (``raw`` on the client's path, in parallel with the check under ``prompt_mode: parallel``), a
+    block as HTTP 400 before any byte, upstream errors and the
     fail mode passed on unmoderated; then ``respond(upstream response, guard streams, headers)`` writes the
-    moderated answer. ``headers``: more headers for the answer. Everything opened here is closed here.
+    moderated answer. ``headers``: more headers for the answer. A policy that moderates the prompt only has the
+    answer relayed unread, unless ``respond_always`` (a route that must read its answer, e.g. to keep the
+    conversation for a later turn). ``stream_end``: how a stream relayed unmoderated ends (its API's terminator).
+    Everything opened here is closed here.
     """
     require_engine(ctx)
     policy = ctx.policy
@@ -84,10 +95,18 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     def send() -> asyncio.Task:
         return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
                                                        params=request.rel_url.raw_query_string or None))
+    if not policy.moderates_prompt and not policy.moderates_response:  # nothing a verdict could change
+        resp = await send()
+        try:
+            pure = {**(headers or {}), "x-guard-status": POLICY_UNMODERATED}
+            return await relay_unmoderated(ctx, request, resp, pure, stream_end())
+        finally:
+            await resp.aclose()
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        outcome = await check_prompt(ctx, prompt, n)
+        scored = policy.moderates_response or respond_always
+        outcome = await check_prompt(ctx, conversations, n if scored else 1)
         out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":
             return json_response(prompt_blocked(outcome.verdict), 400, out_headers)
@@ -99,12 +118,16 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
             ctx.metrics.upstream_errors.labels(kind=e.kind).inc()
             raise
         if resp.status >= 400 or outcome.stream is None:
-            return await relay_unmoderated(ctx, request, resp, out_headers)
+            return await relay_unmoderated(ctx, request, resp, out_headers, stream_end())
+        if not scored:
+            outcome.close()  # the response will not be scored: free the guard stream now
+            unread = {**out_headers, "x-guard-status": RESPONSE_UNMODERATED}
+            return await relay_unmoderated(ctx, request, resp, unread, stream_end())
         try:
             streams = ChoiceStreams(outcome.stream, n, outcome.admission)
         except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
             return await relay_unmoderated(ctx, request, resp, {**(headers or {}), **guard_headers(
-                guard_unavailable(ctx, e, "response"), policy)})
+                guard_unavailable(ctx, e, "response"), policy)}, stream_end())
         return await respond(resp, streams, out_headers)
     finally:
         if up_task is not None and resp is None:  # the upstream response was never taken over: close it too

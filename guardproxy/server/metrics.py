@@ -77,6 +77,10 @@ class Metrics:
                                        ["stage"], registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.guard_tokens = Counter("guardproxy_guard_tokens", "Response tokens scored by the guard", registry=r)
+        self.upstream_pool_wait = Histogram("guardproxy_upstream_pool_wait_seconds",
+                                            "Time a request waited for a connection of its upstream's pool",
+                                            ["upstream"], registry=r,
+                                            buckets=(.0001, .001, .005, .01, .05, .1, .5, 1, 5, 10, 30))
         self.engine_collector = EngineCollector(engine)
         r.register(self.engine_collector)
 

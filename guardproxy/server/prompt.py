@@ -1,8 +1,18 @@
-"""Prompt stage (query head): the conversation is opened on the guard engine (:meth:`GuardEngine.aopen`), which
-prefills it through the last user ``<|im_end|>`` and returns the prompt verdict (:func:`check_prompt`). With
-``prompt_mode: parallel`` the upstream request starts at the same time and its output is held until the verdict; a
-blocked prompt cancels the upstream request and answers HTTP 400 in Azure's content_filter shape before any SSE byte
-(see :func:`guardproxy.server.handler.handle`). :func:`guard_headers`: the ``x-guard-*`` headers of the verdict.
+"""Prompt stage (query head): every window of every conversation the request holds is opened on the guard engine
+(:meth:`GuardEngine.aopen` on the window's ids), which prefills it and returns its prompt verdict; the worst verdict
+is the request's (:func:`check_prompt`). With ``prompt_mode: parallel`` the upstream request starts at the same time
+and its output is held until the verdict; a blocked prompt cancels the upstream request and answers HTTP 400 in
+Azure's content_filter shape before any SSE byte (see :func:`guardproxy.server.handler.handle`).
+:func:`guard_headers`: the ``x-guard-*`` headers of the verdict.
+
+Windows: each conversation is rendered whole (:meth:`ChatRenderer.render_windows`) and cut into overlapping windows
+of at most ``engine.prompt_limit`` ids (the rule: :func:`guardproxy.guard.template.prompt_windows`), so the verdict
+covers every token of every message. Rendering and cutting run in a worker thread (the tokenizer releases the GIL),
+never on the event loop. Windows are opened one after another, each stream closed once its verdict is in, except the
+last window of the last conversation: that stream holds the prompt the response is scored after (choice 0
+continues on it, the other choices fork it). All of them run on the streams the request reserved first
+(:meth:`GuardEngine.admit`): a closed window's slot stays reserved for the next one. A window whose verdict blocks ends the stage at once. With ``prompt.overlong: block`` a conversation longer
+than one window is refused instead (HTTP 400 ``prompt_too_long``).
 """
 
 from __future__ import annotations
@@ -13,6 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from guardproxy.config import ACTION_SEVERITY
+from guardproxy.guard.labels import RISK_LEVELS, canonical_level
+from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
 from guardproxy.moderation.decider import decide_prompt
 from guardproxy.moderation.response import guard_failure
@@ -26,9 +39,9 @@ class PromptOutcome:
     """Result of the prompt stage.
 
     Attributes:
-        stream: the guard stream holding the prefilled prompt (choice 0 continues on it, the other choices fork
-            it), or None when unmoderated.
-        verdict: the prompt verdict (query head), or None when unmoderated.
+        stream: the guard stream holding the prefilled prompt, its last window (choice 0 continues on it, the other
+            choices fork it), or None when unmoderated.
+        verdict: the prompt verdict (query head; the worst window's), or None when unmoderated.
         action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
         admission: the engine streams reserved for the request's choices (forks take them), or None.
     """
@@ -82,13 +95,86 @@ def _close_when_done(task: asyncio.Task) -> None:
     task.add_done_callback(cb)
 
 
-async def check_prompt(ctx: RequestContext, messages: list[dict], n: int = 1) -> PromptOutcome:
-    """Reserve the request's ``n`` guard streams (one per choice, the first is the prompt stream itself), open the
-    prompt stream for ``messages`` and apply the tenant's prompt policy. The reservation comes first and costs no
-    tokenizing, so an overloaded guard refuses cheaply and a request is served whole or not at all.
+def _render_windows(renderer: Any, conversations: list[list[dict]], limit: int, overlong: str) -> list[list[int]]:
+    """The ids of every window of every conversation, in order (runs in a worker thread).
 
     Raises:
-        ProxyError: see :func:`guard_unavailable`.
+        ProxyError: 400 ``prompt_too_long`` for a conversation longer than ``limit`` under ``overlong == "block"``.
+    """
+    out = []
+    for messages in conversations:
+        ids = renderer.render_prompt(messages)
+        if overlong == "block" and len(ids) > limit:
+            raise ProxyError(400, f"The prompt renders to {len(ids)} tokens; the content guard reads at most {limit} "
+                             "at once and this policy refuses longer prompts (prompt.overlong: block).",
+                             code="prompt_too_long")
+        out += [w.ids for w in prompt_windows(ids, limit)]
+    return out
+
+
+async def request_windows(ctx: RequestContext, conversations: list[list[dict]]) -> list[Any]:
+    """What the engine opens, in order: the ids of every window of every conversation, rendered off the event loop.
+
+    An engine that exposes no renderer gets the conversations themselves (``GuardEngine.open`` renders messages).
+
+    Raises:
+        ProxyError: 400 ``prompt_too_long`` when a conversation needs more than one window and the policy says
+            ``prompt.overlong: block``; 400 ``invalid_value`` for a conversation the renderer cannot read.
+    """
+    renderer = getattr(ctx.engine, "renderer", None)
+    if renderer is None:
+        return list(conversations)
+    try:
+        return await asyncio.to_thread(_render_windows, renderer, conversations, ctx.engine.prompt_limit,
+                                       ctx.policy.prompt.overlong)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ProxyError(400, f"The guard cannot read this request: {e}", code="invalid_value") from None
+
+
+def _severity(policy: Any, verdict: Any) -> tuple[int, int]:
+    """How bad a window's verdict is: (severity of the policy's action, risk level Safe < Controversial < Unsafe)."""
+    level = canonical_level(verdict.risk_level)
+    return ACTION_SEVERITY[decide_prompt(policy, verdict).action], RISK_LEVELS.index(level) if level else 0
+
+
+async def _open(ctx: RequestContext, window: Any, admission: Any) -> tuple[Any, Any]:
+    task = asyncio.ensure_future(ctx.engine.aopen(window, admission))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _close_when_done(task)
+        raise
+
+
+async def _score(ctx: RequestContext, windows: list[Any], admission: Any) -> tuple[Any, Any]:
+    """Open the windows one after another, each on a stream of the request's ``admission``; ``(stream, verdict)``:
+    the worst verdict (the first of the worst, by :func:`_severity`) and the last window's stream, or the stream of
+    the first window whose verdict blocks (the rest is not opened). Every other stream is closed and its slot kept
+    reserved for the next window."""
+    worst = None
+    for i, window in enumerate(windows):
+        stream, verdict = await _open(ctx, window, admission)
+        try:
+            key = _severity(ctx.policy, verdict)
+            if worst is None or key > worst[0]:
+                worst = (key, verdict)
+            if i == len(windows) - 1 or key[0] == ACTION_SEVERITY["block"]:
+                return stream, worst[1]
+        except BaseException:
+            stream.close()
+            raise
+        admission.recycle(stream)
+    raise ValueError("no prompt window to open")
+
+
+async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: int = 1) -> PromptOutcome:
+    """Reserve the request's ``n`` guard streams (one per choice; the first is the prompt stream itself), then score
+    every window of ``conversations`` (:attr:`ParsedRequest.conversations`) on them and apply the tenant's prompt policy.
+    The reservation comes first and costs no tokenizing, so an overloaded guard refuses cheaply and a request is
+    served whole or not at all.
+
+    Raises:
+        ProxyError: 400 from :func:`request_windows`; see :func:`guard_unavailable` for the 503s.
     """
     policy = ctx.policy
     t0 = time.monotonic()
@@ -96,11 +182,10 @@ async def check_prompt(ctx: RequestContext, messages: list[dict], n: int = 1) ->
         admission = ctx.engine.admit(n)
     except Exception as e:
         return guard_unavailable(ctx, e, "prompt")
-    task = asyncio.ensure_future(ctx.engine.aopen(messages, admission))
     try:
-        gstream, verdict = await asyncio.shield(task)
-    except asyncio.CancelledError:
-        _close_when_done(task)
+        windows = await request_windows(ctx, conversations)
+        gstream, verdict = await _score(ctx, windows, admission)
+    except (asyncio.CancelledError, ProxyError):
         admission.close()
         raise
     except Exception as e:
@@ -110,9 +195,9 @@ async def check_prompt(ctx: RequestContext, messages: list[dict], n: int = 1) ->
     action = decide_prompt(policy, verdict).action
     ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=verdict.risk_level,
                                        category=verdict.category if verdict.risk_level != "Safe" else "").inc()
-    if action != "allow":
-        log.info("request %s tenant %s: prompt %s (%s, %s)", ctx.request_id, ctx.tenant.name, action,
-                 verdict.risk_level, verdict.category)
+    if action != "allow" or len(windows) > 1:
+        log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
+                 action, verdict.risk_level, verdict.category, len(windows))
     outcome = PromptOutcome(gstream, verdict, action, admission)
     if action == "block":
         outcome.close()

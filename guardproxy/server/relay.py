@@ -24,7 +24,8 @@ Bodies: relay-route responses, upstream error bodies and non-SSE fail-open bodie
 is aborted (a truncated body must never look complete).
 
 Shutdown: when the server's drain timeout interrupts the upstreams (:class:`ShuttingDown`), a fail-open SSE relay
-ends with :data:`SHUTDOWN_FRAME` and ``[DONE]``; other relayed bodies are aborted.
+ends with the :data:`SHUTDOWN_ERROR` its API understands (:class:`ChatEnd`, :class:`ResponsesEnd`); other relayed
+bodies are aborted.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from guardproxy.server.upstream import (
     ShuttingDown, Upstream, UpstreamError, UpstreamResponse, bounded, too_large,
 )
 from guardproxy.wire.errors import ProxyError, error_frame
-from guardproxy.wire.sse import DONE, SSEDecoder, SSEError
+from guardproxy.wire.jsonio import loads
+from guardproxy.wire.responses import TERMINAL_EVENTS, encode_event_obj, error_event
+from guardproxy.wire.sse import DONE, Event, SSEDecoder, SSEError
 
 log = logging.getLogger("guardproxy.server")
 
@@ -60,8 +63,6 @@ BUILTIN_PASSTHROUGH = tuple(PassthroughRoute.model_validate(r) for r in (
 #: ``(message, type, code)`` of the error that ends a stream the server stopped at its drain timeout.
 SHUTDOWN_ERROR = ("guardproxy is shutting down; the stream was stopped. Retry the request.", "service_unavailable",
                   "shutting_down")
-#: The last SSE frame (before ``[DONE]``) of a chat stream the server stopped at its drain timeout.
-SHUTDOWN_FRAME = error_frame(SHUTDOWN_ERROR[0], type=SHUTDOWN_ERROR[1], code=SHUTDOWN_ERROR[2])
 
 _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 #: Characters a path segment may hold raw (RFC 3986 pchar, escapes aside).
@@ -224,10 +225,65 @@ async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw:
     return out
 
 
+class ChatEnd:
+    """How a relayed chat (or legacy completions) SSE stream ends: ``[DONE]``; a failure writes an error data frame
+    (the SDKs raise on a truthy ``error``) and then ``[DONE]``."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def feed(self, event: Event) -> None:
+        """Note one upstream event (already written to the client)."""
+        self.ended = self.ended or event.is_done
+
+    def tail(self, error: tuple[str, str, str] | None) -> bytes:
+        """What to write after the upstream's last byte: ``error`` = ``(message, type, code)`` of a failure, or None
+        when the upstream simply ended; nothing once ``[DONE]`` went out."""
+        if self.ended:
+            return b""
+        if error is None:
+            return b"\n\n" + DONE
+        return b"\n\n" + error_frame(error[0], type=error[1], code=error[2]) + DONE
+
+
+class ResponsesEnd:
+    """How a relayed Responses API stream ends: a terminal event (``response.completed`` / ``.incomplete`` /
+    ``.failed``) or an ``error`` event; one that ended otherwise gets an ``error`` event numbered after the
+    upstream's last ``sequence_number`` (the SDKs raise on it)."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.last_seq: int | None = None
+
+    def feed(self, event: Event) -> None:
+        """Note one upstream event (already written to the client)."""
+        try:
+            obj = loads(event.data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        seq = obj.get("sequence_number")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            self.last_seq = seq
+        self.ended = self.ended or obj.get("type") in (*TERMINAL_EVENTS, "error")
+
+    def tail(self, error: tuple[str, str, str] | None) -> bytes:
+        """As :meth:`ChatEnd.tail`; nothing once a terminal or error event went out."""
+        if self.ended:
+            return b""
+        message, kind, code = error or ("The upstream ended the stream before the response was complete.",
+                                        "server_error", "upstream_incomplete")
+        seq = None if self.last_seq is None else self.last_seq + 1
+        return b"\n\n" + encode_event_obj(error_event(message, code=code, type=kind, sequence_number=seq))
+
+
 async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: UpstreamResponse,
-                            extra_headers: dict[str, str]) -> web.StreamResponse:
+                            extra_headers: dict[str, str], end: ChatEnd | ResponsesEnd | None = None
+                            ) -> web.StreamResponse:
     """Pass the upstream response on as it is (upstream errors; fail-open relays). An error body (status >= 400) is
-    read whole, bounded; other bodies are streamed, non-SSE ones bounded, SSE ones always ending with ``[DONE]``.
+    read whole, bounded; other bodies are streamed, non-SSE ones bounded, SSE ones always ending as ``end`` says
+    (default :class:`ChatEnd`: with ``[DONE]``).
 
     Raises:
         ProxyError: 502 ``upstream_too_large`` for an error body over ``limits.max_upstream_body_bytes``.
@@ -242,17 +298,20 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
     out = web.StreamResponse(status=resp.status, headers={**resp.headers, **extra_headers})
     out.headers["x-request-id"] = ctx.request_id
     dec = SSEDecoder(ctx.limits.max_sse_event_bytes) if is_sse else None
-    done = False
+    end = end if end is not None else ChatEnd()
     await out.prepare(request)
     try:
         async for data in resp.aiter_bytes() if is_sse else _body(resp, limit):
             await out.write(data)
-            if dec is not None and not done:
-                done = any(ev.is_done for ev in dec.feed(data))
-        if dec is not None and not done:  # an upstream that ends without [DONE] still ends with one here
-            done = any(ev.is_done for ev in dec.close())
-            if not done:
-                await out.write(b"\n\n" + DONE)
+            if dec is not None and not end.ended:
+                for ev in dec.feed(data):
+                    end.feed(ev)
+        if dec is not None and not end.ended:  # an upstream that ends unterminated still ends here
+            for ev in dec.close():
+                end.feed(ev)
+            tail = end.tail(None)
+            if tail:
+                await out.write(tail)
     except (UpstreamError, SSEError, ProxyError) as e:
         kind = getattr(e, "kind", "too_large" if isinstance(e, ProxyError) else "bad_sse")
         if not isinstance(e, ShuttingDown):
@@ -261,8 +320,8 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
             log.warning("request %s: upstream body stopped: %s", ctx.request_id, e)
             _abort(request)
             return out
-        frame = SHUTDOWN_FRAME if isinstance(e, ShuttingDown) else error_frame(f"Upstream error: {e}",
-                                                                             code=f"upstream_{kind}")
-        await out.write(b"\n\n" + frame + DONE)
+        error = SHUTDOWN_ERROR if isinstance(e, ShuttingDown) else (f"Upstream error: {e}", "server_error",
+                                                                    f"upstream_{kind}")
+        await out.write(end.tail(error))
     await out.write_eof()
     return out

@@ -4,9 +4,11 @@ engine, decider and policies; the stream through :class:`guardproxy.moderation.r
 Prompt: the guard scores one conversation holding every piece of client text the model reads: ``instructions``
 (and the request's ``text`` format and ``tool_choice``) as system turns, the turns of ``previous_response_id``, the
 request's ``input`` items, and ``tools`` as the chat template renders them (:mod:`guardproxy.wire.responses`). It is
-rendered here, off the event loop, by the engine's ``ChatRenderer`` (``render_prompt``, which keeps ``tools``) and
-checked by :func:`guardproxy.server.prompt.check_prompt` through :func:`guardproxy.server.handler.moderate_request`
-(admission, block -> HTTP 400 in the API's error shape before any event, the fail mode, the upstream call).
+scored in windows like a chat conversation (``tools`` on its first turn,
+:func:`guardproxy.guard.template.request_messages`) by :func:`guardproxy.server.prompt.check_prompt` through
+:func:`guardproxy.server.handler.moderate_request` (admission, block -> HTTP 400 in the API's error shape before any
+event, the fail mode, the upstream call). A stream relayed unmoderated ends the Responses way
+(:class:`guardproxy.server.relay.ResponsesEnd`).
 
 ``previous_response_id``: the earlier turns come from the tenant's :class:`ConversationStore` (what the proxy relayed,
 as the client saw it), else, when ``upstreams.<name>.fetch_previous_responses`` is set, from the upstream's response
@@ -24,18 +26,19 @@ for the next turn (unless the request said ``store: false``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from aiohttp import web
 
+from guardproxy.guard.template import request_messages
 from guardproxy.moderation.responses import ResponsesModerator
 from guardproxy.server.context import RequestContext
 from guardproxy.server.conversations import ConversationStore, fetch_previous
 from guardproxy.server.guard import ChoiceStreams
 from guardproxy.server.handler import moderate_request, require_engine
 from guardproxy.server.request import MAX_DEPTH, _too_deep
+from guardproxy.server.relay import ResponsesEnd
 from guardproxy.server.streamed import relay_moderated, sniff_stream
 from guardproxy.server.unary import moderate_body, read_json
 from guardproxy.server.upstream import UpstreamResponse
@@ -101,21 +104,6 @@ async def earlier_turns(ctx: RequestContext, request: web.Request, req: Response
     return _unknown(ctx, req, "previous response")
 
 
-async def render(ctx: RequestContext, conversation: list[dict], tools: list[dict] | None) -> list[int]:
-    """The prompt ids of ``conversation`` with ``tools``, rendered in a worker thread (``render_prompt`` with the
-    engine's prompt limit: an overlong conversation loses its oldest turns, as on the chat routes).
-
-    Raises:
-        ProxyError: 400 ``invalid_value`` for a conversation the renderer cannot read.
-    """
-    renderer = ctx.engine.renderer
-    limit = getattr(ctx.engine, "prompt_limit", None)
-    try:
-        return await asyncio.to_thread(renderer.render_prompt, conversation, limit, tools=tools)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise ProxyError(400, f"The content guard cannot read this request: {e}", code="invalid_value") from None
-
-
 def remember(ctx: RequestContext, store: ConversationStore, req: ResponsesRequest, earlier: list[dict],
              mod: ResponsesModerator) -> None:
     """Store the conversation through this response as the client received it, for a later
@@ -139,8 +127,13 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     """
     req = parse(body)
     require_engine(ctx)
-    earlier, headers = await earlier_turns(ctx, request, req, store)
-    ids = await render(ctx, guard_conversation(req.instructions, earlier, req.messages), req.tools)
+    policy = ctx.policy
+    if not policy.moderates_prompt and not policy.moderates_response:  # relayed as is: no earlier turns needed
+        earlier, headers = [], {}
+    else:
+        earlier, headers = await earlier_turns(ctx, request, req, store)
+    conversation = request_messages({"messages": guard_conversation(req.instructions, earlier, req.messages),
+                                     "tools": req.tools})
 
     async def respond(resp: UpstreamResponse, streams: ChoiceStreams, out_headers: dict) -> web.StreamResponse:
         mod = ResponsesModerator(ctx.engine.renderer, ctx.policy, whole=not req.stream)
@@ -153,7 +146,8 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
             out = await _json(ctx, resp, mod, streams, out_headers)
         remember(ctx, store, req, earlier, mod)
         return out
-    return await moderate_request(ctx, request, raw, ids, 1, respond, headers)
+    return await moderate_request(ctx, request, raw, [conversation], 1, respond, headers, respond_always=True,
+                                  stream_end=ResponsesEnd)
 
 
 async def _json(ctx: RequestContext, resp: UpstreamResponse, mod: ResponsesModerator, streams: ChoiceStreams,

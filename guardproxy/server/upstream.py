@@ -1,9 +1,12 @@
 """Pooled HTTP client to one OpenAI-compatible upstream (httpx).
 
-One :class:`Upstream` per configured upstream holds one ``httpx.AsyncClient`` (a connection pool) for the life of the
-server. Timeouts: ``connect_timeout`` for the TCP/TLS connect, ``first_byte_timeout`` from sending the request to the
-first body byte (covers queueing and prefill upstream), ``idle_timeout`` between two body reads after that. There is
-no total timeout, so a long stream lives as long as it keeps sending (keep-alive comments count).
+One :class:`Upstream` per configured upstream (:class:`guardproxy.config.Upstream` settings) holds one
+``httpx.AsyncClient`` (a connection pool of ``max_connections``) for the life of the server. Timeouts:
+``pool_timeout`` waiting for a free connection of the pool (a request beyond ``max_connections`` is queued, not
+failed, that long; the wait is reported to ``observe_pool_wait``), ``connect_timeout`` for the TCP/TLS connect,
+``first_byte_timeout`` from sending the request to the first body byte (covers queueing and prefill upstream),
+``idle_timeout`` between two body reads after that. There is no total timeout, so a long stream lives as long as it
+keeps sending (keep-alive comments count).
 
 Stopping: :meth:`Upstream.interrupt` (the server's drain timeout) makes every request waiting for its response
 headers and every body read of that upstream raise :class:`ShuttingDown` at once, and every later one too.
@@ -17,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import httpx
 
+from guardproxy.config import Upstream as UpstreamSettings
 from guardproxy.wire.errors import ProxyError
 
 #: RFC 9110 7.6.1 hop-by-hop fields, plus fields the proxy recomputes itself.
@@ -61,36 +64,6 @@ class ShuttingDown(UpstreamError):
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """How to reach one upstream.
-
-    Attributes:
-        base_url: OpenAI-compatible base URL ending in ``/v1`` (e.g. ``http://127.0.0.1:8000/v1``).
-        api_key: the upstream's credential (sent as ``Authorization: Bearer``), or None.
-        connect_timeout / first_byte_timeout / idle_timeout: seconds (see module docstring).
-        forward_client_authorization: pass the client's Authorization header through (when upstream and proxy
-            share the same keys); never combined with ``api_key``.
-        max_connections: pool size.
-        headers: extra static headers sent upstream (e.g. ``OpenAI-Organization``).
-        passthrough_routes: routes relayed unmoderated besides the built-in ones
-            (:class:`guardproxy.config.PassthroughRoute`; see :mod:`guardproxy.server.relay`).
-        fetch_previous_responses: read the turns of a ``previous_response_id`` the proxy does not hold from this
-            upstream's response store (:func:`guardproxy.server.conversations.fetch_previous`).
-    """
-
-    base_url: str
-    api_key: str | None = None
-    connect_timeout: float = 10.0
-    first_byte_timeout: float = 120.0
-    idle_timeout: float = 60.0
-    forward_client_authorization: bool = False
-    max_connections: int = 256
-    headers: Mapping[str, str] = field(default_factory=dict)
-    passthrough_routes: tuple[Any, ...] = ()
-    fetch_previous_responses: bool = False
-
-
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
     """Header names listed in any ``Connection`` field (also hop-by-hop); every occurrence and spelling counts."""
     value = ",".join(v for k, v in headers.items() if k.lower() == "connection")
@@ -104,8 +77,9 @@ def request_headers(client_headers: Mapping[str, str], settings: UpstreamSetting
         drop |= CLIENT_CREDENTIALS
     out = {k: v for k, v in client_headers.items() if k.lower() not in drop}
     out.update(settings.headers)
-    if settings.api_key and not settings.forward_client_authorization:
-        out["Authorization"] = f"Bearer {settings.api_key}"
+    key = settings.api_key_value()
+    if key and not settings.forward_client_authorization:
+        out["Authorization"] = f"Bearer {key}"
     return out
 
 
@@ -180,18 +154,27 @@ class UpstreamResponse:
 
 
 class Upstream:
-    """One upstream and its pooled ``httpx.AsyncClient``."""
+    """One upstream and its pooled ``httpx.AsyncClient``.
 
-    def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None):
+    Args:
+        settings: the upstream's configuration.
+        transport: an httpx transport to use instead of the network one (tests).
+        observe_pool_wait: called with the seconds each request waited for a connection of the pool.
+    """
+
+    def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None,
+                 observe_pool_wait: Callable[[float], None] | None = None):
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
+        self._observe_pool_wait = observe_pool_wait
         self._base_path = httpx.URL(self.base_url).raw_path.decode("ascii").rstrip("/")
         self._interrupted = False
         self._stopped: asyncio.Future | None = None  # done once interrupted; made in the running loop
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
-                                  pool=settings.connect_timeout),
-            limits=httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=32),
+                                  pool=settings.pool_timeout),
+            limits=httpx.Limits(max_connections=settings.max_connections,
+                                max_keepalive_connections=settings.max_connections),
             transport=transport,
             follow_redirects=False,
         )
@@ -265,7 +248,16 @@ class Upstream:
         """
         req = self._client.build_request(method, self.request_url(path, params),
                                          headers=request_headers(headers, self.settings), content=content)
-        deadline = time.monotonic() + self.settings.first_byte_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.settings.first_byte_timeout
+        if self._observe_pool_wait is not None:
+            waited: list[float] = []
+
+            async def trace(name: str, info: dict) -> None:  # the first event comes once a connection is held
+                if not waited:
+                    waited.append(time.monotonic() - t0)
+                    self._observe_pool_wait(waited[0])
+            req.extensions["trace"] = trace
         try:
             resp = await self.wait(self._client.send(req, stream=True), self.settings.first_byte_timeout)
         except asyncio.TimeoutError:
@@ -281,14 +273,12 @@ class Upstream:
         await self._client.aclose()
 
 
-def build_upstreams(config) -> dict[str, Upstream]:
-    """One :class:`Upstream` per entry of ``config.upstreams`` (:class:`guardproxy.config.Config`)."""
-    return {name: Upstream(UpstreamSettings(
-        base_url=u.base_url, api_key=u.api_key_value(), connect_timeout=u.connect_timeout,
-        first_byte_timeout=u.first_byte_timeout, idle_timeout=u.idle_timeout,
-        forward_client_authorization=u.forward_client_authorization, headers=dict(u.headers),
-        passthrough_routes=tuple(u.passthrough_routes), fetch_previous_responses=u.fetch_previous_responses,
-    )) for name, u in config.upstreams.items()}
+def build_upstreams(config, observe_pool_wait: Callable[[str, float], None] | None = None) -> dict[str, Upstream]:
+    """One :class:`Upstream` per entry of ``config.upstreams`` (:class:`guardproxy.config.Config`);
+    ``observe_pool_wait(name, seconds)`` receives each one's pool waits."""
+    def observer(name: str) -> Callable[[float], None] | None:
+        return None if observe_pool_wait is None else (lambda s: observe_pool_wait(name, s))
+    return {name: Upstream(u, observe_pool_wait=observer(name)) for name, u in config.upstreams.items()}
 
 
 async def _cancel(task: asyncio.Future) -> None:

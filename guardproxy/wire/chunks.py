@@ -1,10 +1,9 @@
 """Upstream chunks as the proxy reads them: where their text lives, validation, and one parse per event.
 
-Every piece of text a client shows or acts on sits in one of the fields of the table below; the normaliser
-(:func:`normalize_chunk`) and the channel splitter (``guardproxy.moderation.channels``) both read this table, so a
-field is either moderated everywhere or nowhere. Field lists follow the shapes upstreams send (OpenAI chat
-completion chunks; ``reasoning_content`` of SGLang, llama.cpp and DeepSeek; ``reasoning`` of vLLM, Ollama and
-OpenRouter; OpenRouter's ``reasoning_details``; legacy ``text_completion`` choices).
+Every piece of text a client shows or acts on sits in one of the fields of the table below (:data:`TEXT_FIELDS`,
+each with the channel the guard reads it as, and the legacy ``text_completion`` choices' :data:`CHOICE_TEXT_FIELDS`);
+the normaliser (:func:`normalize_chunk`) and the channel splitter (``guardproxy.moderation.channels``) both read this
+table, so a field is either moderated everywhere or nowhere.
 
 :func:`read_event` turns a decoded SSE event into a :class:`Chunk` exactly once: its JSON is parsed and normalised
 here and the parsed object is handed on to the releaser and the splitter, never parsed again. Data the guard cannot
@@ -25,26 +24,91 @@ from guardproxy.wire.sse import Event, SSEError, encode_data, encode_event
 
 __all__ = [
     "ARGUMENTS_FIELD", "BadChunk", "CHOICE_TEXT_FIELDS", "CONTENT_FIELDS", "Chunk", "DELTA_TEXT_FIELDS",
-    "DETAILS_FIELD", "DETAIL_TEXT_FIELDS", "REASONING_FIELDS", "TOOL_CALLS_FIELD", "choice_index", "normalize_chunk",
-    "read_event",
+    "DETAILS_FIELD", "DETAIL_TEXT_FIELDS", "FUNCTION_CALL_FIELD", "REASONING_FIELDS", "TEXT_FIELDS", "TOOL_CALLS_FIELD",
+    "TextField", "choice_index", "normalize_chunk", "read_event", "text_values",
 ]
 
+
 # -- where text lives -------------------------------------------------------------------------------------------
-#: String fields of a ``delta`` (streamed) / ``message`` (whole completion) carrying reasoning, in render order.
-REASONING_FIELDS = ("reasoning_content", "reasoning")
-#: String fields of a ``delta`` / ``message`` carrying the answer a client shows.
-CONTENT_FIELDS = ("content", "refusal")
-#: Every string field of a ``delta`` / ``message`` that a client shows.
-DELTA_TEXT_FIELDS = REASONING_FIELDS + CONTENT_FIELDS
-#: List of OpenRouter reasoning items on a ``delta`` / ``message``, and their text-bearing keys
-#: (``reasoning.text`` / ``reasoning.summary`` items).
+@dataclass(frozen=True)
+class TextField:
+    """One place of client text inside a ``delta`` (streamed) / ``message`` (whole completion).
+
+    Attributes:
+        path: the keys from the delta to the string; ``"*"`` stands for every item of a list (of objects).
+        channel: what the guard reads it as: ``"reasoning"``, ``"content"`` or ``"tool"`` (a tool call's input).
+    """
+
+    path: tuple[str, ...]
+    channel: str
+
+
+#: Every string a client shows or acts on in a ``delta`` / ``message``, in the order the guard reads them (the
+#: order the Qwen3 chat template renders reasoning, content and tool calls). Sources: the OpenAI chat completion
+#: (chunk) types (``content``, ``refusal``, ``audio.transcript``, ``tool_calls[].function.arguments``, custom
+#: tools' ``tool_calls[].custom.input``, the deprecated ``function_call.arguments``), the reasoning fields of
+#: SGLang, llama.cpp and DeepSeek (``reasoning_content``), vLLM, Ollama and OpenRouter (``reasoning``) and
+#: OpenRouter's ``reasoning_details`` items (``reasoning.text`` / ``reasoning.summary``).
+TEXT_FIELDS: tuple[TextField, ...] = (
+    TextField(("reasoning_content",), "reasoning"),
+    TextField(("reasoning",), "reasoning"),
+    TextField(("reasoning_details", "*", "text"), "reasoning"),
+    TextField(("reasoning_details", "*", "summary"), "reasoning"),
+    TextField(("content",), "content"),
+    TextField(("refusal",), "content"),
+    TextField(("audio", "transcript"), "content"),
+    TextField(("tool_calls", "*", "function", "arguments"), "tool"),
+    TextField(("tool_calls", "*", "custom", "input"), "tool"),
+    TextField(("function_call", "arguments"), "tool"),
+)
+
+#: String fields directly on a ``delta`` / ``message`` carrying reasoning, in render order.
+REASONING_FIELDS = tuple(f.path[0] for f in TEXT_FIELDS if f.channel == "reasoning" and len(f.path) == 1)
+#: Paths (from the ``delta`` / ``message``) of the strings carrying the answer a client shows.
+CONTENT_FIELDS = tuple(f.path for f in TEXT_FIELDS if f.channel == "content")
+#: Every string field directly on a ``delta`` / ``message`` that a client shows.
+DELTA_TEXT_FIELDS = tuple(f.path[0] for f in TEXT_FIELDS if len(f.path) == 1)
+#: List of OpenRouter reasoning items on a ``delta`` / ``message``, and their text-bearing keys.
 DETAILS_FIELD = "reasoning_details"
-DETAIL_TEXT_FIELDS = ("text", "summary")
-#: List of tool calls on a ``delta`` / ``message``; each call's ``function.arguments`` is text the client acts on.
+DETAIL_TEXT_FIELDS = tuple(f.path[2] for f in TEXT_FIELDS if f.path[0] == DETAILS_FIELD)
+#: List of tool calls on a ``delta`` / ``message``; each call's ``function.arguments`` (or a custom tool's
+#: ``custom.input``) is text the client acts on; the deprecated ``function_call`` is one call.
 TOOL_CALLS_FIELD = "tool_calls"
 ARGUMENTS_FIELD = "arguments"
+FUNCTION_CALL_FIELD = "function_call"
 #: String fields directly on a choice (legacy ``/v1/completions``).
 CHOICE_TEXT_FIELDS = ("text",)
+
+
+def text_values(obj: dict, path: tuple[str, ...], *, strict: bool = False):
+    """Yield ``(keys, parent, key)`` for every place ``path`` (a :attr:`TextField.path`, ``"*"`` = every list item)
+    names in ``obj``: ``parent[key]`` is the value there (possibly absent or not a string), ``keys`` the concrete
+    path (list positions as ints). A missing or ``null`` container yields nothing.
+
+    Raises:
+        BadChunk: with ``strict``, a container of the wrong type (a list that is not a list of objects, an object
+            that is not an object); without it such a container yields nothing.
+    """
+    head, rest = path[0], path[1:]
+    if not rest:
+        yield (head,), obj, head
+        return
+    child = obj.get(head)
+    if child is None:
+        return
+    if rest[0] == "*":
+        if not isinstance(child, list) or not all(isinstance(i, dict) for i in child):
+            if strict:
+                raise BadChunk(f"'{head}' is not an array of objects")
+            return
+        for j, item in enumerate(child):
+            for keys, parent, key in text_values(item, rest[1:], strict=strict):
+                yield (head, j, *keys), parent, key
+    elif isinstance(child, dict):
+        for keys, parent, key in text_values(child, rest, strict=strict):
+            yield (head, *keys), parent, key
+    elif strict:
+        raise BadChunk(f"'{head}' is not an object")
 
 
 def _is_index(v: Any) -> bool:
@@ -60,7 +124,8 @@ def choice_index(choice: dict, position: int) -> int:
 
 class BadChunk(ValueError):
     """A chunk the proxy cannot moderate: ``choices`` not a list of objects, a choice ``index`` outside ``[0, n)``,
-    or a text container (``delta``, ``tool_calls``, ``function``, ``reasoning_details``) of the wrong type."""
+    or a text container (``delta``, ``tool_calls``, ``function``, ``custom``, ``function_call``, ``audio``,
+    ``reasoning_details``) of the wrong type."""
 
 
 def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
@@ -107,26 +172,10 @@ def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:
             continue
         if not isinstance(delta, dict):
             raise BadChunk(f"'{key}' is not an object")
-        changed |= _stringify(delta, DELTA_TEXT_FIELDS)
-        for item in _items(delta, DETAILS_FIELD):
-            changed |= _stringify(item, DETAIL_TEXT_FIELDS)
-        for item in _items(delta, TOOL_CALLS_FIELD):
-            fn = item.get("function")
-            if fn is None:
-                continue
-            if not isinstance(fn, dict):
-                raise BadChunk("'tool_calls[].function' is not an object")
-            changed |= _stringify(fn, (ARGUMENTS_FIELD,))
+        for f in TEXT_FIELDS:
+            for _, parent, k in text_values(delta, f.path, strict=True):
+                changed |= _stringify(parent, (k,))
     return changed
-
-
-def _items(delta: dict, key: str) -> list[dict]:
-    items = delta.get(key)
-    if items is None:
-        return []
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise BadChunk(f"'{key}' is not an array of objects")
-    return items
 
 
 def _stringify(d: dict, keys: tuple[str, ...]) -> bool:

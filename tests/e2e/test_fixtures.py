@@ -1,8 +1,8 @@
 """Every upstream fixture, at write sizes whole / 7 / 1 bytes, through guardproxy to the real openai SDK.
 
-The guard is the tiny random checkpoint with an allow-all policy, so the relay must be exact: content, reasoning,
-tool calls, finish reasons and usage arrive as ``../shared/fixtures/sse/manifest.json`` says; every stream ends with
-``data: [DONE]``; comments are relayed. Sync SDK runs in a worker thread (the proxy lives on the test's loop).
+The guard is the tiny random checkpoint with a flag-only policy (moderated, nothing edited), so the relay must be
+exact: content, reasoning, tool calls, finish reasons and usage arrive as ``../shared/fixtures/sse/manifest.json``
+says; every stream ends with ``data: [DONE]``; comments are relayed. Sync SDK runs in a worker thread (the proxy lives on the test's loop).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from guardproxy.testing.fake_upstream import (
     FIXTURES_DIR, SSE, TEST_KEY, FakeUpstream, RunningProxy, fixture_bytes, proxy_config,
 )
 
-ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
-             "response": {"controversial": "allow", "unsafe": "allow"}}
+# Moderated, but no action edits a byte: flags without annotations (an allow-everything policy would take the pure
+# relay path, and these tests are about the moderated one).
+FLAG_ONLY = {"prompt": {"controversial": "allow", "unsafe": "allow"},
+             "response": {"controversial": "flag", "unsafe": "flag"}}
 NAMES = sorted(p.stem for p in FIXTURES_DIR.glob("*.sse"))
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 
@@ -98,8 +100,8 @@ def policy_for(name: str) -> dict:
     # runs with tool-argument moderation off (the policy's `moderate.tool_arguments`); it is moderated once in
     # test_large_tool_arguments_moderated_end_to_end, and trigger cuts in tool arguments are in test_e2e_planted.py.
     if name == "large_tool_arguments":
-        return {**ALLOW_ALL, "moderate": {"tool_arguments": False}}
-    return ALLOW_ALL
+        return {**FLAG_ONLY, "moderate": {"tool_arguments": False}}
+    return FLAG_ONLY
 
 
 @pytest.mark.parametrize("size", [None, 7, 1], ids=["whole", "7B", "1B"])
@@ -159,7 +161,7 @@ async def test_large_tool_arguments_moderated_end_to_end(engine, sse_manifest):
     before = engine.stats().tokens
     async with FakeUpstream() as fake:
         model = fake.script("m", SSE(fixture_bytes(name)))
-        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+        async with RunningProxy(proxy_config(fake.base_url, FLAG_ONLY), engine) as proxy:
             client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=300)
             stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
             chunks = [c async for c in stream]
@@ -168,3 +170,37 @@ async def test_large_tool_arguments_moderated_end_to_end(engine, sse_manifest):
     args_len = want["tool_calls"]["0"][0]["arguments_len"]
     assert engine.stats().tokens - before >= args_len // 8  # the arguments were scored, not skipped
     assert engine.stats().reanchors > 0 and engine.stats().live_streams == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_fixture_through_the_pure_relay_of_a_policy_that_moderates_nothing(tiny_engine_calls, sse_manifest, name):
+    """A policy whose every action is allow cannot change a byte: the guard is not called at all and the upstream's
+    bytes go through as they are (a [DONE] added when the upstream sent none)."""
+    engine, calls = tiny_engine_calls
+    want = sse_manifest[name]
+    n = max(1, *(len(want.get(k, {})) for k in ("content", "finish_reason", "tool_calls")))
+    allow_all = {"prompt": {"controversial": "allow", "unsafe": "allow"},
+                 "response": {"controversial": "allow", "unsafe": "allow"}}
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(fixture_bytes(name)))
+        async with RunningProxy(proxy_config(fake.base_url, allow_all), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {TEST_KEY}"},
+                                 json={"model": model, "messages": MESSAGES, "stream": True, "n": n})
+    raw = fixture_bytes(name)
+    assert r.headers["x-guard-status"] == "unmoderated; the policy moderates nothing"
+    assert r.content == raw or r.content == raw + b"\n\ndata: [DONE]\n\n"
+    assert calls == []
+
+
+@pytest.fixture
+def tiny_engine_calls(engine):
+    """The module's engine, recording every call the proxy makes to it."""
+    calls: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            if name in ("admit", "aopen"):
+                calls.append(name)
+            return getattr(engine, name)
+    return Recorder(), calls

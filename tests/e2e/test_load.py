@@ -98,20 +98,22 @@ def tiny_engine(tiny_checkpoint):
     eng.close()
 
 
-ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
-             "response": {"controversial": "allow", "unsafe": "allow"}}
+# Moderated, but no action edits a byte: flags without annotations (an allow-everything policy would take the pure
+# relay path, and these tests are about the moderated one).
+FLAG_ONLY = {"prompt": {"controversial": "allow", "unsafe": "allow"},
+             "response": {"controversial": "flag", "unsafe": "flag"}}
 
 
 async def test_healthz_answers_within_100ms_while_a_large_response_is_moderated(tiny_engine):
     """A 100 KB answer in one upstream read is retokenized and its verdicts applied off the event loop: health
-    checks (and every other request) keep being answered meanwhile. (Tiny random guard, allow-all policy: the
+    checks (and every other request) keep being answered meanwhile. (Tiny random guard, flag-only policy: the
     proxy's own CPU work is what is measured.)"""
     engine = tiny_engine
     text = "Horses and ponies graze in the meadow. " * 2600
     body = sse_body(content_chunks([text]))
     async with FakeUpstream() as fake:
         fake.script("big", SSE(body))
-        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+        async with RunningProxy(proxy_config(fake.base_url, FLAG_ONLY), engine) as proxy:
             async with httpx.AsyncClient(timeout=120) as client:
                 task = asyncio.ensure_future(one(client, proxy.base_url + "/chat/completions", "big", 1))
                 lat = []
@@ -124,7 +126,8 @@ async def test_healthz_answers_within_100ms_while_a_large_response_is_moderated(
                 status, _, raw = await task
     assert status == 200 and texts(well_formed(raw))[0] == {0: text}
     lat.sort()
-    # Moderating the read on the loop stalls it once for ~1 s (measured: 1.23 s); off the loop every answer but the
-    # slowest comes within 100 ms, and the slowest, on a CPU shared with other processes, within 500 ms.
-    assert len(lat) >= 10 and lat[-2] < 0.1 and lat[-1] < 0.5, (len(lat), lat[len(lat) // 2], lat[-5:])
+    # Moderating the read on the loop stalls it once for ~1 s (measured: 1.23 s). Off the loop the answers take a few
+    # ms (median 3.5 ms, slowest 0.12 s measured on a busy 2-core machine); the bound leaves room for a CPU shared
+    # with other processes and still fails on any stall of the size that on-loop work makes.
+    assert len(lat) >= 10 and lat[len(lat) // 2] < 0.05 and lat[-1] < 0.5, (len(lat), lat[len(lat) // 2], lat[-5:])
     await wait_idle(engine)

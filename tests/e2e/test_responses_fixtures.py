@@ -150,3 +150,31 @@ async def test_sdk_json_response_equals_the_upstream(engine, name):
             sync = await asyncio.to_thread(lambda: openai.OpenAI(
                 base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0).responses.create(model=model, input="x"))
     assert r.to_dict() == body and sync.to_dict() == body
+
+
+@pytest.mark.parametrize("how", ["abort", "eof"])
+async def test_pure_relay_of_a_broken_stream_ends_with_an_error_event_the_sdk_raises(engine, how):
+    """A policy that moderates nothing relays the bytes as they come; an upstream stream that ends before its
+    terminal event still ends with an ``error`` event numbered after the upstream's last one (never chat's
+    ``[DONE]``), and the SDK raises on it."""
+    from guardproxy.testing.responses import response_events, sse
+
+    events = response_events([{"type": "message", "deltas": ["Half ", "an ", "answer"]}], end=None)
+    body = sse(events)
+    async with FakeUpstream() as fake:
+        fake.script("m", SSE(body, write_size=11, abort=how == "abort"))
+        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/responses", headers=AUTH,
+                                 json={"model": "m", "input": "Tell me something.", "stream": True})
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            with pytest.raises(openai.APIError):
+                async for _ in await client.responses.create(model="m", input="Tell me something.", stream=True):
+                    pass
+            await client.close()
+    assert r.headers["x-guard-status"].startswith("unmoderated")
+    assert r.content.startswith(body)  # every upstream byte, unchanged, then the end
+    evs = [obj for _, obj in typed_events(r.content)]
+    assert evs[-1]["type"] == "error" and evs[-1]["error"]["code"].startswith("upstream_")
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    assert b"[DONE]" not in r.content

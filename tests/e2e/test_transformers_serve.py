@@ -2,7 +2,7 @@
 
 The LM greedily emits ``DEFAULT_REASONING`` then ``DEFAULT_CONTENT`` ("Hello there! My pet zebrafish likes marzipan
 cake every morning."); the guard is the planted checkpoint, so the proxy must cut at "zebrafish" (default policy)
-or relay everything (allow-all policy). The server sends no ``[DONE]``: the proxy adds it.
+or relay everything (a flag-only policy: moderated, nothing edited). The server sends no ``[DONE]``: the proxy adds it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from tests.e2e.e2e_upstream import tiny_llm, transformers_upstream  # noqa: F401
 from guardproxy.testing.fake_upstream import TEST_KEY, RunningProxy, proxy_config
 from guardproxy.testing.tiny_llm import DEFAULT_CONTENT, DEFAULT_REASONING
 
-ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
-             "response": {"controversial": "allow", "unsafe": "allow"}}
+# Moderated, but no action edits a byte: flags without annotations (an allow-everything policy would take the pure
+# relay path, and these tests are about the moderated one).
+FLAG_ONLY = {"prompt": {"controversial": "allow", "unsafe": "allow"},
+             "response": {"controversial": "flag", "unsafe": "flag"}}
 MESSAGES = [{"role": "user", "content": "Say hello, please."}]
 
 
@@ -54,7 +56,7 @@ async def test_real_server_cut_at_trigger(engine, transformers_upstream):
 
 async def test_real_server_relayed_exactly_when_allowed(engine, transformers_upstream):
     up = transformers_upstream
-    async with RunningProxy(upstream_config(up, ALLOW_ALL), engine) as proxy:
+    async with RunningProxy(upstream_config(up, FLAG_ONLY), engine) as proxy:
         def run():
             cl = openai.OpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
             content, reasoning, finish = "", "", None

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from guardproxy.eval import classify
 from guardproxy.eval.scoring import first_flag
+from guardproxy.guard.template import ChatRenderer, prompt_windows
 from guardproxy.testing.reference import ReferenceGuard
 
 IM_START, IM_END, USER, THINK_END, NL2 = 151644, 151645, 872, 151668, 271
@@ -130,7 +131,8 @@ def test_batched_run_equals_one_at_a_time(tmp_path, tiny_checkpoint):
 
 
 def test_overlong_conversation_reports_what_the_model_saw(tmp_path, tiny_checkpoint):
-    """Past the context (here 128), the oldest turns are dropped; input_ids/response_start describe the cut sequence."""
+    """Past the prompt limit (here 112 of a 128 context) the prompt is scored in windows, its verdict being the worst
+    window's; input_ids/response_start describe the last window and the response scored after it."""
     long = " ".join(f"word{i}" for i in range(120))
     msgs = [
         {"role": "user", "content": long},
@@ -143,8 +145,13 @@ def test_overlong_conversation_reports_what_the_model_saw(tmp_path, tiny_checkpo
     assert rc == 0
     res = out[0]
     ids, rs = res["input_ids"], res["response_start"]
-    assert res["prompt_tokens_dropped"] > 0 and len(ids) <= 128
-    assert ids[0] == IM_START and ids[1] == USER  # starts at the kept last user turn
+    wins = prompt_windows(ChatRenderer(tiny_checkpoint / "tokenizer.json").render_prompt(msgs[:-1]), 112)
+    assert res["prompt_windows"] == len(wins) >= 3 and res["prompt_tokens_dropped"] == wins[-1].start > 0
+    assert ids[: len(wins[-1].ids)] == wins[-1].ids and ids[0] == IM_START and len(ids) <= 128
+    ref = ReferenceGuard(tiny_checkpoint)
+    qlabels = [ref.config["query_risk_level_map"][str(i)] for i in range(3)]
+    levels = [qlabels[int(ref.logits(w.ids)["query_risk"][-1].argmax())] for w in wins]
+    assert res["prompt"]["risk_level"] == max(levels, key=["Safe", "Controversial", "Unsafe"].index)
     assert ids[rs - 2 : rs] == [THINK_END, NL2] and len(res["tokens"]) == len(ids) - rs
     logits = ReferenceGuard(tiny_checkpoint).logits(ids)
     prob = torch.softmax(logits["risk"][rs:], -1)

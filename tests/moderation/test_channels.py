@@ -215,3 +215,35 @@ def test_undecided_content_before_tool_calls_in_one_delta_stays_before_them():
     ps = sp.split({"choices": [{"index": 0, "message": {"content": "\n ", "tool_calls": [
         {"function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]})
     assert [(p.kind, p.text, p.start) for p in ps] == [("content", "\n ", 0), (("tool", 0), "{}", 2)]
+
+
+# -- fields beyond content: refusal, audio transcripts, legacy function calls, custom tools ---------------------------
+def test_refusal_and_audio_transcript_are_content():
+    pieces = split_chunks([chunk(role="assistant", refusal="I can't"), chunk(audio={"id": "a1", "data": "UklGR"}),
+                           chunk(audio={"transcript": "Hello "}), chunk(audio={"transcript": "there."})])
+    assert [(p.kind, p.text, p.source) for p in pieces] == [
+        ("content", "I can't", "refusal"), ("content", "Hello ", "audio"), ("content", "there.", "audio")]
+
+
+def test_content_fields_in_render_order():
+    pieces = split_chunks([chunk(content="a", refusal="b", audio={"transcript": "c"})])
+    assert [(p.text, p.span.path) for p in pieces] == [
+        ("a", ("delta", "content")), ("b", ("delta", "refusal")), ("c", ("delta", "audio", "transcript"))]
+
+
+def test_legacy_function_call_is_one_tool_call():
+    pieces = split_chunks([chunk(role="assistant", function_call={"name": "lookup", "arguments": ""}),
+                           chunk(function_call={"arguments": '{"q": '}), chunk(function_call={"arguments": '"x"}'}),
+                           chunk(finish="function_call")])
+    assert collect(pieces)[0]["tools"] == {"function_call": ["lookup", '{"q": "x"}']}
+    assert {p.kind for p in pieces} == {("tool", "function_call")}
+    assert pieces[0].span.path == ("delta", "function_call", "arguments")
+
+
+def test_custom_tool_input_and_function_call_beside_tool_calls():
+    pieces = split_chunks([chunk(tool_calls=[
+        {"index": 0, "id": "c0", "type": "custom", "custom": {"name": "grep", "input": "zebra"}},
+        {"index": 1, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        function_call={"name": "g", "arguments": "[]"})])
+    assert collect(pieces)[0]["tools"] == {0: ["grep", "zebra"], 1: ["f", "{}"], "function_call": ["g", "[]"]}
+    assert pieces[0].tool_id == "c0" and pieces[0].span.path == ("delta", "tool_calls", 0, "custom", "input")

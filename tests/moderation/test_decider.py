@@ -408,15 +408,17 @@ def test_redactions_are_exactly_the_debounced_streaks(response, ok, levels, leng
 
 # -- word starts: the release bound, cut points and redaction starts ------------------------------------------------
 def word_start(text: str, at: int, floor: int, scored: int, max_back: int = MAX_WORD_BACK) -> int:
-    """Oracle: ``at`` moved back to the last UAX #29 word boundary at or before it (found over the whole text at once)
-    that lies before ``scored`` (the end of the newest scored token) and has two chars after it, never below
-    ``floor``, at most ``max_back`` chars."""
+    """Oracle: ``at`` moved back to the last UAX #29 word boundary at or before it (found over the whole text at
+    once) that has two base chars (not extend/format) after it within the scored text plus one char (and at most 32
+    chars past ``at``), never below ``floor``, at most ``max_back`` chars."""
     if at >= len(text) or text[at].isspace():
         return at
     lo = max(floor, at - max_back)
     if at <= lo:
         return at
-    trusted = min(len(text) - 2, scored - 1)
+    seen = text[: min(len(text), scored + 1, at + 32)]
+    bases = [i for i, c in enumerate(seen) if not regex.match(r"[\p{WB=Extend}\p{WB=Format}\p{WB=ZWJ}]", c)]
+    trusted = bases[-2] if len(bases) >= 2 else -1
     bounds = [m.start() for m in regex.finditer(r"\b", text, flags=regex.WORD | regex.V1)]
     return max([lo] + [b for b in bounds if lo <= b <= min(at, trusted)])
 
@@ -480,3 +482,23 @@ def test_buffered_cut_moves_to_the_word_start_and_flag_spans_too():
     assert d2.safe_upto == 8 and d2.release_bound == 4  # "say ": the bound never sits inside "zebr..."
     (cut,) = d2.push(Span(2, 8, 13), Verdict("Unsafe")) + d2.push(Span(3, 13, 17), Verdict("Unsafe"))
     assert cut.at == 4
+
+
+def test_word_starts_join_removed_chars_and_skip_extend_chars():
+    # a zero-width space (removed by the guard's view) joins the word: the cut starts at its first letter
+    text = "say zeb\u200brafish now"
+    d = Decider(make_policy(hold_back=0))
+    d.text(text)
+    d.push(Span(0, 0, 3), Verdict("Safe"))
+    d.push(Span(1, 3, 7), Verdict("Safe"))  # " zeb"
+    assert d.release_bound == 4
+    (cut,) = d.push(Span(2, 7, 14), Verdict("Unsafe")) + d.push(Span(3, 14, 18), Verdict("Unsafe"))
+    assert cut.at == 4
+    # "." between letters with a combining mark after it stays inside the word (UAX #29 WB4 skips the mark)
+    text = "aaaaaaa.\u0e48a b"
+    d = Decider(make_policy(hold_back=0))
+    d.text(text)
+    d.push(Span(0, 0, 8), Verdict("Safe"))  # "aaaaaaa."
+    assert d.release_bound == 0  # the word goes on: nothing of it is released yet
+    d.push(Span(1, 8, 11), Verdict("Safe"))  # mark, "a", " "
+    assert d.release_bound == 10  # "aaaaaaa.\u0e48a" is one word, released whole

@@ -573,3 +573,26 @@ def test_finish_chunk_and_the_usage_after_it_wait_until_the_choice_is_scored_thr
     out += pipe.rel.allow_finish(0)
     assert _chunks(out)[-1]["choices"][0]["finish_reason"] == "stop"
     assert Client(out + pipe.rel.finish()).choices[0]["finish"] == ["stop"]
+
+
+def test_whole_cut_drops_cut_function_call_and_custom_calls_and_logprobs():
+    logprobs = {"content": [{"token": "zebra", "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+    body = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "logprobs": logprobs, "finish_reason": "function_call", "message": {
+            "role": "assistant", "content": "ok", "function_call": {"name": "f", "arguments": '{"q": "zebra"}'}}},
+        {"index": 1, "logprobs": logprobs, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+            {"id": "a", "type": "custom", "custom": {"name": "g", "input": "fine"}},
+            {"id": "b", "type": "custom", "custom": {"name": "h", "input": "zebra"}}]}},
+        {"index": 2, "logprobs": logprobs, "finish_reason": "stop", "message": {"role": "assistant", "content": "a zebra"}},
+        {"index": 3, "logprobs": logprobs, "finish_reason": "stop", "message": {"role": "assistant", "content": "safe"}}]}
+    rel = _whole(body)
+    rel.release(0, 2), rel.cut(0)  # the cut starts at the call: nothing of it is kept
+    rel.release(1, 4), rel.cut(1)  # the first call lies before the cut point, the second does not
+    rel.redact(2, 2, 7, "#")
+    rel.release(3, 4)
+    c0, c1, c2, c3 = rel.completion()["choices"]
+    assert c0["message"] == {"role": "assistant", "content": "ok", "function_call": None}
+    assert c0["finish_reason"] == "content_filter" and c0["logprobs"] is None
+    assert [t["id"] for t in c1["message"]["tool_calls"]] == ["a"] and c1["logprobs"] is None
+    assert c2["message"]["content"] == "a #" and c2["logprobs"] is None
+    assert c3["logprobs"] == logprobs  # untouched: kept

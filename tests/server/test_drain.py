@@ -68,7 +68,10 @@ class Overloaded:
 
     renderer = None
 
-    async def aopen(self, messages):
+    def admit(self, streams):
+        raise EngineOverloaded("no free stream")
+
+    async def aopen(self, messages, admission=None):
         raise EngineOverloaded("no free stream")
 
 
@@ -162,7 +165,7 @@ async def test_drain_timeout_ends_a_moderated_stream_with_an_error_frame_and_don
 async def test_drain_timeout_moderated_stream_error_frame_says_shutting_down(engine):
     """The moderated stream's last frame before ``[DONE]`` names the cause: ``shutting_down`` (not an upstream
     error). Needs the streamed path to map :class:`guardproxy.server.upstream.ShuttingDown` to
-    :data:`guardproxy.server.relay.SHUTDOWN_FRAME`."""
+    :data:`guardproxy.server.relay.SHUTDOWN_ERROR`."""
     slow = Slow()
     async with RecordingUpstream(slow) as up:
         async with RunningProxy(proxy_config(up.base_url), engine) as proxy:

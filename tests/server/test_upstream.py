@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from guardproxy.config import Upstream as UpstreamSettings
 from guardproxy.server.upstream import (
-    ShuttingDown, Upstream, UpstreamError, UpstreamSettings, request_headers, response_headers,
+    ShuttingDown, Upstream, UpstreamError, request_headers, response_headers,
 )
-from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, fixture_bytes
+from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, content_chunks, fixture_bytes, sse_body
 
 FIXTURES = ["openai_basic", "utf8_multibyte", "azure_crlf_filter_annotations", "large_tool_arguments"]
 
@@ -24,7 +26,7 @@ async def test_fixture_bytes_arrive_intact(name, write_size):
         write_size = 97  # keep the 1-byte run bounded for the 336 KB fixture
     async with FakeUpstream() as fake:
         model = fake.script("m", SSE(body, write_size=write_size))
-        up = Upstream(UpstreamSettings(fake.base_url, api_key="sk-upstream"))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url, api_key="sk-upstream"))
         try:
             resp = await up.send("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
                                  content=b'{"model": "%s", "stream": true}' % model.encode())
@@ -37,7 +39,7 @@ async def test_fixture_bytes_arrive_intact(name, write_size):
 async def test_client_credentials_never_forwarded_and_upstream_key_sent():
     async with FakeUpstream() as fake:
         fake.script("m", JSON({"ok": True}))
-        up = Upstream(UpstreamSettings(fake.base_url, api_key="sk-upstream"))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url, api_key="sk-upstream"))
         try:
             resp = await up.send("POST", "/v1/chat/completions", content=b'{"model": "m"}', headers={
                 "Authorization": "Bearer sk-client-secret", "api-key": "sk-client-secret",
@@ -56,7 +58,7 @@ async def test_client_credentials_never_forwarded_and_upstream_key_sent():
 
 
 def test_forward_client_authorization_opt_in():
-    s = UpstreamSettings("http://x/v1", api_key="sk-upstream", forward_client_authorization=True)
+    s = UpstreamSettings(base_url="http://x/v1", api_key="sk-upstream", forward_client_authorization=True)
     out = request_headers({"Authorization": "Bearer sk-client"}, s)
     assert out["Authorization"] == "Bearer sk-client"
 
@@ -70,14 +72,14 @@ def test_hop_by_hop_never_passes_either_way(extra, listed):
     headers = {**extra, "Transfer-Encoding": "chunked", "Upgrade": "h2c", "TE": "trailers",
                "Connection": ", ".join(listed), "Content-Length": "5"}
     headers.update({n: "v" for n in listed})
-    for out in (request_headers(headers, UpstreamSettings("http://x/v1")), response_headers(headers)):
+    for out in (request_headers(headers, UpstreamSettings(base_url="http://x/v1")), response_headers(headers)):
         names = {k.lower() for k in out}
         assert not names & {"transfer-encoding", "upgrade", "te", "connection", "content-length"}
         assert not names & {n.lower() for n in listed}
 
 
 async def test_connect_failure_is_typed():
-    up = Upstream(UpstreamSettings("http://127.0.0.1:9/v1", connect_timeout=2))
+    up = Upstream(UpstreamSettings(base_url="http://127.0.0.1:9/v1", connect_timeout=2))
     try:
         with pytest.raises(UpstreamError) as e:
             await up.send("GET", "/v1/models", headers={})
@@ -92,7 +94,7 @@ async def test_idle_timeout_between_reads_no_total_timeout():
     async with FakeUpstream() as fake:
         fake.script("slow", SSE(body, write_size=8, delay=0.15))
         fake.script("stall", SSE(b"data: {}\n\n", hang_silent=True))
-        up = Upstream(UpstreamSettings(fake.base_url, idle_timeout=0.5, first_byte_timeout=2))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url, idle_timeout=0.5, first_byte_timeout=2))
         try:
             resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "slow"}')
             assert await resp.aread() == body
@@ -110,7 +112,7 @@ async def test_idle_timeout_between_reads_no_total_timeout():
 async def test_first_byte_timeout():
     async with FakeUpstream() as fake:
         fake.script("late", JSON({"ok": 1}, delay=3))
-        up = Upstream(UpstreamSettings(fake.base_url, first_byte_timeout=0.3))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url, first_byte_timeout=0.3))
         try:
             with pytest.raises(UpstreamError) as e:
                 await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "late"}')
@@ -122,7 +124,7 @@ async def test_first_byte_timeout():
 async def test_mid_body_abort_is_typed():
     async with FakeUpstream() as fake:
         fake.script("abort", SSE(b"data: {}\n\n", abort=True))
-        up = Upstream(UpstreamSettings(fake.base_url))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url))
         try:
             resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "abort"}')
             with pytest.raises(UpstreamError) as e:
@@ -136,7 +138,7 @@ async def test_interrupt_ends_waiting_requests_and_body_reads_and_refuses_later_
     async with FakeUpstream() as fake:
         fake.script("late", JSON({"ok": 1}, delay=30))
         fake.script("stall", SSE(b"data: {}\n\n", hang_silent=True))
-        up = Upstream(UpstreamSettings(fake.base_url, idle_timeout=30, first_byte_timeout=30))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url, idle_timeout=30, first_byte_timeout=30))
         try:
             resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "stall"}')
             reading = asyncio.ensure_future(resp.aread())
@@ -160,10 +162,39 @@ async def test_interrupt_ends_waiting_requests_and_body_reads_and_refuses_later_
 
 def test_request_url_and_client_path_are_inverse_and_url_stays_below_v1():
     for base in ["http://h:1/v1", "http://h:1/v1/", "http://h:1", "http://h:1/openai/deployments/d/v1"]:
-        up = Upstream(UpstreamSettings(base))
+        up = Upstream(UpstreamSettings(base_url=base))
         for path in ["/v1/models", "/v1/models/openai%2Fgpt-4o", "/v1/a%3Fb%23c"]:
             assert up.client_path(up.request_url(path, "x=%26")) == path
         assert up.client_path(up.request_url("/v1/x/../../y")) != "/v1/x/../../y"  # httpx resolves dot segments
         for bad in ["/chat/completions", "/v2/x", "v1/x", "/v1x"]:
             with pytest.raises(ValueError):
                 up.url(bad)
+
+
+async def test_requests_beyond_the_pool_queue_until_a_connection_frees_and_the_wait_is_measured():
+    """With ``max_connections: 2``, six concurrent slow streams all complete: the excess is queued for a free
+    connection (``pool_timeout``, separate from ``connect_timeout``), not failed, and every wait is reported; with a
+    tiny ``pool_timeout`` the excess fails as an upstream timeout instead."""
+    body = sse_body(content_chunks(["slow ", "answer"]))
+    for pool_timeout in (10, 0.05):
+        async with FakeUpstream() as fake:
+            fake.script("m", SSE(body, write_size=64, delay=0.05))
+            waits: list[float] = []
+            up = Upstream(UpstreamSettings(base_url=fake.base_url, max_connections=2, pool_timeout=pool_timeout),
+                          observe_pool_wait=waits.append)
+
+            async def one():
+                resp = await up.send("POST", "/v1/chat/completions", headers={},
+                                     content=json.dumps({"model": "m"}).encode())
+                try:
+                    return await resp.aread()
+                finally:
+                    await resp.aclose()
+            got = await asyncio.gather(*(one() for _ in range(6)), return_exceptions=True)
+            await up.aclose()
+        if pool_timeout == 10:
+            assert got == [body] * 6
+            assert len(waits) == 6 and sorted(waits)[-1] > 0.1 and sorted(waits)[0] < 0.05  # 4 of 6 queued
+        else:
+            assert got.count(body) == 2
+            assert all(isinstance(g, UpstreamError) and g.kind == "timeout" for g in got if g != body)
