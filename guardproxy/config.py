@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from guardproxy.guard.dtypes import DTYPE_NAMES
 from guardproxy.guard.labels import CATEGORIES, PROMPT_ONLY_CATEGORIES, RISK_LEVELS, canonical_category, canonical_level
@@ -163,6 +164,106 @@ class ResponsesPolicy(_Strict):
     unknown_previous: Literal["block", "current_only"] = "block"
 
 
+#: The built-in detector patterns (:mod:`guardproxy.moderation.detectors` holds them and their checksums).
+BUILTIN_DETECTORS = ("email", "phone", "credit_card", "iban", "api_key")
+
+
+class Detector(_Strict):
+    """A deterministic detector (``detectors.<name>`` of a policy; ``<name>`` is the category its decisions carry).
+
+    Its patterns are the built-in one (``builtin``), case-insensitive (``case_sensitive: false``) whole-word
+    ``phrases`` (inline and, one a line, from ``file``: a path relative to the policy file, ``#`` starts a comment
+    line) and ``regex`` patterns (the ``regex`` module's syntax), one alternation matched leftmost-first. A match
+    is at most ``max_chars`` characters long (longer is no match; it bounds how much text a possible match holds
+    back). ``response`` is the action on a match in a response (its exact span for ``redact``, its first char for
+    ``cut``), ``prompt`` the action on a match in the prompt. ``exempt: true`` makes it an allow list instead: a
+    model verdict on a token inside one of its matches counts as Safe, and other detectors' matches inside one are
+    dropped.
+
+    A string value is short for ``{response: ACTION}``; a name of :data:`BUILTIN_DETECTORS` with no pattern given
+    is that built-in (``detectors: {email: redact}``).
+
+    Raises (at validation): ValueError for no pattern at all, a regex that does not compile or matches the empty
+    string, an unreadable ``file``.
+    """
+
+    builtin: Optional[Literal["email", "phone", "credit_card", "iban", "api_key"]] = None
+    phrases: list[str] = Field(default_factory=list)
+    file: Optional[Path] = None
+    regex: list[str] = Field(default_factory=list)
+    case_sensitive: bool = False
+    max_chars: int = Field(256, ge=1, le=4096)
+    response: ResponseAction = "flag"
+    prompt: PromptAction = "allow"
+    exempt: bool = False
+    _file_phrases: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("phrases")
+    @classmethod
+    def _phrases(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            if not p.strip():
+                raise ValueError(f"[{i}] an empty phrase matches everywhere")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        import regex as _regex
+
+        for i, pattern in enumerate(v):
+            try:
+                compiled = _regex.compile(pattern)
+            except _regex.error as e:
+                raise ValueError(f"[{i}] {pattern!r} does not compile: {e}") from None
+            if compiled.fullmatch(""):
+                raise ValueError(f"[{i}] {pattern!r} matches the empty string")
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if v is not None and not v.is_absolute():
+            base = (info.context or {}).get("policy_dir")
+            if base is not None:
+                v = Path(base) / v
+        return v
+
+    @model_validator(mode="after")
+    def _read_file(self) -> "Detector":
+        phrases: list[str] = []
+        if self.file is not None:
+            try:
+                lines = self.file.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise ValueError(f"file: {self.file}: cannot read ({e.strerror or e})") from None
+            phrases = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        self._file_phrases = tuple(phrases)
+        if self.builtin is None and not self.phrases and not self.regex and not phrases:
+            raise ValueError("no pattern: give builtin, phrases, file or regex")
+        return self
+
+    @property
+    def all_phrases(self) -> tuple[str, ...]:
+        """The inline phrases and those read from :attr:`file`."""
+        return tuple(self.phrases) + self._file_phrases
+
+
+def _detector_entries(value: Any) -> Any:
+    """``name: ACTION`` is short for ``name: {response: ACTION}``; a built-in's name alone names its pattern."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for name, d in value.items():
+        if isinstance(d, str):
+            d = {"response": d}
+        if isinstance(d, dict) and name in BUILTIN_DETECTORS and not any(
+                k in d for k in ("builtin", "phrases", "file", "regex")):
+            d = {**d, "builtin": name}
+        out[name] = d
+    return out
+
+
 class Policy(_Strict):
     """One tenant's moderation policy (``policies/<name>.yaml``). ``Policy()`` equals ``policies/default.yaml``.
 
@@ -181,6 +282,7 @@ class Policy(_Strict):
             when the guard is overloaded or fails.
         annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
         responses: Responses API settings (:class:`ResponsesPolicy`).
+        detectors: deterministic detectors by category name (:class:`Detector`), beside the model.
     """
 
     prompt: PromptPolicy = Field(default_factory=PromptPolicy)
@@ -195,19 +297,37 @@ class Policy(_Strict):
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
+    detectors: dict[str, Detector] = Field(default_factory=dict)
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _detectors(cls, v: Any) -> Any:
+        return _detector_entries(v)
+
+    @model_validator(mode="after")
+    def _detectors_valid(self) -> "Policy":
+        for name, d in self.detectors.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"detectors.{name}: a detector name is a plain name (letters, digits, '_', '-', '.')")
+            if d.response == "redact" and not d.exempt and self.release == "async":
+                raise ValueError(f"detectors.{name}.response: 'redact' needs release: buffered (async release has "
+                                 "already sent the text)")
+        return self
 
     @property
     def moderates_prompt(self) -> bool:
         """Can the prompt verdict change anything (some prompt action is not ``allow``)?"""
-        return any(a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.prompt.actions_for_level(lvl))
+        return any(a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.prompt.actions_for_level(lvl)) \
+            or any(d.prompt != "allow" and not d.exempt for d in self.detectors.values())
 
     @property
     def moderates_response(self) -> bool:
         """Can a response verdict change anything (a channel is moderated and some response action is not
         ``allow``)? When neither stage can, requests take the pure relay path: the guard is not called."""
         m = self.moderate
-        return (m.content or m.reasoning or m.tool_arguments) and any(
+        return (m.content or m.reasoning or m.tool_arguments) and (any(
             a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.response.actions_for_level(lvl))
+            or any(d.response != "allow" and not d.exempt for d in self.detectors.values()))
 
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
@@ -573,7 +693,7 @@ def load_policy(path: str | Path) -> Policy:
     """Load and validate one policy file. Raises ConfigError naming the file and the bad key path."""
     path = Path(path)
     try:
-        return Policy.model_validate(_read_yaml(path))
+        return Policy.model_validate(_read_yaml(path), context={"policy_dir": path.parent})
     except ValidationError as e:
         raise ConfigError(f"{path}:\n{_format_errors(e)}") from None
 
@@ -585,7 +705,7 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
     taken from the inline ``policies:`` mapping if present there, else from ``<policies_dir>/<name>.yaml`` (or ``.yml``).
     """
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"policy_dir": Path(base_dir)})
     except ValidationError as e:
         raise ConfigError(f"{source}:\n{_format_errors(e)}") from None
 

@@ -48,20 +48,34 @@ class ChoiceModerator:
     def push(self, piece: Piece) -> None:
         """The choice's next piece (arrival order). A channel the policy does not moderate keeps its global offsets
         but is never read by the guard."""
-        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None)
-        kind = piece.kind if moderated(self.policy, piece.kind) else "unmoderated"
+        read = moderated(self.policy, piece.kind)
+        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None,
+                          segment=piece.kind if read else None)
+        kind = piece.kind if read else "unmoderated"
         self._pending += self._retok.push(kind, piece.text, name=piece.name)
 
     def finish(self) -> None:
         """End of the choice: the rest of its ids and the closing ``<|im_end|>`` become pending. Idempotent."""
         if not self.finished:
             self.finished = True
+            self.decider.text_end()
             self._pending += self._retok.finish()
 
     @property
     def needs_scoring(self) -> bool:
         """Are there ids to take, or a finished choice whose decider has not finished yet?"""
-        return not self.decider.done and (bool(self._pending) or self.finished)
+        return not self.decider.done and (self._takeable() > 0 or self.finished)
+
+    def _takeable(self) -> int:
+        """How many pending ids may be scored now: those ending where every detector match is known (see
+        :attr:`Decider.decided`)."""
+        limit = self.decider.decided
+        if not self._pending or self._pending[-1].end <= limit:
+            return len(self._pending)
+        n = 0
+        while n < len(self._pending) and self._pending[n].end <= limit:
+            n += 1
+        return n
 
     def take(self) -> list[int]:
         """The pending ids, now in flight: score them and pass the verdicts to :meth:`scored` (an empty list
@@ -69,7 +83,8 @@ class ChoiceModerator:
         if self.decider.done:
             self._pending = []
             return []
-        self._inflight, self._pending = self._pending, []
+        n = self._takeable()
+        self._inflight, self._pending = self._pending[:n], self._pending[n:]
         return [s.id for s in self._inflight]
 
     def scored(self, verdicts: Sequence[Any]) -> list[Action]:

@@ -58,6 +58,7 @@ import regex
 from guardproxy.config import ACTION_SEVERITY, Policy
 from guardproxy.guard.normalize import REMOVED
 from guardproxy.guard.labels import canonical_category, canonical_level
+from guardproxy.moderation.detectors import DETECTOR_LEVEL, Match, Scanner, compiled, prompt_matches
 
 __all__ = [
     "Allow",
@@ -67,7 +68,10 @@ __all__ = [
     "Action",
     "Decider",
     "PromptDecision",
+    "PromptDetection",
     "decide_prompt",
+    "detect_prompt",
+    "prompt_texts",
     "SpanLike",
     "VerdictLike",
 ]
@@ -287,6 +291,10 @@ class Decider:
         self._units: list[list] = []  # [start, end or None while open] of every unit, in order
         self._unscored_unit = 0  # index of the first unit not scored through its end
         self._bound = 0
+        detectors = compiled(policy)
+        self._scan = Scanner(detectors) if detectors else None
+        self._waiting: list[Match] = []  # detector matches not decided on yet, by (end, start)
+        self._exempt: list[tuple[int, int]] = []  # spans of exempt (allow-list) matches, by start
         self.cut: Optional[Cut] = None
         self.finished = False
 
@@ -315,6 +323,8 @@ class Decider:
         held = [r.start for t, r in self._runs.items() if r is not None and self._holding[t]]
         if self._region is not None:
             held.append(self._region.start)
+        if (waiting := self._held_detection()) is not None:
+            held.append(waiting)
         if held:  # a unit a cut may still start in is held whole
             unit = self._unit_at(min(held))
             if unit is not None:
@@ -328,8 +338,11 @@ class Decider:
             return self._units[i]
         return None
 
-    def text(self, text: str, unit: object = None) -> None:
+    def text(self, text: str, unit: object = None, segment: object = "content") -> None:
         """The next characters of the choice (every piece, moderated or not, in global-offset order).
+
+        ``segment``: the channel the text belongs to, for the policy's detectors (a match never spans two; ``None``:
+        text the detectors do not read, e.g. a channel the policy does not moderate).
 
         ``unit``: a key for text that must reach the client whole or not at all (a tool call's arguments: the
         client acts on the complete call). In buffered release the bound stays at a unit's first char until text
@@ -343,6 +356,21 @@ class Decider:
                 self._units.append([self._text_len, None])
         self._words.push(text)
         self._text_len += len(text)
+        if self._scan is not None:
+            self._scan.push(text, segment)
+
+    def text_end(self) -> None:
+        """No more text comes for the choice (the detectors decide what the end of the text left open).
+        Idempotent; :meth:`finish` implies it."""
+        if self._scan is not None:
+            self._scan.close()
+
+    @property
+    def decided(self) -> float:
+        """Char offset before which every detector match is known (:attr:`Scanner.decided`; ``inf`` without
+        detectors or after :meth:`text_end`). The caller pushes no token ending past it, so a detection is known
+        before the token completing it is pushed, in a streamed and a whole response alike."""
+        return self._scan.decided if self._scan is not None else math.inf
 
     @property
     def done(self) -> bool:
@@ -369,6 +397,15 @@ class Decider:
             raise ValueError(f"unknown risk level {verdict.risk_level!r}")
         if level == "Controversial" and self.policy.controversial_as != "controversial":
             level = self.policy.controversial_as.capitalize()
+        detected: list[Action] = []
+        if self._scan is not None:
+            self._collect()
+            detected = self._detect(i, span.end)
+            if self.cut is not None:
+                self._update_safe()
+                return detected
+            if level != "Safe" and self._exempted(span):
+                level = "Safe"
         rank = _RANK[level]
         self._max_end = max(self._max_end, span.end)
         self._recent.append((span.start, span.end))
@@ -398,7 +435,7 @@ class Decider:
         if self.cut is None and self._region is not None and not self._region_held():
             out.append(self._close_region())
         self._update_safe()
-        return out
+        return detected + out if detected else out
 
     def finish(self) -> list[Action]:
         """End of the choice: emit a pending redaction; ``safe_upto`` becomes the end of all text (unless cut)."""
@@ -407,6 +444,10 @@ class Decider:
         self.finished = True
         self._words.close()
         out: list[Action] = []
+        if self._scan is not None and self.cut is None:
+            self._scan.close()
+            self._collect()
+            out += self._detect(self._n, math.inf)
         if self.cut is None:
             if self._region is not None:
                 out.append(self._close_region())
@@ -424,6 +465,10 @@ class Decider:
         prob = _probability(verdict, tier)
         out: list[Action] = []
         if action == "cut":
+            if self._waiting:  # detections starting before the cut are decided first (their chars go out before it)
+                out += self._detect_before(self._cut_at(run.start), i)
+                if self.cut is not None:
+                    return out
             region = self._region
             if region is not None and region.start < run.start:
                 out.append(self._close_region(end=min(region.end, run.start)))
@@ -506,7 +551,80 @@ class Decider:
                 bound = min(bound, run.start)
         if self._region is not None:
             bound = min(bound, self._region.start)
+        held = self._held_detection()
+        if held is not None:
+            bound = min(bound, held)
         self._safe = bound
+
+    # -- detectors ----------------------------------------------------------------------------------------------------
+    def _collect(self) -> None:
+        """Take the scanner's new matches: exempt spans aside, the others waiting in (end, start) order."""
+        assert self._scan is not None
+        for m in self._scan.take():
+            if m.detector.exempt:
+                bisect.insort(self._exempt, (m.start, m.end))
+            else:
+                bisect.insort(self._waiting, m, key=lambda w: (w.end, w.start))
+
+    def _exempted(self, span: SpanLike) -> bool:
+        """Does the token lie inside an exempt match (whitespace around its text aside)? A glue token never does."""
+        if span.end <= span.start or not self._exempt:
+            return False
+        text = self._words._slice(span.start, span.end)
+        a = span.start + len(text) - len(text.lstrip())
+        b = span.end - (len(text) - len(text.rstrip()))
+        if a >= b:
+            return False
+        j = bisect.bisect_right(self._exempt, (a, math.inf))
+        return any(s <= a and b <= e for s, e in self._exempt[max(0, j - 64):j])
+
+    def _inside_exempt(self, m: Match) -> bool:
+        j = bisect.bisect_right(self._exempt, (m.start, math.inf))
+        return any(s <= m.start and m.end <= e for s, e in self._exempt[max(0, j - 64):j])
+
+    def _detect(self, i: int, upto: float) -> list[Action]:
+        """The actions of the waiting matches that end at or before ``upto`` (the end of the token ``i``)."""
+        out: list[Action] = []
+        while self._waiting and self._waiting[0].end <= upto and self.cut is None:
+            out += self._detection(self._waiting.pop(0), i)
+        return out
+
+    def _detect_before(self, at: int, i: int) -> list[Action]:
+        """A cut at ``at`` comes: the waiting matches that start before it are decided now (a redaction ends at
+        ``at``; a detector's cut before ``at`` is the cut)."""
+        out: list[Action] = []
+        for m in sorted((m for m in self._waiting if m.start < at), key=lambda m: m.start):
+            self._waiting.remove(m)
+            out += self._detection(m, i, end=min(m.end, at))
+            if self.cut is not None:
+                break
+        return out
+
+    def _detection(self, m: Match, i: int, end: Optional[int] = None) -> list[Action]:
+        """The action of a detector's match ``m`` decided at token ``i`` (none inside an exempt match)."""
+        if self._inside_exempt(m):
+            return []
+        action, name = m.detector.spec.response, m.name
+        end = m.end if end is None else end
+        if action == "cut":
+            out: list[Action] = []
+            region = self._region
+            if region is not None and region.start < m.start:
+                out.append(self._close_region(end=min(region.end, m.start)))
+            self._region = None
+            unit = self._unit_at(m.start) if self.buffered else None
+            self.cut = Cut(DETECTOR_LEVEL, name, i, 1.0, at=m.start if unit is None else unit[0])
+            return out + [self.cut]
+        if action == "redact":
+            return [Redact(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end,
+                           mask=self.policy.mask.replace("{category}", name))]
+        cls = Flag if action == "flag" else Allow
+        return [cls(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end)]
+
+    def _held_detection(self) -> Optional[int]:
+        """The first char of the earliest waiting match that changes the text (redact or cut), if any."""
+        starts = [m.start for m in self._waiting if m.detector.spec.response in ("redact", "cut")]
+        return min(starts) if starts else None
 
 
 @dataclass(frozen=True)
@@ -530,3 +648,55 @@ def decide_prompt(policy: Policy, verdict: VerdictLike) -> PromptDecision:
         raise ValueError(f"unknown risk level {verdict.risk_level!r}")
     category = canonical_category(verdict.category) or verdict.category
     return PromptDecision(policy.prompt.action(level, category), level, category, _probability(verdict, level))
+
+
+def prompt_texts(conversations: Iterable[Iterable[Mapping]]) -> list[str]:
+    """Every string a conversation's messages hold (content and its parts, tool-call arguments, names, ...), each
+    whole; the ``role`` and ``type`` tags aside."""
+    out: list[str] = []
+
+    def walk(value: object, key: object = None) -> None:
+        if isinstance(value, str):
+            if key not in ("role", "type"):
+                out.append(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    for messages in conversations:
+        for message in messages:
+            walk(message)
+    return out
+
+
+@dataclass(frozen=True)
+class PromptDetection:
+    """The prompt-stage outcome of the policy's detectors: ``action`` (``flag`` / ``block``), the detector's
+    name (its category) and the risk level and probabilities a verdict carries (:data:`DETECTOR_LEVEL`, 1.0), so
+    that it reads as a verdict in headers and error bodies (never the matched text)."""
+
+    action: str
+    category: str
+    risk_level: str = DETECTOR_LEVEL
+    category_prob: float = 1.0
+
+    @property
+    def probs(self) -> dict[str, float]:
+        return {DETECTOR_LEVEL: 1.0}
+
+
+def detect_prompt(policy: Policy, conversations: Iterable[Iterable[Mapping]]) -> Optional[PromptDetection]:
+    """The most severe prompt action of the policy's detectors over every text of ``conversations`` (the first
+    detector reaching it), or None when none acts (no detector with a ``prompt`` action matched, or its matches lie
+    inside exempt ones)."""
+    if not any(d.prompt != "allow" and not d.exempt for d in policy.detectors.values()):
+        return None
+    best: Optional[PromptDetection] = None
+    for m in prompt_matches(policy, prompt_texts(conversations)):
+        action = m.detector.spec.prompt
+        if best is None or ACTION_SEVERITY[action] > ACTION_SEVERITY[best.action]:
+            best = PromptDetection(action, m.name)
+    return best

@@ -27,7 +27,7 @@ from guardproxy.config import ACTION_SEVERITY
 from guardproxy.guard.labels import RISK_LEVELS, canonical_level
 from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
-from guardproxy.moderation.decider import decide_prompt
+from guardproxy.moderation.decider import decide_prompt, detect_prompt
 from guardproxy.moderation.response import guard_failure
 from guardproxy.wire.errors import ProxyError
 
@@ -41,7 +41,8 @@ class PromptOutcome:
     Attributes:
         stream: the guard stream holding the prefilled prompt, its last window (choice 0 continues on it, the other
             choices fork it), or None when unmoderated.
-        verdict: the prompt verdict (query head; the worst window's), or None when unmoderated.
+        verdict: the prompt verdict (query head; the worst window's), a detector's
+            :class:`~guardproxy.moderation.decider.PromptDetection` when a detector decided, or None when unmoderated.
         action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
         admission: the engine streams reserved for the request's choices (forks take them), or None.
     """
@@ -168,7 +169,9 @@ async def _score(ctx: RequestContext, windows: list[Any], admission: Any) -> tup
 
 
 async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: int = 1) -> PromptOutcome:
-    """Reserve the request's ``n`` guard streams (one per choice; the first is the prompt stream itself), then score
+    """Run the policy's detectors over every text of ``conversations`` (a detector's ``block`` refuses at once, its
+    ``flag`` stands when the verdict allows), reserve the request's ``n`` guard streams (one per choice; the first is
+    the prompt stream itself), then score
     every window of ``conversations`` (:attr:`ParsedRequest.conversations`) on them and apply the tenant's prompt policy.
     The reservation comes first and costs no tokenizing, so an overloaded guard refuses cheaply and a request is
     served whole or not at all.
@@ -177,6 +180,13 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
         ProxyError: 400 from :func:`request_windows`; see :func:`guard_unavailable` for the 503s.
     """
     policy = ctx.policy
+    detected = detect_prompt(policy, conversations)
+    if detected is not None and detected.action == "block":  # refused before the guard is asked
+        ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action="block", risk_level=detected.risk_level,
+                                           category=detected.category).inc()
+        log.info("request %s tenant %s: prompt block (detector %s)", ctx.request_id, ctx.tenant.name,
+                 detected.category)
+        return PromptOutcome(None, detected, "block")
     t0 = time.monotonic()
     try:
         admission = ctx.engine.admit(n)
@@ -198,6 +208,10 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
     if action != "allow" or len(windows) > 1:
         log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
                  action, verdict.risk_level, verdict.category, len(windows))
+    if detected is not None and ACTION_SEVERITY[detected.action] > ACTION_SEVERITY[action]:
+        action, verdict = detected.action, detected  # a detector's flag over a model verdict that allows
+        log.info("request %s tenant %s: prompt %s (detector %s)", ctx.request_id, ctx.tenant.name, action,
+                 detected.category)
     outcome = PromptOutcome(gstream, verdict, action, admission)
     if action == "block":
         outcome.close()
