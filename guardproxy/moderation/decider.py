@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Optional, Protocol, Union
 
 import regex
@@ -295,6 +295,7 @@ class Decider:
         self._scan = Scanner(detectors) if detectors else None
         self._waiting: list[Match] = []  # detector matches not decided on yet, by (end, start)
         self._exempt: list[tuple[int, int]] = []  # spans of exempt (allow-list) matches, by start
+        self._redacted: list[tuple[int, int]] = []  # spans of the redactions emitted, by start (those past the bound)
         self.cut: Optional[Cut] = None
         self.finished = False
 
@@ -433,7 +434,7 @@ class Decider:
         if fired is not None:
             out += self._apply(fired, i, span, verdict)
         if self.cut is None and self._region is not None and not self._region_held():
-            out.append(self._close_region())
+            out += self._clipped(self._close_region())
         self._update_safe()
         return detected + out if detected else out
 
@@ -450,7 +451,7 @@ class Decider:
             out += self._detect(self._n, math.inf)
         if self.cut is None:
             if self._region is not None:
-                out.append(self._close_region())
+                out += self._clipped(self._close_region())
             self._runs = {t: None for t in _TIERS}
             self._safe = max(self._safe, self._max_end)
             self._bound = max(self._bound, self._safe)
@@ -471,7 +472,7 @@ class Decider:
                     return out
             region = self._region
             if region is not None and region.start < run.start:
-                out.append(self._close_region(end=min(region.end, run.start)))
+                out += self._clipped(self._close_region(end=min(region.end, run.start)))
             self._region = None
             self.cut = Cut(tier, category, i, prob, at=self._cut_at(run.start))
             out.append(self.cut)
@@ -506,6 +507,21 @@ class Decider:
             self._holding[t] and (r := self._runs[t]) is not None and r.first_index <= region.first_index
             for t in _TIERS
         )
+
+    def _clipped(self, r: Redact) -> list[Action]:
+        """``r`` as emitted: a redaction starting inside one emitted before starts at that one's end instead (its
+        mask may be out already; the chars in between are redacted), and is dropped when nothing is left of it.
+        One starting at or before an earlier one's start merges with it in the releaser, before anything of
+        either is released. So the text is the same however the release interleaved with the decisions."""
+        start = r.start
+        for a, b in self._redacted:
+            if a < start < b:
+                start = b
+        if start >= r.end:
+            return []
+        self._redacted = [(a, b) for a, b in self._redacted if b > self._bound] + [(start, r.end)]
+        self._redacted.sort()
+        return [r if start == r.start else replace(r, start=start)]
 
     def _close_region(self, end: Optional[int] = None) -> Redact:
         r = self._region
@@ -610,14 +626,14 @@ class Decider:
             out: list[Action] = []
             region = self._region
             if region is not None and region.start < m.start:
-                out.append(self._close_region(end=min(region.end, m.start)))
+                out += self._clipped(self._close_region(end=min(region.end, m.start)))
             self._region = None
             unit = self._unit_at(m.start) if self.buffered else None
             self.cut = Cut(DETECTOR_LEVEL, name, i, 1.0, at=m.start if unit is None else unit[0])
             return out + [self.cut]
         if action == "redact":
-            return [Redact(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end,
-                           mask=self.policy.mask.replace("{category}", name))]
+            return self._clipped(Redact(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end,
+                                        mask=self.policy.mask.replace("{category}", name)))
         cls = Flag if action == "flag" else Allow
         return [cls(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end)]
 

@@ -23,7 +23,9 @@ a partial one or one closer to the end (then nothing is decided from there until
 ``regex`` module reports a complete match in preference to a partial one, so a match touching the end of the text
 received is not final; the limit: a user regex whose match depends on more than :data:`LOOKAHEAD` chars after it
 may be found differently); a match longer than ``max_chars`` is none (the search goes on one char further), a
-built-in match failing its checksum is none (the search goes on after it).
+built-in match failing its check is none (the search goes on one char further: ``0958 4111 1111 1111 1111``
+holds a card after a longer digit run), a card's check may accept a prefix of its match (``4111 1111 1111 1111
+4242`` holds a card followed by more digits).
 
 :func:`prompt_matches` runs the same detectors over the prompt's texts (each text whole).
 """
@@ -93,27 +95,41 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
-def _card_valid(text: str) -> bool:
-    digits = "".join(c for c in text if c.isdigit())
-    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+def _card_length(text: str) -> Optional[int]:
+    """The longest prefix of a digit run (``text``: digits, single spaces or dashes) that ends a digit group and
+    holds 13-19 digits passing Luhn (``4111 1111 1111 1111 4242`` holds a card), as a length, or None."""
+    best, digits = None, 0
+    for i, c in enumerate(text):
+        if c.isdigit():
+            digits += 1
+            if 13 <= digits <= 19 and (i + 1 == len(text) or not text[i + 1].isdigit()):
+                if luhn_valid("".join(ch for ch in text[:i + 1] if ch.isdigit())):
+                    best = i + 1
+    return best
+
+
+def _whole(check: Callable[[str], bool]) -> Callable[[str], Optional[int]]:
+    return lambda text: len(text) if check(text) else None
 
 
 def _phone_valid(text: str) -> bool:
     return 9 <= sum(c.isdigit() for c in text) <= 15
 
 
-#: The built-in patterns (``regex`` syntax, ASCII classes) and the check a match must pass.
-BUILTIN_PATTERNS: dict[str, tuple[str, Optional[Callable[[str], bool]]]] = {
+#: The built-in patterns (``regex`` syntax, ASCII classes) and the check a match must pass: the length of the match
+#: that counts (all of it, or a prefix of it), or None.
+BUILTIN_PATTERNS: dict[str, tuple[str, Optional[Callable[[str], Optional[int]]]]] = {
     # local part @ domain labels . top-level domain (RFC 5321 sizes: 64 for the local part, 63 a label)
     "email": (r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
               r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,8}\.[A-Za-z]{2,24}(?![A-Za-z0-9-])", None),
-    # E.164 (+ and 8-15 digits) or groups of 2-4 digits with separators, optional +country and (area): 9-15 digits
-    "phone": (r"(?<![\w+])(?:\+\d{8,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,5})"
-              r"(?![\w])", _phone_valid),
+    # E.164 (+ and 8-15 digits) or groups of 2-4 digits with separators, optional +country and (area): 9-15 digits,
+    # not next to more digit groups (a card's)
+    "phone": (r"(?<![\w+])(?<!\d[ .-])(?:\+\d{8,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"
+              r"(?:[ .-]\d{2,4}){1,5})(?![\w])(?![ .-]\d)", _whole(_phone_valid)),
     # 13-19 digits, single spaces or dashes between them, Luhn-checked
-    "credit_card": (r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w])", _card_valid),
+    "credit_card": (r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w])", _card_length),
     # country code, check digits, 11-30 letters or digits, optionally grouped by spaces; mod-97-checked
-    "iban": (r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])", iban_valid),
+    "iban": (r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])", _whole(iban_valid)),
     # OpenAI / Anthropic (sk-...), GitHub (ghp_, gho_, ghu_, ghs_, ghr_, github_pat_), AWS access key ids
     # (AKIA / ASIA), Slack (xoxb-, xoxp-, ...), Google (AIza), GitLab (glpat-), Stripe (sk_live_ / rk_live_)
     "api_key": (r"(?<![\w-])(?:sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,200}|gh[pousr]_[A-Za-z0-9]{36,200}"
@@ -129,17 +145,19 @@ class Compiled:
     name: str
     spec: Detector
     pattern: "regex.Pattern[str]"
-    check: Optional[Callable[[str], bool]]
+    check: Optional[Callable[[str], Optional[int]]]
 
     @property
     def exempt(self) -> bool:
         return self.spec.exempt
 
-    def accept(self, m: "regex.Match[str]") -> bool:
-        """Does a complete match count (the built-in part passes its check)?"""
+    def accept(self, m: "regex.Match[str]") -> Optional[int]:
+        """Where a complete match that counts ends (the built-in part passes its check, maybe on a prefix), or
+        None."""
         if self.check is None or m.start(_BUILTIN_GROUP) < 0:
-            return True
-        return self.check(m.group(_BUILTIN_GROUP))
+            return m.end()
+        n = self.check(m.group(_BUILTIN_GROUP))
+        return None if n is None else m.start() + n
 
 
 def _compile(name: str, spec: Detector) -> Compiled:
@@ -225,9 +243,12 @@ class _Search:
             if not final and len(buf) - e < LOOKAHEAD:  # more text may still change this match: not decided yet
                 self.open, pos = self.base + s, s
                 break
-            pos = e
-            if self.det.accept(m):
-                yield self.base + s, self.base + e
+            end = self.det.accept(m)
+            if end is not None:
+                pos = end
+                yield self.base + s, self.base + end
+            else:  # failed its check: a match may start further on (a card after a longer digit run)
+                pos = s + 1
         cut = max(0, pos - _CONTEXT)
         self.buf, self.base, self.pos = buf[cut:], self.base + cut, pos - cut
 

@@ -235,3 +235,52 @@ def test_fail_closed_raises_and_fail_open_relays_the_rest(renderer, whole):
         else:
             assert out[0].startswith(b":") and b"unmoderated" in out[0]
             assert b"Hello there " in b"".join(out) and mod.finish()[-1] == b"data: [DONE]\n\n"
+
+
+DETECTED = ["4111 1111 1111 1111", "a@b.io", "bob.smith@example.co.uk", "DE89 3704 0044 0532 0130 00",
+            "AKIAIOSFODNN7EXAMPLE", "+44 20 7946 0958", "kill the process", "Blue Heron", "4111 1111 1111 1112"]
+
+
+@st.composite
+def detector_answers(draw):
+    """Answers whose words include texts the detectors find (and near misses)."""
+    answer = draw(answers())
+    out = []
+    for reasoning, content, tools in answer:
+        extra = draw(st.lists(st.sampled_from(DETECTED), max_size=3))
+        at = draw(st.integers(0, len(content)))
+        spot = content.rfind(" ", 0, at) + 1  # between words
+        content = content[:spot] + " ".join(extra) + (" " if extra else "") + content[spot:]
+        tools = [json.dumps({"q": t + " " + draw(st.sampled_from(DETECTED))}) for t in tools]
+        out.append((reasoning, content, tools))
+    return out
+
+
+detector_policies = st.builds(
+    lambda unsafe, hold_back, card, email, key, exempt: Policy.model_validate({
+        "response": {"unsafe": unsafe}, "hold_back": hold_back, "mask": "[{category}]",
+        "detectors": {"credit_card": card, "email": email, "api_key": key, "iban": "redact", "phone": "flag",
+                      "code": {"phrases": ["blue heron"], "response": "cut"},
+                      **({"ok": {"phrases": ["kill the process", "zebra fish"], "exempt": True}} if exempt else {})}}),
+    st.sampled_from(["cut", "redact", "flag", "allow"]), st.integers(0, 3),
+    st.sampled_from(["redact", "cut", "flag"]), st.sampled_from(["redact", "flag"]),
+    st.sampled_from(["redact", "cut"]), st.booleans())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(answer=detector_answers(), policy=detector_policies, seed=st.integers(0, 2**16), salt=st.integers(0, 34))
+def test_streamed_and_whole_paths_apply_detectors_alike(renderer, answer, policy, seed, salt):
+    raw, streamed = run_stream(renderer, policy, answer, random.Random(seed), salt)
+    body, whole = run_whole(renderer, policy, answer, salt)
+    assert by_choice(streamed) == by_choice(whole)
+    text, finish = texts(frames(raw)[:-1])
+    for ch in body["choices"]:
+        c, msg = ch["index"], ch["message"]
+        assert text.get(c, "") == msg["content"] and finish[c] == ch["finish_reason"]
+        for d in whole:  # a redacted or cut card never reaches the client, on either path
+            if d.choice == c and d.category == "credit_card" and d.action != "flag":
+                assert "4111 1111 1111 1111" not in text.get(c, "") + text.get(f"t{c}", "")
+    for c, (_, content, _) in enumerate(answer):  # a card or a key standing alone is found unless a cut came first
+        alone = [s for s in ("4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE") if f" {s} " in f" {content}"]
+        if alone and not any(d.choice == c and d.action == "cut" for d in whole):
+            assert any(d.choice == c and d.category in ("credit_card", "api_key") for d in whole)
