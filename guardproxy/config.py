@@ -275,7 +275,7 @@ class Policy(_Strict):
         debounce: k, the number of consecutive tokens at or above a tier that raise a flag (Qwen's evaluation: 2).
         controversial_as: ``controversial`` (own tier), ``unsafe`` (Qwen's *strict* setting) or ``safe``
             (*loose*): how Controversial response tokens count in the debounce.
-        mask: replacement text for redacted spans.
+        mask: replacement text for redacted spans (``{category}`` in it: the redaction's category).
         moderate: which channels are moderated.
         prompt_mode: ``parallel`` (upstream starts at once, output held until the prompt verdict) or ``sequential``.
         fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)

@@ -41,6 +41,17 @@ debounce; runs at tiers that can only allow or flag are not held (they cannot ch
 decreases. :attr:`Decider.release_bound` is ``safe_upto`` moved back to a word start (buffered release; after
 :meth:`finish` everything scored).
 
+Detectors (the policy's ``detectors:``, :mod:`guardproxy.moderation.detectors`): the decider scans the text it is
+given (:meth:`Decider.text`, per channel ``segment``) and reports :attr:`Decider.decided`, the offset before which
+every match is known; the caller pushes no token ending past it. A match is decided on at the first token pushed
+that ends at or after the match's end (before that token's verdict), or at :meth:`finish`; its action carries the
+detector's name as category and risk level :data:`~guardproxy.moderation.detectors.DETECTOR_LEVEL`: ``Redact``
+of exactly the matched span (a redaction starting inside one emitted earlier starts at its end), ``Cut`` at its
+first char (at the start of the unit holding it), ``Flag`` / ``Allow``. While a match that redacts or cuts waits,
+``safe_upto`` stays at or before its first char; a model cut decides the waiting matches starting before it first.
+A token inside a match of an ``exempt`` detector (an allow list) counts as Safe, whatever the model said, and a
+match inside one is dropped.
+
 Every value the decider reports depends only on the tokens pushed, their verdicts and the text received up to them,
 never on how the pushes were batched: a streamed response and the same response scored whole get the same actions
 at the same offsets.
@@ -517,7 +528,7 @@ class Decider:
         for a, b in self._redacted:
             if a < start < b:
                 start = b
-        if start >= r.end:
+        if start != r.start and start >= r.end:
             return []
         self._redacted = [(a, b) for a, b in self._redacted if b > self._bound] + [(start, r.end)]
         self._redacted.sort()
@@ -528,7 +539,7 @@ class Decider:
         assert r is not None
         self._region = None
         return Redact(r.level, r.category, r.token_index, r.probability, start=self._word_start(r.start),
-                      end=r.end if end is None else end, mask=self.policy.mask)
+                      end=r.end if end is None else end, mask=self.policy.mask.replace("{category}", r.category))
 
     def _word_start(self, at: int) -> int:
         """``at`` moved back to its word's start in buffered release (never below the release bound given)."""

@@ -23,9 +23,9 @@ a partial one or one closer to the end (then nothing is decided from there until
 ``regex`` module reports a complete match in preference to a partial one, so a match touching the end of the text
 received is not final; the limit: a user regex whose match depends on more than :data:`LOOKAHEAD` chars after it
 may be found differently); a match longer than ``max_chars`` is none (the search goes on one char further), a
-built-in match failing its check is none (the search goes on one char further: ``0958 4111 1111 1111 1111``
-holds a card after a longer digit run), a card's check may accept a prefix of its match (``4111 1111 1111 1111
-4242`` holds a card followed by more digits).
+built-in match failing its check is none (the search goes on one char further), and a card is the whole run of
+digit groups holding it (``ref 0958 4111 1111 1111 1111``: no digit of the card is left out, whichever groups it
+is made of).
 
 :func:`prompt_matches` runs the same detectors over the prompt's texts (each text whole).
 """
@@ -95,17 +95,30 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
-def _card_length(text: str) -> Optional[int]:
-    """The longest prefix of a digit run (``text``: digits, single spaces or dashes) that ends a digit group and
-    holds 13-19 digits passing Luhn (``4111 1111 1111 1111 4242`` holds a card), as a length, or None."""
-    best, digits = None, 0
-    for i, c in enumerate(text):
-        if c.isdigit():
-            digits += 1
-            if 13 <= digits <= 19 and (i + 1 == len(text) or not text[i + 1].isdigit()):
-                if luhn_valid("".join(ch for ch in text[:i + 1] if ch.isdigit())):
-                    best = i + 1
-    return best
+def _card_run(text: str) -> Optional[int]:
+    """``text`` is a run of digit groups (digits, single spaces or dashes between them): its length when some
+    consecutive groups of it hold 13-19 digits passing Luhn (the whole run counts, so that no digit of a card in
+    ``ref 0958 4111 1111 1111 1111`` is left out whichever groups are the card), else None. A run without
+    separators is one group."""
+    groups = [g for g in regex.split(r"[ -]", text) if g]
+    for i in range(len(groups)):
+        digits = ""
+        for g in groups[i:]:
+            digits += g
+            if len(digits) > 19:
+                break
+            if len(digits) >= 13 and luhn_valid(digits):
+                return len(text)
+    return None
+
+
+def _iban_length(text: str) -> Optional[int]:
+    """The longest prefix of ``text`` (an IBAN-shaped run, maybe grouped by spaces) that ends a group and passes
+    :func:`iban_valid` (``DE89 3704 0044 0532 0130 00 4111`` holds an IBAN), as a length, or None."""
+    for i in range(len(text), 0, -1):
+        if text[i - 1] != " " and (i == len(text) or text[i] == " ") and iban_valid(text[:i]):
+            return i
+    return None
 
 
 def _whole(check: Callable[[str], bool]) -> Callable[[str], Optional[int]]:
@@ -126,10 +139,11 @@ BUILTIN_PATTERNS: dict[str, tuple[str, Optional[Callable[[str], Optional[int]]]]
     # not next to more digit groups (a card's)
     "phone": (r"(?<![\w+])(?<!\d[ .-])(?:\+\d{8,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"
               r"(?:[ .-]\d{2,4}){1,5})(?![\w])(?![ .-]\d)", _whole(_phone_valid)),
-    # 13-19 digits, single spaces or dashes between them, Luhn-checked
-    "credit_card": (r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w])", _card_length),
-    # country code, check digits, 11-30 letters or digits, optionally grouped by spaces; mod-97-checked
-    "iban": (r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])", _whole(iban_valid)),
+    # a run of 13 or more digits, single spaces or dashes between them, holding 13-19 digits that pass Luhn
+    "credit_card": (r"(?<![\w-])\d(?:[ -]?\d){12,}(?![\w])", _card_run),
+    # country code, check digits, 11-30 letters or digits, optionally grouped by spaces; mod-97-checked (a prefix
+    # ending a group may be the IBAN)
+    "iban": (r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])", _iban_length),
     # OpenAI / Anthropic (sk-...), GitHub (ghp_, gho_, ghu_, ghs_, ghr_, github_pat_), AWS access key ids
     # (AKIA / ASIA), Slack (xoxb-, xoxp-, ...), Google (AIza), GitLab (glpat-), Stripe (sk_live_ / rk_live_)
     "api_key": (r"(?<![\w-])(?:sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,200}|gh[pousr]_[A-Za-z0-9]{36,200}"
