@@ -351,3 +351,21 @@ def test_a_cut_at_the_very_end_keeps_the_upstream_usage(renderer):
     out, _ = stream(renderer, Policy(), sse(events), [], trigger_verdicts(renderer, "kraken"))
     final = reassemble([o for _, o in typed_events(out)])["final"]
     assert final["status"] == "incomplete" and final["usage"] == events[-1]["response"]["usage"]
+
+
+@pytest.mark.parametrize("cuts", [[], list(range(0, 6000, 7))])
+def test_a_detector_redacts_in_the_deltas_and_every_repeat_and_the_whole_response_agrees(renderer, cuts):
+    policy = Policy.model_validate({"hold_back": 0, "mask": "[{category}]", "detectors": {"credit_card": "redact"}})
+    text = "Pay with 4111 1111 1111 1111 today."
+    events = response_events([{"type": "message", "deltas": list(text)}])  # one char per delta
+    out, mod = stream(renderer, policy, sse(events), cuts, lambda i: V("Safe"))
+    got = reassemble([o for _, o in typed_events(out)])
+    assert got["deltas"][(0, "content", 0)] == "Pay with [credit_card] today."
+    assert_consistent(got)
+    assert b"4111" not in out and b"1111" not in out
+    body, wmod = whole(renderer, policy, got["final"] | {"output": [{"type": "message", "id": "msg_0", "role":
+                                                                    "assistant", "status": "completed", "content": [
+        {"type": "output_text", "text": text, "annotations": []}]}]}, lambda i: V("Safe"))
+    assert body["output"][0]["content"][0]["text"] == "Pay with [credit_card] today."
+    assert [(d.action, d.category, d.start, d.end) for d in mod.decisions] == \
+        [(d.action, d.category, d.start, d.end) for d in wmod.decisions] == [("redact", "credit_card", 9, 28)]
