@@ -12,9 +12,9 @@ or arriving one char per delta, is found exactly as in the whole text:
   match never spans two: reasoning, content, each tool call's arguments) or ``None`` (text not scanned);
 * :attr:`Scanner.decided` is the offset before which every match is known: the start of the earliest possible
   match the text received so far leaves open (the longest partial match at the tail, or a complete one fewer than
-  :data:`LOOKAHEAD` chars before the end, never more than the detector's ``max_chars`` back), else the end of the
-  text. The decider feeds the guard no token ending past it, so
-  a detection is known before the token that completes it is decided on (see :mod:`guardproxy.moderation.decider`);
+  :data:`LOOKAHEAD` chars before the end, never more than the detector's ``max_chars`` + :data:`LOOKAHEAD`
+  back), else the end of the text. The decider feeds the guard no token ending past it, so a detection is known
+  before the token that completes it is decided on (see :mod:`guardproxy.moderation.decider`);
 * :meth:`Scanner.take` hands over the matches found (:class:`Match`: detector, exact char span ``[start, end)``).
 
 The matches are a function of the text and the segments alone, never of how the text was cut into pieces: at each
@@ -32,6 +32,7 @@ is made of).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -95,16 +96,21 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+#: What may stand between two digits of a card: a space or a dash, or invisible format chars (a zero-width space).
+_CARD_SEPARATORS = regex.compile(r"(?:[ -]|\p{Cf})+")
+
+
 def _card_run(text: str) -> Optional[int]:
-    """``text`` is a run of digit groups (digits, single spaces or dashes between them): its length when some
+    """``text`` is a run of digit groups (any script's decimal digits; a space or dash, and invisible format chars,
+    between them): its length when some
     consecutive groups of it hold 13-19 digits passing Luhn (the whole run counts, so that no digit of a card in
     ``ref 0958 4111 1111 1111 1111`` is left out whichever groups are the card), else None. A run without
     separators is one group."""
-    groups = [g for g in regex.split(r"[ -]", text) if g]
+    groups = [g for g in _CARD_SEPARATORS.split(text) if g]
     for i in range(len(groups)):
         digits = ""
         for g in groups[i:]:
-            digits += g
+            digits += "".join(str(unicodedata.decimal(c, 0)) for c in g)
             if len(digits) > 19:
                 break
             if len(digits) >= 13 and luhn_valid(digits):
@@ -139,8 +145,9 @@ BUILTIN_PATTERNS: dict[str, tuple[str, Optional[Callable[[str], Optional[int]]]]
     # not next to more digit groups (a card's)
     "phone": (r"(?<![\w+])(?<!\d[ .-])(?:\+\d{8,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"
               r"(?:[ .-]\d{2,4}){1,5})(?![\w])(?![ .-]\d)", _whole(_phone_valid)),
-    # a run of 13 or more digits, single spaces or dashes between them, holding 13-19 digits that pass Luhn
-    "credit_card": (r"(?<![\w-])\d(?:[ -]?\d){12,}(?![\w])", _card_run),
+    # a run of 13 or more digits, single spaces or dashes (and invisible format chars) between them, holding 13-19
+    # digits that pass Luhn
+    "credit_card": (r"(?<![\w-])\d(?:(?:[ -]|\p{Cf}){0,2}\d){12,}(?![\w])", _card_run),
     # country code, check digits, 11-30 letters or digits, optionally grouped by spaces; mod-97-checked (a prefix
     # ending a group may be the IBAN)
     "iban": (r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])", _iban_length),
