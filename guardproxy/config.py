@@ -12,8 +12,10 @@ category names and the technical report's long ones, canonicalised to the short 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -524,7 +526,28 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> dict:
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Key path -> 1-based line of the key in a composed YAML document (mapping keys only; list items by index)."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            out[path] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (i,)))
+    return out
+
+
+def _read_yaml_lines(path: Path) -> tuple[dict, dict[tuple, int]]:
+    """The top-level mapping of a YAML file and the line of every key in it (see :func:`_key_lines`).
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML (with its line), a duplicate key, a top level that is not a
+            mapping.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -532,16 +555,21 @@ def _read_yaml(path: Path) -> dict:
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)  # error marks name the file, not "<unicode string>"
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     finally:
         loader.dispose()
     if data is None:
-        data = {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    return data, _key_lines(node)
+
+
+def _read_yaml(path: Path) -> dict:
+    return _read_yaml_lines(path)[0]
 
 
 def _loc(loc: tuple) -> str:
@@ -554,10 +582,12 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
+def _format_errors(err: ValidationError, prefix: str = "", where: Optional[Callable[[tuple], str]] = None) -> str:
+    """One ``key.path: message`` line per error; ``where(loc)`` adds where the key is written (e.g. `` (line 3)``)."""
     lines = []
     for e in err.errors(include_url=False):
-        path = _loc(tuple(e["loc"]))
+        loc = tuple(e["loc"])
+        path = _loc(loc)
         if prefix:
             path = f"{prefix}.{path}" if path != "(top level)" else prefix
         msg = e["msg"].removeprefix("Value error, ")
@@ -565,25 +595,219 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown key (not part of the schema; check the spelling, see docs/CONFIG.md)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{path}: {msg}")
+        lines.append(f"{path}: {msg}{where(loc) if where else ''}")
     return "\n".join(lines)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Load and validate one policy file. Raises ConfigError naming the file and the bad key path."""
+#: The key a policy names its parent with. It is resolved before validation and is not part of the effective policy.
+EXTENDS = "extends"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``patch`` applied to ``target`` as a JSON Merge Patch (RFC 7386): mappings merge key by key, recursively; a
+    ``null`` value removes the key; any other value (a scalar, a list) replaces it. Neither argument is changed."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _category_maps(data: dict) -> list[dict]:
+    """The stage and channel sections of a raw policy mapping that may hold a ``categories`` map."""
+    out = []
+    for stage in ("prompt", "response"):
+        sec = data.get(stage)
+        if isinstance(sec, dict):
+            out.append(sec)
+            channels = sec.get("channels")
+            if isinstance(channels, dict):
+                out += [c for c in channels.values() if isinstance(c, dict)]
+    return out
+
+
+def _merge_form(data: dict) -> dict:
+    """A raw policy mapping with its category overrides in the form merging needs: canonical category names as keys
+    and the one-action short form expanded (``PII: redact`` -> ``{controversial: redact, unsafe: redact}``), so a
+    child's ``pii: {unsafe: cut}`` changes one level of its parent's ``PII: redact``. A map naming one category twice
+    is left as written (validation reports it)."""
+    data = copy.deepcopy(data)
+    for sec in _category_maps(data):
+        cats = sec.get("categories")
+        if not isinstance(cats, dict):
+            continue
+        canon = {k: canonical_category(str(k)) or k for k in cats}
+        if len(set(canon.values())) == len(canon):
+            sec["categories"] = {canon[k]: _split_override(v) for k, v in cats.items()}
+    return data
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """One policy as written: its ``name``, where it is written (``where``: a file path, or the config file and key
+    path of an inline policy), its raw mapping and the line of each key in it (``lines``, empty when unknown)."""
+
+    name: str
+    where: str
+    data: dict
+    lines: dict = field(default_factory=dict)
+
+    @property
+    def parent(self) -> Any:
+        """The ``extends`` value (a policy name), or None."""
+        return self.data.get(EXTENDS)
+
+
+class PolicyResolver:
+    """Finds policies by name and resolves their ``extends`` chains into effective, validated policies.
+
+    A name is looked up in ``inline`` (the config's ``policies:`` mapping) first, then as ``<directory>/<name>.yaml``
+    (or ``.yml``; the shipped policies live there). A policy with ``extends: NAME`` is its parent's effective
+    policy with its own keys merged on top (:func:`merge_patch`, category overrides in merge form), the chain
+    followed to a policy without ``extends``.
+
+    Args:
+        directory: the policies directory.
+        inline: name -> raw mapping of the inline policies.
+        config_where: how an inline policy's place is named in errors (the config file).
+    Raises (from :meth:`resolve` / :meth:`resolve_source`):
+        ConfigError: an unknown parent, a cycle, an ``extends`` that is not a plain name, a file that cannot be
+            read or validated; the message names the file (the inline policy), the key and, from a file, its line.
+    """
+
+    def __init__(self, directory: Path, inline: Optional[dict[str, Any]] = None, config_where: str = "config"):
+        self.directory = Path(directory)
+        self.inline = dict(inline or {})
+        self.config_where = config_where
+        self._cache: dict[str, Policy] = {}
+
+    def candidates(self, name: str) -> list[Path]:
+        """The files a policy ``name`` may be read from, in lookup order."""
+        return [self.directory / f"{name}.yaml", self.directory / f"{name}.yml"]
+
+    def source(self, name: str) -> Optional[PolicySource]:
+        """The policy ``name`` as written (inline first, then its file), or None when there is none.
+
+        Raises:
+            ConfigError: a file that cannot be read or parsed; an inline policy that is not a mapping.
+        """
+        if name in self.inline:
+            data = self.inline[name]
+            where = f"{self.config_where}: policies.{name}"
+            if data is None:
+                data = {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{where}: a policy must be a mapping, got {type(data).__name__}")
+            return PolicySource(name, where, data)
+        if not _NAME_RE.match(name) or ".." in name:
+            return None
+        found = next((p for p in self.candidates(name) if p.is_file()), None)
+        if found is None:
+            return None
+        data, lines = _read_yaml_lines(found)
+        return PolicySource(name, str(found), data, lines)
+
+    def resolve(self, name: str) -> Optional[Policy]:
+        """The effective policy ``name`` (cached), or None when no policy has that name."""
+        if name not in self._cache:
+            src = self.source(name)
+            if src is None:
+                return None
+            self._cache[name] = self.resolve_source(src)
+        return self._cache[name]
+
+    def chain(self, src: PolicySource) -> list[PolicySource]:
+        """``src`` and its ancestors, child first.
+
+        Raises:
+            ConfigError: an ``extends`` that is not a plain name, names no policy, or closes a cycle.
+        """
+        chain = [src]
+        while chain[-1].parent is not None:
+            cur = chain[-1]
+            parent = cur.parent
+            line = cur.lines.get((EXTENDS,))
+            at = f"{cur.where}{f', line {line}' if line else ''}"
+            if not isinstance(parent, str) or not _NAME_RE.match(parent) or ".." in parent:
+                raise ConfigError(f"{at}:\n{EXTENDS}: expected a policy name (letters, digits, '_', '-', '.'), "
+                                  f"got {parent!r}")
+            names = [s.name for s in chain]
+            # a policy may extend the file of its own name (an inline `default` extending policies/default.yaml)
+            same_name_file = parent == cur.name and cur.where.startswith(self.config_where + ": ")
+            if parent in names and not same_name_file:
+                cycle = " -> ".join(names[names.index(parent):] + [parent])
+                raise ConfigError(f"{at}:\n{EXTENDS}: inheritance cycle {cycle}")
+            nxt = self._file_source(parent) if same_name_file else self.source(parent)
+            if nxt is None:
+                raise ConfigError(f"{at}:\n{EXTENDS}: no policy {parent!r} (inline or {self.candidates(parent)[0]})")
+            if any(s.where == nxt.where for s in chain):
+                cycle = " -> ".join(names + [parent])
+                raise ConfigError(f"{at}:\n{EXTENDS}: inheritance cycle {cycle}")
+            chain.append(nxt)
+        return chain
+
+    def _file_source(self, name: str) -> Optional[PolicySource]:
+        found = next((p for p in self.candidates(name) if p.is_file()), None)
+        if found is None:
+            return None
+        data, lines = _read_yaml_lines(found)
+        return PolicySource(name, str(found), data, lines)
+
+    def effective_data(self, src: PolicySource) -> tuple[dict, list[PolicySource]]:
+        """The merged raw mapping of ``src`` (ancestors first, ``extends`` removed) and its chain, child first."""
+        chain = self.chain(src)
+        if len(chain) == 1:
+            return {k: v for k, v in src.data.items() if k != EXTENDS}, chain
+        merged: dict = {}
+        for s in reversed(chain):
+            merged = merge_patch(merged, _merge_form({k: v for k, v in s.data.items() if k != EXTENDS}))
+        return merged, chain
+
+    def resolve_source(self, src: PolicySource) -> Policy:
+        """The effective, validated policy of ``src``. Raises ConfigError (see the class doc)."""
+        data, chain = self.effective_data(src)
+        try:
+            return Policy.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{src.where}:\n{_format_errors(e, where=lambda loc: _written_at(loc, chain))}") from None
+
+
+def _written_at(loc: tuple, chain: list[PolicySource]) -> str:
+    """`` (line N)`` of the key at ``loc`` in the child, or `` (line N of FILE)`` in the ancestor that wrote it; the
+    longest key path prefix any file of ``chain`` writes counts; empty when none is known."""
+    for n in range(len(loc), 0, -1):
+        for i, s in enumerate(chain):
+            line = s.lines.get(tuple(loc[:n]))
+            if line is not None:
+                return f" (line {line})" if i == 0 else f" (line {line} of {s.where})"
+    return ""
+
+
+def load_policy(path: str | Path, *, directory: str | Path | None = None) -> Policy:
+    """Load, resolve (``extends``: parents are looked up in ``directory``, default the file's own directory) and
+    validate one policy file. Raises ConfigError naming the file, the bad key path and its line."""
     path = Path(path)
-    try:
-        return Policy.model_validate(_read_yaml(path))
-    except ValidationError as e:
-        raise ConfigError(f"{path}:\n{_format_errors(e)}") from None
+    resolver = PolicyResolver(Path(directory) if directory is not None else path.parent)
+    data, lines = _read_yaml_lines(path)
+    return resolver.resolve_source(PolicySource(path.stem, str(path), data, lines))
 
 
 def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "config") -> Config:
     """Validate a config mapping, load the policies its tenants name, check references. Raises ConfigError.
 
     ``policies_dir`` is resolved against ``base_dir`` (the config file's directory). A policy named by a tenant is
-    taken from the inline ``policies:`` mapping if present there, else from ``<policies_dir>/<name>.yaml`` (or ``.yml``).
+    taken from the inline ``policies:`` mapping if present there, else from ``<policies_dir>/<name>.yaml`` (or ``.yml``);
+    ``extends`` chains are resolved by :class:`PolicyResolver`. Every inline policy is validated, used or not.
     """
+    data = dict(data)
+    inline = data.pop("policies", None) or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{source}:\npolicies: expected a mapping of policy name -> policy, "
+                          f"got {type(inline).__name__}")
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -591,7 +815,13 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
 
     problems: list[str] = []
     pdir = cfg.policies_dir if cfg.policies_dir.is_absolute() else Path(base_dir) / cfg.policies_dir
-    policies = dict(cfg.policies)
+    resolver = PolicyResolver(pdir, {str(k): v for k, v in inline.items()}, config_where=source)
+    policies: dict[str, Policy] = {}
+    for name in resolver.inline:
+        try:
+            policies[name] = resolver.resolve(name)
+        except ConfigError as e:
+            problems.append(_inline_problem(str(e), source, name))
     seen_names: set[str] = set()
     seen_hashes: dict[str, str] = {}
     for i, t in enumerate(cfg.tenants):
@@ -605,21 +835,29 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
             if h in seen_hashes:
                 problems.append(f"{where}.api_key_sha256[{j}]: key already belongs to tenant {seen_hashes[h]!r}")
             seen_hashes.setdefault(h, t.name)
-        if t.policy not in policies:
-            candidates = [pdir / f"{t.policy}.yaml", pdir / f"{t.policy}.yml"]
-            found = next((p for p in candidates if p.is_file()), None)
-            if found is None:
-                problems.append(f"{where}.policy: no policy {t.policy!r} (inline or {candidates[0]})")
-                continue
+        if t.policy not in policies and t.policy not in resolver.inline:
             try:
-                policies[t.policy] = load_policy(found)
+                policy = resolver.resolve(t.policy)
             except ConfigError as e:
                 problems.append(f"{where}.policy: {e}")
+                continue
+            if policy is None:
+                problems.append(f"{where}.policy: no policy {t.policy!r} (inline or {resolver.candidates(t.policy)[0]})")
+                continue
+            policies[t.policy] = policy
     if cfg.allow_anonymous_tenant is not None and cfg.allow_anonymous_tenant not in seen_names:
         problems.append(f"allow_anonymous_tenant: no tenant named {cfg.allow_anonymous_tenant!r}")
     if problems:
         raise ConfigError(f"{source}:\n" + "\n".join(problems))
     return cfg.model_copy(update={"policies_dir": pdir, "policies": policies})
+
+
+def _inline_problem(message: str, source: str, name: str) -> str:
+    """An inline policy's error as key-path lines below the config's own header: ``policies.NAME.key: ...``."""
+    head, _, rest = message.partition(":\n")
+    if head == f"{source}: policies.{name}" and rest:
+        return "\n".join(f"policies.{name}.{line}" for line in rest.splitlines())
+    return message
 
 
 def load_config(path: str | Path) -> Config:
