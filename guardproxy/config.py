@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -35,6 +35,13 @@ ResponseAction = Literal["allow", "flag", "redact", "cut"]
 #: Response actions ordered by severity; the decider keeps the most severe one a streak has reached.
 ACTION_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3, "cut": 3}
 
+#: The channels of a response a policy can give rules of their own (``response.channels.<name>``).
+CHANNELS = ("content", "reasoning", "tool_arguments")
+_FLAGGED = ("controversial", "unsafe")
+
+#: A probability threshold: a token (a prompt) is at a tier when P(tier) >= it.
+Threshold = Optional[Annotated[float, Field(gt=0, le=1)]]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,17 +55,21 @@ def _split_override(value: Any) -> Any:
 
 
 class PromptOverride(_Strict):
-    """Per-category prompt actions; a missing level falls back to the stage's tier action."""
+    """Per-category prompt rules; a missing key falls back to the stage's."""
 
     controversial: Optional[PromptAction] = None
     unsafe: Optional[PromptAction] = None
+    controversial_at: Threshold = None
+    unsafe_at: Threshold = None
 
 
 class ResponseOverride(_Strict):
-    """Per-category response actions; a missing level falls back to the stage's tier action."""
+    """Per-category response rules; a missing key falls back to the channel's, then the stage's."""
 
     controversial: Optional[ResponseAction] = None
     unsafe: Optional[ResponseAction] = None
+    controversial_at: Threshold = None
+    unsafe_at: Threshold = None
 
 
 def _canonical_category_keys(value: Any, *, stage: str) -> Any:
@@ -77,42 +88,90 @@ def _canonical_category_keys(value: Any, *, stage: str) -> Any:
     return out
 
 
+def _level_key(level: str) -> str:
+    lvl = canonical_level(level)
+    if lvl is None:
+        raise ValueError(f"unknown risk level {level!r}; expected one of {RISK_LEVELS}")
+    return lvl.lower()
+
+
 class _StageMixin:
-    def action(self, level: str, category: Optional[str]) -> str:
-        """Action for a (risk level, category) verdict: Safe -> allow; a category override beats the tier action.
+    """The action matrix of a stage: (channel, risk level, category) -> action, and the probability thresholds.
+
+    Lookup order, the first that is set wins: the channel's category override, the channel's tier action (a
+    channel section, ``response.channels.<name>``, exists on the response stage only), the stage's category
+    override, the stage's tier action. Thresholds (``<level>_at``) are looked up in the same order; none set means
+    the argmax risk level decides that tier.
+    """
+
+    def _layers(self, channel: Optional[str]) -> list:
+        sec = getattr(getattr(self, "channels", None), channel, None) if channel else None
+        return [sec, self] if sec is not None else [self]
+
+    def _lookup(self, key: str, category: Optional[str], channel: Optional[str]) -> Any:
+        canon = canonical_category(category) if category else None
+        for layer in self._layers(channel):
+            override = layer.categories.get(canon) if canon else None
+            if override is not None and getattr(override, key) is not None:
+                return getattr(override, key)
+            if getattr(layer, key) is not None:
+                return getattr(layer, key)
+        return None
+
+    def action(self, level: str, category: Optional[str], channel: Optional[str] = None) -> str:
+        """Action for a (risk level, category) verdict in ``channel``: Safe -> allow; see the class doc.
 
         Args:
             level: risk label ("Safe" / "Controversial" / "Unsafe", any case).
             category: the model's category label (short or long name) or None.
+            channel: ``content`` / ``reasoning`` / ``tool_arguments`` (response stage), or None.
         Raises:
             ValueError: unknown risk level.
         """
-        lvl = canonical_level(level)
-        if lvl is None:
-            raise ValueError(f"unknown risk level {level!r}; expected one of {RISK_LEVELS}")
-        if lvl == "Safe":
+        key = _level_key(level)
+        if key == "safe":
             return self.safe  # type: ignore[attr-defined]
-        key = lvl.lower()
-        canon = canonical_category(category) if category else None
-        override = self.categories.get(canon) if canon else None  # type: ignore[attr-defined]
-        if override is not None and getattr(override, key) is not None:
-            return getattr(override, key)
-        return getattr(self, key)
+        return self._lookup(key, category, channel)
+
+    def threshold(self, level: str, category: Optional[str], channel: Optional[str] = None) -> Optional[float]:
+        """P(level) at or above which a verdict counts at the tier of ``level`` (Controversial / Unsafe), or None
+        (the argmax decides). Raises ValueError for an unknown or Safe level."""
+        key = _level_key(level)
+        if key == "safe":
+            raise ValueError("Safe has no threshold")
+        return self._lookup(f"{key}_at", category, channel)
 
     def actions_for_level(self, level: str) -> set[str]:
-        """Every action the stage can take for a flagged level across all categories (tier + overrides)."""
+        """Every action the stage can take for a flagged level across all channels and categories."""
         key = level.lower()
-        acts = {getattr(self, key)}
-        for override in self.categories.values():  # type: ignore[attr-defined]
-            if getattr(override, key) is not None:
-                acts.add(getattr(override, key))
+        acts = set()
+        layers = [self] + [c for c in (getattr(getattr(self, "channels", None), n, None) for n in CHANNELS) if c]
+        for layer in layers:
+            if getattr(layer, key) is not None:
+                acts.add(getattr(layer, key))
+            for override in layer.categories.values():
+                if getattr(override, key) is not None:
+                    acts.add(getattr(override, key))
         return acts
+
+    def redact_paths(self, stage: str) -> list[str]:
+        """Key paths of every ``redact`` in the stage (for the check that redaction has buffered release)."""
+        out = [f"{stage}.{lvl}" for lvl in _FLAGGED if getattr(self, lvl) == "redact"]
+        out += [f"{stage}.categories.{cat}.{lvl}" for cat, o in self.categories.items()  # type: ignore[attr-defined]
+                for lvl in _FLAGGED if getattr(o, lvl) == "redact"]
+        channels = getattr(self, "channels", None)
+        for name in CHANNELS:
+            sec = getattr(channels, name, None)
+            if sec is not None:
+                out += _StageMixin.redact_paths(sec, f"{stage}.channels.{name}")
+        return out
 
 
 class PromptPolicy(_Strict, _StageMixin):
     """What to do with the prompt verdict (query head, read at the last user ``<|im_end|>`` of each window).
 
     Attributes:
+        controversial_at / unsafe_at: probability thresholds (see :class:`_StageMixin`).
         overlong: a prompt longer than the guard's prompt limit: ``windows`` (scored in overlapping windows, the
             worst verdict counts) or ``block`` (refused with HTTP 400 ``prompt_too_long``).
     """
@@ -120,6 +179,8 @@ class PromptPolicy(_Strict, _StageMixin):
     safe: Literal["allow"] = "allow"
     controversial: PromptAction = "flag"
     unsafe: PromptAction = "block"
+    controversial_at: Threshold = None
+    unsafe_at: Threshold = None
     categories: dict[str, PromptOverride] = Field(default_factory=dict)
     overlong: Literal["windows", "block"] = "windows"
 
@@ -129,13 +190,40 @@ class PromptPolicy(_Strict, _StageMixin):
         return _canonical_category_keys(v, stage="prompt")
 
 
+class ChannelPolicy(_Strict, _StageMixin):
+    """The rules of one response channel (``response.channels.<name>``). What it sets wins over the response stage
+    for text of that channel; what it leaves out (null) is the stage's."""
+
+    controversial: Optional[ResponseAction] = None
+    unsafe: Optional[ResponseAction] = None
+    controversial_at: Threshold = None
+    unsafe_at: Threshold = None
+    categories: dict[str, ResponseOverride] = Field(default_factory=dict)
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _canon(cls, v: Any) -> Any:
+        return _canonical_category_keys(v, stage="response")
+
+
+class ResponseChannels(_Strict):
+    """Per-channel sections of the response stage: ``content``, ``reasoning``, ``tool_arguments``."""
+
+    content: Optional[ChannelPolicy] = None
+    reasoning: Optional[ChannelPolicy] = None
+    tool_arguments: Optional[ChannelPolicy] = None
+
+
 class ResponsePolicy(_Strict, _StageMixin):
-    """What to do with debounced per-token response verdicts (response head)."""
+    """What to do with debounced per-token response verdicts (response head), per channel."""
 
     safe: Literal["allow"] = "allow"
     controversial: ResponseAction = "flag"
     unsafe: ResponseAction = "cut"
+    controversial_at: Threshold = None
+    unsafe_at: Threshold = None
     categories: dict[str, ResponseOverride] = Field(default_factory=dict)
+    channels: ResponseChannels = Field(default_factory=ResponseChannels)
 
     @field_validator("categories", mode="before")
     @classmethod
@@ -214,14 +302,7 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
         if self.release == "async":
-            r = self.response
-            bad = [f"response.{lvl}" for lvl in ("controversial", "unsafe") if getattr(r, lvl) == "redact"]
-            bad += [
-                f"response.categories.{cat}.{lvl}"
-                for cat, o in r.categories.items()
-                for lvl in ("controversial", "unsafe")
-                if getattr(o, lvl) == "redact"
-            ]
+            bad = self.response.redact_paths("response")
             if bad:
                 raise ValueError(
                     f"{', '.join(bad)}: 'redact' needs release: buffered (async release has already sent the text)"

@@ -17,7 +17,13 @@ from guardproxy.moderation.channels import Kind, Piece
 from guardproxy.moderation.decider import Action, Decider
 from guardproxy.moderation.retokenizer import Retokenizer, TokenSpan
 
-__all__ = ["ChoiceModerator", "moderated"]
+__all__ = ["ChoiceModerator", "channel_of", "moderated"]
+
+
+def channel_of(kind: Kind) -> str:
+    """The policy channel (``response.channels.<name>``) of a piece kind: ``content``, ``reasoning`` or
+    ``tool_arguments`` (a tool call's arguments, ``("tool", key)``)."""
+    return "tool_arguments" if isinstance(kind, tuple) else kind
 
 
 def moderated(policy: Policy, kind: Kind) -> bool:
@@ -48,7 +54,8 @@ class ChoiceModerator:
     def push(self, piece: Piece) -> None:
         """The choice's next piece (arrival order). A channel the policy does not moderate keeps its global offsets
         but is never read by the guard."""
-        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None)
+        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None,
+                          channel=channel_of(piece.kind))
         kind = piece.kind if moderated(self.policy, piece.kind) else "unmoderated"
         self._pending += self._retok.push(kind, piece.text, name=piece.name)
 

@@ -109,7 +109,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
         outcome = await check_prompt(ctx, conversations, n if scored else 1)
         out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":
-            return json_response(prompt_blocked(outcome.verdict), 400, out_headers)
+            return json_response(prompt_blocked(outcome.verdict, outcome.decision.level), 400, out_headers)
         if up_task is None:
             up_task = send()
         try:
