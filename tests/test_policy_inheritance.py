@@ -162,3 +162,34 @@ def test_merge_patch_is_rfc7386():
     assert merge_patch(target, patch) == {"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"],
                                           "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"}
     assert target["author"] == {"givenName": "John", "familyName": "Doe"}  # unchanged
+
+
+# --- guardproxy check-policy ------------------------------------------------------------------------------------------
+
+
+def test_check_policy_prints_the_effective_policy_that_reloads_to_itself(tmp_path, capsys):
+    from guardproxy.cli import main
+
+    child = write(tmp_path, "child", "extends: strict\nhold_back: 5\nresponse:\n  categories:\n    PII: {unsafe: cut}\n")
+    assert main(["check-policy", str(child), str(SHIPPED / "permissive.yaml"), "--policies-dir", str(SHIPPED)]) == 0
+    out = capsys.readouterr().out
+    docs = list(yaml.safe_load_all(out))
+    assert len(docs) == 2 and f"# {child}: valid" in out
+    assert Policy.model_validate(docs[0]) == load_policy(child, directory=SHIPPED)
+    assert Policy.model_validate(docs[1]) == load_policy(SHIPPED / "permissive.yaml")
+    assert docs[0]["hold_back"] == 5 and docs[0]["response"]["categories"]["PII"] == {"controversial": "redact",
+                                                                                      "unsafe": "cut"}
+    assert "extends" not in docs[0]
+
+
+def test_check_policy_errors_name_file_line_and_key_and_every_file_is_checked(tmp_path, capsys):
+    from guardproxy.cli import main
+
+    bad = write(tmp_path, "bad", "extends: strict\nresponse:\n  unsafe: block\n")
+    orphan = write(tmp_path, "orphan", "extends: missing\n")
+    good = write(tmp_path, "good", "annotations: true\n")
+    assert main(["check-policy", str(bad), str(orphan), str(good), "--policies-dir", str(SHIPPED)]) == 2
+    cap = capsys.readouterr()
+    assert f"error: {bad}:\nresponse.unsafe: Input should be 'allow', 'flag', 'redact' or 'cut' (line 3)" in cap.err
+    assert f"error: {orphan}, line 1:\nextends: no policy 'missing'" in cap.err
+    assert f"# {good}: valid" in cap.out and "Traceback" not in cap.err
