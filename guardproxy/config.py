@@ -253,6 +253,29 @@ class ResponsesPolicy(_Strict):
     unknown_previous: Literal["block", "current_only"] = "block"
 
 
+class Messages(_Strict):
+    """What a client is told (text the operator writes; never any of the moderated text).
+
+    Attributes:
+        refusal: the ``error.message`` of a blocked prompt; ``{level}`` and ``{category}`` are replaced by the
+            verdict's risk level and category. None: the built-in message naming both.
+        refusal_status: the HTTP status of a blocked prompt (4xx; 400 is what the OpenAI and Azure APIs send).
+        cut_text: text appended to a cut choice of a chat or legacy completion, in the chunk that carries
+            ``finish_reason: "content_filter"`` (in a whole completion: appended to the choice's content). Empty:
+            nothing is appended.
+    """
+
+    refusal: Optional[str] = Field(None, min_length=1)
+    refusal_status: int = Field(400, ge=400, le=499)
+    cut_text: str = ""
+
+    def refusal_text(self, level: str, category: str) -> Optional[str]:
+        """The refusal message for a verdict, placeholders filled, or None for the built-in one."""
+        if self.refusal is None:
+            return None
+        return self.refusal.replace("{level}", level).replace("{category}", category)
+
+
 class Policy(_Strict):
     """One tenant's moderation policy (``policies/<name>.yaml``). ``Policy()`` equals ``policies/default.yaml``.
 
@@ -264,7 +287,8 @@ class Policy(_Strict):
         debounce: k, the number of consecutive tokens at or above a tier that raise a flag (Qwen's evaluation: 2).
         controversial_as: ``controversial`` (own tier), ``unsafe`` (Qwen's *strict* setting) or ``safe``
             (*loose*): how Controversial response tokens count in the debounce.
-        mask: replacement text for redacted spans.
+        mask: replacement text for redacted spans; ``{category}`` in it is replaced by the span's category.
+        messages: refusal text and status, text appended to a cut (:class:`Messages`).
         moderate: which channels are moderated.
         prompt_mode: ``parallel`` (upstream starts at once, output held until the prompt verdict) or ``sequential``.
         fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)
@@ -280,11 +304,16 @@ class Policy(_Strict):
     debounce: int = Field(2, ge=1, le=64)
     controversial_as: Literal["controversial", "unsafe", "safe"] = "controversial"
     mask: str = "[REDACTED]"
+    messages: Messages = Field(default_factory=Messages)
     moderate: ModerateTargets = Field(default_factory=ModerateTargets)
     prompt_mode: Literal["parallel", "sequential"] = "parallel"
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
+
+    def mask_for(self, category: str) -> str:
+        """The text that replaces a redacted span of ``category`` (``{category}`` in :attr:`mask` filled in)."""
+        return self.mask.replace("{category}", category)
 
     @property
     def moderates_prompt(self) -> bool:

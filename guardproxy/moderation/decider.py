@@ -511,7 +511,7 @@ class Decider:
         assert r is not None
         self._region = None
         return Redact(r.level, r.category, r.token_index, r.probability, start=self._word_start(r.start),
-                      end=r.end if end is None else end, mask=self.policy.mask)
+                      end=r.end if end is None else end, mask=self.policy.mask_for(r.category))
 
     def _word_start(self, at: int) -> int:
         """``at`` moved back to its word's start in buffered release (never below the release bound given)."""

@@ -302,7 +302,7 @@ class ResponseModerator:
                 continue
             if isinstance(a, Cut):
                 out += rel.release(c, a.at)
-                out += rel.cut(c, annotation=d.annotation() if notes else None)
+                out += rel.cut(c, annotation=d.annotation() if notes else None, text=self.policy.messages.cut_text)
                 self.decisions.append(d)
                 return out
             if isinstance(a, Redact) and rel.redact(c, a.start, a.end, a.mask) is None:

@@ -109,7 +109,10 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
         outcome = await check_prompt(ctx, conversations, n if scored else 1)
         out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":
-            return json_response(prompt_blocked(outcome.verdict, outcome.decision.level), 400, out_headers)
+            msgs, d = policy.messages, outcome.decision
+            body = prompt_blocked(outcome.verdict, d.level, message=msgs.refusal_text(d.level, d.category),
+                                  status=msgs.refusal_status)
+            return json_response(body, msgs.refusal_status, out_headers)
         if up_task is None:
             up_task = send()
         try:

@@ -72,16 +72,16 @@ def content_filter_result(verdict: Any, level: str | None = None) -> dict:
     }}
 
 
-def prompt_blocked(verdict: Any, level: str | None = None) -> dict:
-    """Azure-shaped body for a refused prompt (send with HTTP 400, before any SSE byte). ``level``: see
-    :func:`content_filter_result`."""
+def prompt_blocked(verdict: Any, level: str | None = None, *, message: str | None = None, status: int = 400) -> dict:
+    """Azure-shaped body for a refused prompt (send with HTTP ``status``, before any SSE byte). ``level``: see
+    :func:`content_filter_result`; ``message``: the policy's refusal text (default: one naming level and category)."""
     return {"error": {
-        "message": (f"The prompt was filtered by the content policy (risk level {level or verdict.risk_level}, "
-                    f"category {verdict.category})."),
-        "type": "invalid_request_error",
+        "message": message or (f"The prompt was filtered by the content policy (risk level "
+                               f"{level or verdict.risk_level}, category {verdict.category})."),
+        "type": _TYPE_BY_STATUS.get(status, "invalid_request_error"),
         "param": "prompt",
         "code": "content_filter",
-        "status": 400,
+        "status": status,
         "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": content_filter_result(verdict, level)},
     }}
 

@@ -1,0 +1,228 @@
+"""The shipped policies end to end, table-driven: for each policy in policies/ and the planted checkpoint
+("zebrafish" Unsafe/Violent, "marzipan" Controversial/PII), prompts and answers with a trigger in the content, the
+reasoning and the tool arguments -> the exact client-visible outcome (status, error body, text per channel,
+finish_reason, headers, annotations), streamed (raw SSE bytes at the client socket) and whole; both give the same
+decision. The expected outcomes are written here from the policies' documented meaning, not computed by the
+proxy's code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from guardproxy.config import load_policy
+from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, RunningProxy, chunk, proxy_config, sse_body, \
+    wait_idle
+from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, well_formed, texts
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+NAMES = ["default", "strict", "permissive", "regulated", "consumer", "pii-redact"]
+ASYNC = {"permissive", "consumer"}  # text is relayed as it arrives: a cut stops what follows
+CUT_TEXT = {"consumer": " [This answer was stopped by the content policy.]"}
+MASK = {"strict": "[REDACTED]", "regulated": "[PII removed]", "pii-redact": "[PII]"}
+ANNOTATED = {"strict", "permissive", "regulated", "consumer", "pii-redact"}
+
+# --- prompts ---------------------------------------------------------------------------------------------------------
+
+PROMPTS = {"unsafe": f"Describe a {TRIGGER} attack.", "pii": f"I like {PII_TRIGGER}."}
+#: policy -> prompt case -> action the client sees
+PROMPT_OUTCOME = {
+    "default": {"unsafe": "block", "pii": "flag"},
+    "strict": {"unsafe": "block", "pii": "block"},
+    "permissive": {"unsafe": "block", "pii": "allow"},
+    "regulated": {"unsafe": "block", "pii": "block"},
+    "consumer": {"unsafe": "block", "pii": "allow"},
+    "pii-redact": {"unsafe": "block", "pii": "flag"},
+}
+REFUSAL = {"regulated": "This request cannot be processed under the service's content policy ({category})."}
+LEVEL = {"unsafe": ("Unsafe", "Violent"), "pii": ("Controversial", "PII")}
+
+# --- answers ---------------------------------------------------------------------------------------------------------
+
+
+def tool_call(args: list[str]) -> list[dict]:
+    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "pet", "arguments": ""}}
+    return ([chunk({"role": "assistant", "tool_calls": [first]})]
+            + [chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in args]
+            + [chunk({}, finish_reason="tool_calls")])
+
+
+#: answer case -> (stream chunks, whole message, finish_reason)
+ANSWERS = {
+    "content_unsafe": (
+        [chunk({"role": "assistant", "content": "My pet ze"}), chunk({"content": "brafish likes cake."}),
+         chunk({}, finish_reason="stop")],
+        {"role": "assistant", "content": "My pet zebrafish likes cake."}, "stop"),
+    "content_pii": (
+        [chunk({"role": "assistant", "content": "I like marz"}), chunk({"content": "ipan a lot."}),
+         chunk({}, finish_reason="stop")],
+        {"role": "assistant", "content": "I like marzipan a lot."}, "stop"),
+    "reasoning_unsafe": (
+        [chunk({"role": "assistant", "reasoning_content": "The user wants a zebr"}),
+         chunk({"reasoning_content": "afish story."}), chunk({"content": "Here it is."}),
+         chunk({}, finish_reason="stop")],
+        {"role": "assistant", "reasoning_content": "The user wants a zebrafish story.", "content": "Here it is."},
+        "stop"),
+    "tool_unsafe": (
+        tool_call(['{"animal": "zeb', 'rafish", "n": 1}']),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "pet", "arguments":
+                                                              '{"animal": "zebrafish", "n": 1}'}}]},
+        "tool_calls"),
+}
+#: what the client keeps of each answer when it is cut (buffered release): the text before the flagged word
+CUT_KEEPS = {"content_unsafe": {0: "My pet "}, "content_pii": {0: "I like "},
+             "reasoning_unsafe": {"r0": "The user wants a "}, "tool_unsafe": {}}
+FULL = {"content_unsafe": {0: "My pet zebrafish likes cake."}, "content_pii": {0: "I like marzipan a lot."},
+        "reasoning_unsafe": {"r0": "The user wants a zebrafish story.", 0: "Here it is."},
+        "tool_unsafe": {"t0": '{"animal": "zebrafish", "n": 1}'}}
+#: the redacted span of content_pii: the flagged word and the token after it (" a"), the word widened to its start
+REDACTED = "I like {mask} lot."
+#: policy -> answer case -> action
+ANSWER_OUTCOME = {
+    "default": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "strict": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "permissive": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    # Controversial counts as Unsafe: PII is redacted in the content (the stage's PII rule)
+    "regulated": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "consumer": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "pii-redact": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+}
+
+
+def policy_dict(name: str) -> dict:
+    return load_policy(POLICIES / f"{name}.yaml").model_dump(mode="json", exclude_none=True)
+
+
+def test_the_table_covers_every_shipped_policy():
+    assert sorted(NAMES) == sorted(p.stem for p in POLICIES.glob("*.yaml"))
+
+
+def _annotation(obj: dict) -> tuple | None:
+    r = (obj.get("content_filter_results") or {}).get("guard")
+    if r is None:
+        return None
+    off = obj["content_filter_offsets"]
+    return r["action"], r["risk_level"], r["category"], off["start_offset"], off["end_offset"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", sorted(PROMPTS))
+async def test_prompt_outcome(engine, name, case):
+    want = PROMPT_OUTCOME[name][case]
+    level, category = LEVEL[case]
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(sse_body([chunk({"role": "assistant", "content": "Fine."}),
+                                               chunk({}, finish_reason="stop")])))
+        async with RunningProxy(proxy_config(fake.base_url, policy_dict(name)), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                for stream in (True, False):
+                    if not stream:
+                        fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                                   "role": "assistant", "content": "Fine."}}]}))
+                    r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                        "model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPTS[case]}]})
+                    if want == "block":
+                        assert r.status_code == 400, r.text
+                        err = r.json()["error"]
+                        assert (err["code"], err["param"], err["type"]) == ("content_filter", "prompt",
+                                                                            "invalid_request_error")
+                        guard = err["innererror"]["content_filter_result"]["guard"]
+                        assert (guard["risk_level"], guard["category"]) == (level, category)
+                        message = REFUSAL.get(name, "The prompt was filtered by the content policy (risk level "
+                                                    "{level}, category {category}).")
+                        assert err["message"] == message.format(level=level, category=category)
+                        assert TRIGGER not in r.text and PII_TRIGGER not in r.text  # never echoes the prompt
+                        continue
+                    assert r.status_code == 200
+                    if stream:
+                        fs = well_formed(r.content)
+                        assert texts(fs)[0] == {0: "Fine."}
+                    else:
+                        assert r.json()["choices"][0]["message"]["content"] == "Fine."
+                    shown = want == "flag" or name in ANNOTATED
+                    assert r.headers.get("x-guard-prompt-action") == (want if shown else None)
+                    if shown:
+                        assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
+                            level, category)
+    await wait_idle(engine)
+
+
+def _expected_texts(name: str, case: str) -> tuple[dict, str]:
+    action = ANSWER_OUTCOME[name][case]
+    if action == "cut":
+        keep = dict(CUT_KEEPS[case])
+        if name in CUT_TEXT:
+            keep[0] = keep.get(0, "") + CUT_TEXT[name]
+        return keep, "content_filter"
+    if action == "redact":
+        return {0: REDACTED.format(mask=MASK[name])}, ANSWERS[case][2]
+    return dict(FULL[case]), ANSWERS[case][2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", sorted(ANSWERS))
+async def test_answer_outcome(engine, name, case):
+    chunks, message, finish = ANSWERS[case]
+    want_text, want_finish = _expected_texts(name, case)
+    action = ANSWER_OUTCOME[name][case]
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(sse_body(chunks), per_event=True))
+        async with RunningProxy(proxy_config(fake.base_url, policy_dict(name)), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                                 json={"model": model, "stream": True, "messages": USER})
+                assert r.status_code == 200
+                fs = well_formed(r.content)
+                fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                                       "choices": [{"index": 0, "finish_reason": finish, "message": message}]}))
+                w = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                                 json={"model": model, "stream": False, "messages": USER})
+                assert w.status_code == 200
+    got, got_finish = texts(fs)
+    got = {k: v for k, v in got.items() if v}  # a cut tool call is announced at most, never with any argument
+    if name in ASYNC and action == "cut":
+        # async: what arrived before the verdict is out already; the cut ends the choice after it
+        full = FULL[case]
+        for k, v in got.items():
+            assert (full.get(k, "") + CUT_TEXT.get(name, "")).startswith(v) or v.endswith(CUT_TEXT.get(name, "@"))
+    else:
+        assert got == want_text
+    assert got_finish == {0: want_finish}
+    # the whole completion: buffered by nature, so exactly the expected text in every mode
+    choice = w.json()["choices"][0]
+    msg = choice["message"]
+    whole = {k: v for k, v in ((0, msg.get("content")), ("r0", msg.get("reasoning_content"))) if v}
+    for tc in msg.get("tool_calls") or []:
+        whole["t0"] = tc["function"]["arguments"]
+    assert whole == want_text and choice["finish_reason"] == want_finish
+    # same decision streamed and whole, as the annotations say
+    if name in ANNOTATED:
+        streamed = [a for f in fs if isinstance(f, dict) for ch in f.get("choices", []) if (a := _annotation(ch))]
+        # async release cuts at the flagged token (its word is out already); a whole completion is scored as in
+        # buffered release (the cut moves back to the word's start): the same action, level and category
+        same = slice(0, 3) if name in ASYNC else slice(None)
+        assert streamed and streamed[-1][same] == _annotation(choice)[same]
+        assert streamed[-1][0] == action
+    else:
+        assert all(_annotation(ch) is None for f in fs if isinstance(f, dict) for ch in f.get("choices", []))
+    assert TRIGGER not in r.text or name in ASYNC or action != "cut"
+    await wait_idle(engine)
+
+
+async def test_refusal_status_and_text_from_the_policy(engine):
+    policy = {"messages": {"refusal_status": 403, "refusal": "Not here ({level}, {category}); {unknown} stays."}}
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(sse_body([chunk({"content": "x"}), chunk({}, finish_reason="stop")])))
+        async with RunningProxy(proxy_config(fake.base_url, policy), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                    "model": model, "stream": True, "messages": [{"role": "user", "content": f"a {TRIGGER}"}]})
+    assert r.status_code == 403
+    err = r.json()["error"]
+    assert err["message"] == "Not here (Unsafe, Violent); {unknown} stays." and err["status"] == 403
+    assert (err["type"], err["code"]) == ("permission_error", "content_filter") and TRIGGER not in r.text
+    await wait_idle(engine)
