@@ -556,12 +556,22 @@ class TenantConfig(_Strict):
     api_key_sha256: list[str] = Field(default_factory=list)
     policy: str = "default"
     upstream: str
+    # policies a request may select instead of `policy` with the x-guard-policy header (nothing else is accepted)
+    selectable_policies: list[str] = Field(default_factory=list)
 
     @field_validator("name", "policy")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME_RE.match(v) or ".." in v:
             raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
+        return v
+
+    @field_validator("selectable_policies")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if not _NAME_RE.match(name) or ".." in name:
+                raise ValueError(f"[{i}] {name!r} is not a plain name (letters, digits, '_', '-', '.')")
         return v
 
     @field_validator("api_key_sha256", mode="before")
@@ -945,16 +955,19 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
             if h in seen_hashes:
                 problems.append(f"{where}.api_key_sha256[{j}]: key already belongs to tenant {seen_hashes[h]!r}")
             seen_hashes.setdefault(h, t.name)
-        if t.policy not in policies and t.policy not in resolver.inline:
+        for key, name in [("policy", t.policy)] + [(f"selectable_policies[{j}]", n)
+                                                   for j, n in enumerate(t.selectable_policies)]:
+            if name in policies or name in resolver.inline:
+                continue
             try:
-                policy = resolver.resolve(t.policy)
+                policy = resolver.resolve(name)
             except ConfigError as e:
-                problems.append(f"{where}.policy: {e}")
+                problems.append(f"{where}.{key}: {e}")
                 continue
             if policy is None:
-                problems.append(f"{where}.policy: no policy {t.policy!r} (inline or {resolver.candidates(t.policy)[0]})")
+                problems.append(f"{where}.{key}: no policy {name!r} (inline or {resolver.candidates(name)[0]})")
                 continue
-            policies[t.policy] = policy
+            policies[name] = policy
     if cfg.allow_anonymous_tenant is not None and cfg.allow_anonymous_tenant not in seen_names:
         problems.append(f"allow_anonymous_tenant: no tenant named {cfg.allow_anonymous_tenant!r}")
     if problems:

@@ -255,6 +255,29 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
+#: The request header that selects one of the tenant's ``selectable_policies``.
+POLICY_HEADER = "x-guard-policy"
+
+
+def select_policy(tenant: Tenant, request: web.Request) -> Any:
+    """The policy the request selects with :data:`POLICY_HEADER` (one of the tenant's ``selectable_policies`` or its
+    own policy), or None without the header.
+
+    Raises:
+        ProxyError: 400 ``invalid_policy`` for a name the tenant does not list, or the header given twice (the
+            value is not echoed).
+    """
+    values = request.headers.getall(POLICY_HEADER, [])
+    if not values:
+        return None
+    choice = tenant.select(values[0].strip()) if len(values) == 1 else None
+    if choice is None:
+        allowed = ", ".join([tenant.policy_name, *tenant.selectable])
+        raise ProxyError(400, f"The {POLICY_HEADER} header names no policy this API key may select (selectable: "
+                         f"{allowed}).", code="invalid_policy", param=POLICY_HEADER)
+    return choice[1]
+
+
 def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
     try:
         return state.upstreams[tenant.upstream_name]
@@ -267,11 +290,12 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     authenticate, validate, moderate."""
     state = request.app[STATE]
     tenant = resolve_tenant(state, request)
+    selected = select_policy(tenant, request)
     body = await read_json(request)
     legacy = request.path == "/v1/completions"
     ctx = RequestContext(
         request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
-        metrics=state.metrics, limits=state.config.limits)
+        metrics=state.metrics, limits=state.config.limits, selected=selected)
     if request.path == "/v1/responses":
         return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
     return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)

@@ -4,7 +4,7 @@ Used by every stage of the request glue (:mod:`guardproxy.server.handler`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from guardproxy.config import Limits, Policy
 from guardproxy.server.metrics import Metrics
@@ -29,7 +29,8 @@ class GuardEngine(Protocol):
 
 @dataclass
 class RequestContext:
-    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits."""
+    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits.
+    ``selected``: the policy the request selected (x-guard-policy, one the tenant lists), or None."""
 
     request_id: str
     tenant: Tenant
@@ -37,8 +38,9 @@ class RequestContext:
     engine: GuardEngine
     metrics: Metrics
     limits: Limits
+    selected: Optional[Policy] = None
 
     @property
     def policy(self) -> Policy:
-        """The tenant's policy."""
-        return self.tenant.policy
+        """The request's policy: the selected one, else the tenant's."""
+        return self.selected if self.selected is not None else self.tenant.policy
