@@ -294,6 +294,8 @@ class Policy(_Strict):
         fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)
             when the guard is overloaded or fails.
         annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
+        mode: ``enforce`` (the policy acts) or ``shadow`` (its decisions are made and recorded as a shadow
+            policy's, and everything is relayed: :meth:`observer` is what acts).
         responses: Responses API settings (:class:`ResponsesPolicy`).
     """
 
@@ -310,6 +312,16 @@ class Policy(_Strict):
     fail_mode: Literal["closed", "open"] = "closed"
     annotations: bool = False
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+    def observer(self) -> "Policy":
+        """The policy that acts for a ``mode: shadow`` policy: every verdict allowed, text relayed as it arrives
+        (async, no hold-back), a failing guard relays (fail open); its channels, annotations and Responses API
+        settings are this policy's. Its ``moderates_*`` are False: the request is scored for the shadow."""
+        return self.model_copy(update={
+            "prompt": PromptPolicy(controversial="allow", unsafe="allow", overlong=self.prompt.overlong),
+            "response": ResponsePolicy(controversial="allow", unsafe="allow"),
+            "release": "async", "hold_back": 0, "fail_mode": "open", "mode": "enforce"})
 
     def mask_for(self, category: str) -> str:
         """The text that replaces a redacted span of ``category`` (``{category}`` in :attr:`mask` filled in)."""
@@ -558,11 +570,20 @@ class TenantConfig(_Strict):
     upstream: str
     # policies a request may select instead of `policy` with the x-guard-policy header (nothing else is accepted)
     selectable_policies: list[str] = Field(default_factory=list)
+    # a policy decided on the same verdicts at the same time, recorded only (logs, metrics), never acting
+    shadow: Optional[str] = None
 
     @field_validator("name", "policy")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
+        return v
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not _NAME_RE.match(v) or ".." in v):
             raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
         return v
 
@@ -955,8 +976,8 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
             if h in seen_hashes:
                 problems.append(f"{where}.api_key_sha256[{j}]: key already belongs to tenant {seen_hashes[h]!r}")
             seen_hashes.setdefault(h, t.name)
-        for key, name in [("policy", t.policy)] + [(f"selectable_policies[{j}]", n)
-                                                   for j, n in enumerate(t.selectable_policies)]:
+        named = [("policy", t.policy)] + [(f"selectable_policies[{j}]", n) for j, n in enumerate(t.selectable_policies)]
+        for key, name in named + ([("shadow", t.shadow)] if t.shadow is not None else []):
             if name in policies or name in resolver.inline:
                 continue
             try:

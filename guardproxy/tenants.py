@@ -40,6 +40,7 @@ class Tenant:
     Attributes:
         selectable: name -> policy of the policies a request may select instead of ``policy`` (the tenant's
             ``selectable_policies``; the x-guard-policy header).
+        shadow: ``(name, policy)`` of the tenant's shadow policy, or None.
     """
 
     name: str
@@ -48,6 +49,7 @@ class Tenant:
     upstream_name: str
     upstream: Upstream
     selectable: dict = field(default_factory=dict)
+    shadow: Optional[tuple] = None
 
     def select(self, name: Optional[str]) -> Optional[tuple[str, Policy]]:
         """The policy a request selects by name: ``(name, policy)``; no name -> the tenant's own policy; a name
@@ -69,7 +71,8 @@ class TenantRegistry:
 
     def __init__(self, config: Config):
         tenants = {t.name: Tenant(t.name, t.policy, config.policies[t.policy], t.upstream, config.upstreams[t.upstream],
-                                  {n: config.policies[n] for n in t.selectable_policies})
+                                  {n: config.policies[n] for n in t.selectable_policies},
+                                  (t.shadow, config.policies[t.shadow]) if t.shadow is not None else None)
                    for t in config.tenants}
         self._entries = [(bytes.fromhex(h), tenants[t.name]) for t in config.tenants for h in t.api_key_sha256]
         self.anonymous: Optional[Tenant] = tenants[config.allow_anonymous_tenant] if config.allow_anonymous_tenant else None

@@ -67,6 +67,7 @@ __all__ = [
     "Action",
     "Decider",
     "PromptDecision",
+    "ShadowDecision",
     "decide_prompt",
     "risk_level",
     "SpanLike",
@@ -551,6 +552,40 @@ class Decider:
         if self._region is not None:
             bound = min(bound, self._region.start)
         self._safe = bound
+
+
+@dataclass(frozen=True)
+class ShadowDecision:
+    """What a shadow policy would have done (recorded only, never applied).
+
+    Attributes:
+        policy: the shadow policy's name.
+        stage: ``prompt`` or ``response``.
+        choice: the choice index (0 for the prompt).
+        action: the action it would have taken (``allow``, ``flag``, ``redact``, ``cut``, ``block``).
+        level / category / probability: the detection (risk level under its thresholds, canonical category, P).
+        token: index of the scored token that decided it in the choice (template glue counted), None for the prompt.
+        start / end: global char offsets of its span in the choice (a cut: both its point), None for the prompt.
+    """
+
+    policy: str
+    stage: str
+    choice: int
+    action: str
+    level: str
+    category: str
+    probability: float
+    token: Optional[int] = None
+    start: Optional[int] = None
+    end: Optional[int] = None
+
+    @classmethod
+    def of(cls, policy: str, choice: int, action: Action) -> "ShadowDecision":
+        """The record of a decider action of a shadow policy on ``choice``."""
+        kind = {Allow: "allow", Flag: "flag", Redact: "redact", Cut: "cut"}[type(action)]
+        start, end = (action.at, action.at) if isinstance(action, Cut) else (action.start, action.end)
+        return cls(policy, "response", choice, kind, action.level, action.category, action.probability,
+                   action.token_index, start, end)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from guardproxy.config import Policy
 from guardproxy.guard.errors import EngineOverloaded
 from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
-from guardproxy.moderation.decider import Action, Cut, Flag, Redact
+from guardproxy.moderation.decider import Action, Cut, Flag, Redact, ShadowDecision
 from guardproxy.moderation.releaser import Releaser
 from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
 from guardproxy.wire.errors import content_filter_annotation, error_frame
@@ -131,11 +131,16 @@ class ResponseModerator:
         n: choices the client asked for (a response is over once that many are cut).
         max_choices: upstream choice indices must lie in ``[0, max_choices)``.
         whole: a whole completion (:meth:`add_completion` / :meth:`completion`) instead of a stream.
+        shadows: ``(name, policy)`` of the shadow policies decided on the same verdicts (:attr:`shadow_decisions`).
     Raises (from :meth:`add` / :meth:`eof`): ``guardproxy.wire.chunks.BadChunk`` for data the guard cannot read.
     """
 
-    def __init__(self, renderer: Any, policy: Policy, *, n: int = 1, max_choices: int, whole: bool = False):
+    def __init__(self, renderer: Any, policy: Policy, *, n: int = 1, max_choices: int, whole: bool = False,
+                 shadows: Sequence[tuple[str, Policy]] = ()):
         self.renderer, self.policy, self.n, self.max_choices = renderer, policy, n, max_choices
+        self.shadows = [(name, p, whole or p.release == "buffered") for name, p in shadows]
+        self.shadow_decisions: list[ShadowDecision] = []
+        self._shadow_reported = 0
         self.whole = whole
         self.buffered = whole or policy.release == "buffered"
         self.splitter = ChannelSplitter("message" if whole else "delta")
@@ -171,6 +176,11 @@ class ResponseModerator:
     def new_decisions(self) -> list[Decision]:
         """The decisions made since the last call (all of them are in :attr:`decisions`)."""
         new, self._reported = self.decisions[self._reported:], len(self.decisions)
+        return new
+
+    def new_shadow_decisions(self) -> list[ShadowDecision]:
+        """The shadow decisions made since the last call (all of them are in :attr:`shadow_decisions`)."""
+        new, self._shadow_reported = self.shadow_decisions[self._shadow_reported:], len(self.shadow_decisions)
         return new
 
     # -- streamed input --------------------------------------------------------------------------------------------
@@ -267,7 +277,7 @@ class ResponseModerator:
             cm = self.choices.get(p.choice)
             if cm is None:
                 cm = self.choices[p.choice] = ChoiceModerator(p.choice, self.renderer, self.policy,
-                                                              buffered=self.buffered)
+                                                              buffered=self.buffered, shadows=self.shadows)
             elif cm.finished:
                 raise BadChunk(f"text for choice {p.choice} after its finish_reason")
             cm.push(p)
@@ -294,6 +304,7 @@ class ResponseModerator:
 
     def _apply(self, cm: ChoiceModerator, actions: list[Action]) -> list[bytes]:
         rel, c = self.releaser, cm.index
+        self.shadow_decisions += [ShadowDecision.of(name, c, a) for name, a in cm.take_shadow_actions()]
         notes = self.policy.annotations
         out: list[bytes] = []
         for a in actions:

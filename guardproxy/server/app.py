@@ -260,8 +260,8 @@ POLICY_HEADER = "x-guard-policy"
 
 
 def select_policy(tenant: Tenant, request: web.Request) -> Any:
-    """The policy the request selects with :data:`POLICY_HEADER` (one of the tenant's ``selectable_policies`` or its
-    own policy), or None without the header.
+    """``(name, policy)`` the request selects with :data:`POLICY_HEADER` (one of the tenant's
+    ``selectable_policies`` or its own policy), or None without the header.
 
     Raises:
         ProxyError: 400 ``invalid_policy`` for a name the tenant does not list, or the header given twice (the
@@ -275,7 +275,7 @@ def select_policy(tenant: Tenant, request: web.Request) -> Any:
         allowed = ", ".join([tenant.policy_name, *tenant.selectable])
         raise ProxyError(400, f"The {POLICY_HEADER} header names no policy this API key may select (selectable: "
                          f"{allowed}).", code="invalid_policy", param=POLICY_HEADER)
-    return choice[1]
+    return choice
 
 
 def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
@@ -295,7 +295,8 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     legacy = request.path == "/v1/completions"
     ctx = RequestContext(
         request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
-        metrics=state.metrics, limits=state.config.limits, selected=selected)
+        metrics=state.metrics, limits=state.config.limits, selected=selected[1] if selected else None,
+        selected_name=selected[0] if selected else None)
     if request.path == "/v1/responses":
         return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
     return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)

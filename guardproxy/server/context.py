@@ -30,7 +30,8 @@ class GuardEngine(Protocol):
 @dataclass
 class RequestContext:
     """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits.
-    ``selected``: the policy the request selected (x-guard-policy, one the tenant lists), or None."""
+    ``selected``: the policy the request selected (x-guard-policy, one the tenant lists), or None.
+    ``selected_name``: its name."""
 
     request_id: str
     tenant: Tenant
@@ -39,8 +40,38 @@ class RequestContext:
     metrics: Metrics
     limits: Limits
     selected: Optional[Policy] = None
+    selected_name: Optional[str] = None
+
+    @property
+    def chosen(self) -> tuple[str, Policy]:
+        """``(name, policy)`` the request runs under as written: the selected one, else the tenant's."""
+        if self.selected is not None:
+            return self.selected_name or "", self.selected
+        return self.tenant.policy_name, self.tenant.policy
 
     @property
     def policy(self) -> Policy:
-        """The request's policy: the selected one, else the tenant's."""
-        return self.selected if self.selected is not None else self.tenant.policy
+        """The policy that acts: the chosen one (:attr:`chosen`), or for a ``mode: shadow`` policy the observer
+        that relays everything (:meth:`guardproxy.config.Policy.observer`)."""
+        policy = self.chosen[1]
+        return policy.observer() if policy.mode == "shadow" else policy
+
+    @property
+    def shadows(self) -> list[tuple[str, Policy]]:
+        """``(name, policy)`` of every policy decided and recorded only: the tenant's ``shadow`` and a chosen
+        policy of ``mode: shadow``."""
+        name, policy = self.chosen
+        out = [(name, policy)] if policy.mode == "shadow" else []
+        if self.tenant.shadow is not None:
+            out.append(self.tenant.shadow)
+        return out
+
+    @property
+    def moderates_prompt(self) -> bool:
+        """Is the prompt scored (the acting policy or a shadow can decide something on it)?"""
+        return any(p.moderates_prompt for p in [self.policy] + [p for _, p in self.shadows])
+
+    @property
+    def moderates_response(self) -> bool:
+        """Is the response scored (the acting policy or a shadow can decide something on it)?"""
+        return any(p.moderates_response for p in [self.policy] + [p for _, p in self.shadows])

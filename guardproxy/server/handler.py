@@ -95,7 +95,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     def send() -> asyncio.Task:
         return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
                                                        params=request.rel_url.raw_query_string or None))
-    if not policy.moderates_prompt and not policy.moderates_response:  # nothing a verdict could change
+    if not ctx.moderates_prompt and not ctx.moderates_response:  # nothing a verdict could change or record
         resp = await send()
         try:
             pure = {**(headers or {}), "x-guard-status": POLICY_UNMODERATED}
@@ -105,7 +105,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        scored = policy.moderates_response or respond_always
+        scored = ctx.moderates_response or respond_always
         outcome = await check_prompt(ctx, conversations, n if scored else 1)
         out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":

@@ -27,7 +27,8 @@ from guardproxy.config import ACTION_SEVERITY
 from guardproxy.guard.labels import RISK_LEVELS
 from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
-from guardproxy.moderation.decider import decide_prompt
+from guardproxy.server.guard import record_shadow
+from guardproxy.moderation.decider import ShadowDecision, decide_prompt
 from guardproxy.moderation.response import guard_failure
 from guardproxy.wire.errors import ProxyError
 
@@ -203,6 +204,9 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
     if action != "allow" or len(windows) > 1:
         log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
                  action, decision.level, decision.category, len(windows))
+    for name, shadow in ctx.shadows:
+        sd = decide_prompt(shadow, verdict)
+        record_shadow(ctx, ShadowDecision(name, "prompt", 0, sd.action, sd.level, sd.category, sd.probability))
     outcome = PromptOutcome(gstream, verdict, action, admission, decision)
     if action == "block":
         outcome.close()

@@ -7,6 +7,7 @@ proxy's code."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -18,11 +19,13 @@ from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, RunningPro
 from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, well_formed, texts
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
-NAMES = ["default", "strict", "permissive", "regulated", "consumer", "pii-redact"]
+NAMES = ["default", "strict", "permissive", "regulated", "consumer", "pii-redact", "shadow"]
+#: mode: shadow: relays everything; what its rules (the regulated policy's) would do is recorded
+SHADOW_OF = {"shadow": "regulated"}
 ASYNC = {"permissive", "consumer"}  # text is relayed as it arrives: a cut stops what follows
 CUT_TEXT = {"consumer": " [This answer was stopped by the content policy.]"}
 MASK = {"strict": "[REDACTED]", "regulated": "[PII removed]", "pii-redact": "[PII]"}
-ANNOTATED = {"strict", "permissive", "regulated", "consumer", "pii-redact"}
+ANNOTATED = {"strict", "permissive", "regulated", "consumer", "pii-redact", "shadow"}
 
 # --- prompts ---------------------------------------------------------------------------------------------------------
 
@@ -35,6 +38,7 @@ PROMPT_OUTCOME = {
     "regulated": {"unsafe": "block", "pii": "block"},
     "consumer": {"unsafe": "block", "pii": "allow"},
     "pii-redact": {"unsafe": "block", "pii": "flag"},
+    "shadow": {"unsafe": "allow", "pii": "allow"},
 }
 REFUSAL = {"regulated": "This request cannot be processed under the service's content policy ({category})."}
 LEVEL = {"unsafe": ("Unsafe", "Violent"), "pii": ("Controversial", "PII")}
@@ -89,6 +93,7 @@ ANSWER_OUTCOME = {
     "regulated": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
     "consumer": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
     "pii-redact": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "shadow": {"content_unsafe": "pass", "content_pii": "pass", "reasoning_unsafe": "pass", "tool_unsafe": "pass"},
 }
 
 
@@ -110,7 +115,8 @@ def _annotation(obj: dict) -> tuple | None:
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", sorted(PROMPTS))
-async def test_prompt_outcome(engine, name, case):
+async def test_prompt_outcome(engine, caplog, name, case):
+    caplog.set_level(logging.INFO, logger="guardproxy")
     want = PROMPT_OUTCOME[name][case]
     level, category = LEVEL[case]
     async with FakeUpstream() as fake:
@@ -148,6 +154,10 @@ async def test_prompt_outcome(engine, name, case):
                     if shown:
                         assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
                             level, category)
+    if name in SHADOW_OF:  # what the shadow decided, once per request (streamed and whole)
+        want_shadow = PROMPT_OUTCOME[SHADOW_OF[name]][case]
+        lines = [r.getMessage() for r in caplog.records if "shadow policy p: prompt" in r.getMessage()]
+        assert len(lines) == 2 and all(f"prompt {want_shadow} ({level}, {category})" in x for x in lines), lines
     await wait_idle(engine)
 
 
@@ -165,7 +175,8 @@ def _expected_texts(name: str, case: str) -> tuple[dict, str]:
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", sorted(ANSWERS))
-async def test_answer_outcome(engine, name, case):
+async def test_answer_outcome(engine, caplog, name, case):
+    caplog.set_level(logging.INFO, logger="guardproxy")
     chunks, message, finish = ANSWERS[case]
     want_text, want_finish = _expected_texts(name, case)
     action = ANSWER_OUTCOME[name][case]
@@ -200,7 +211,13 @@ async def test_answer_outcome(engine, name, case):
         whole["t0"] = tc["function"]["arguments"]
     assert whole == want_text and choice["finish_reason"] == want_finish
     # same decision streamed and whole, as the annotations say
-    if name in ANNOTATED:
+    if name in SHADOW_OF:  # nothing acted; the shadow's decision is recorded, the same streamed and whole
+        want_shadow = ANSWER_OUTCOME[SHADOW_OF[name]][case]
+        lines = [r.getMessage().split(": shadow policy ")[1] for r in caplog.records
+                 if "shadow policy p: response" in r.getMessage()]
+        assert len(lines) == 2 and all(x.startswith(f"p: response {want_shadow} ") for x in lines), lines
+        assert all(_annotation(ch) is None for f in fs if isinstance(f, dict) for ch in f.get("choices", []))
+    elif name in ANNOTATED:
         streamed = [a for f in fs if isinstance(f, dict) for ch in f.get("choices", []) if (a := _annotation(ch))]
         # async release cuts at the flagged token (its word is out already); a whole completion is scored as in
         # buffered release (the cut moves back to the word's start): the same action, level and category
