@@ -29,11 +29,12 @@ from guardproxy.guard.labels import CATEGORIES, PROMPT_ONLY_CATEGORIES, RISK_LEV
 # Policy
 # --------------------------------------------------------------------------------------------------------------------
 
-PromptAction = Literal["allow", "flag", "block"]
-ResponseAction = Literal["allow", "flag", "redact", "cut"]
+PromptAction = Literal["allow", "flag", "escalate", "route", "block"]
+ResponseAction = Literal["allow", "flag", "escalate", "redact", "cut"]
 
-#: Response actions ordered by severity; the decider keeps the most severe one a streak has reached.
-ACTION_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3, "cut": 3}
+#: Actions ordered by severity within a stage; the decider keeps the most severe one a streak has reached, and the
+#: worst prompt window is the one whose action is most severe.
+ACTION_SEVERITY = {"allow": 0, "flag": 1, "escalate": 2, "route": 3, "redact": 3, "block": 4, "cut": 4}
 
 #: The channels of a response a policy can give rules of their own (``response.channels.<name>``).
 CHANNELS = ("content", "reasoning", "tool_arguments")
@@ -253,6 +254,24 @@ class ResponsesPolicy(_Strict):
     unknown_previous: Literal["block", "current_only"] = "block"
 
 
+class RouteTarget(_Strict):
+    """Where the ``route`` prompt action sends a request: another configured upstream and/or model (at least one).
+
+    Attributes:
+        upstream: a key of the config's ``upstreams`` (default: the tenant's upstream).
+        model: the ``model`` the request is sent with instead of the client's (default: the client's).
+    """
+
+    upstream: Optional[str] = None
+    model: Optional[str] = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> "RouteTarget":
+        if self.upstream is None and self.model is None:
+            raise ValueError("a route names an upstream, a model or both")
+        return self
+
+
 class Messages(_Strict):
     """What a client is told (text the operator writes; never any of the moderated text).
 
@@ -294,6 +313,7 @@ class Policy(_Strict):
         fail_mode: ``closed`` (refuse / end the stream with an error) or ``open`` (relay unmoderated, annotated)
             when the guard is overloaded or fails.
         annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
+        route: where the prompt action ``route`` sends a request (:class:`RouteTarget`); required with it.
         mode: ``enforce`` (the policy acts) or ``shadow`` (its decisions are made and recorded as a shadow
             policy's, and everything is relayed: :meth:`observer` is what acts).
         responses: Responses API settings (:class:`ResponsesPolicy`).
@@ -313,6 +333,7 @@ class Policy(_Strict):
     annotations: bool = False
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
     mode: Literal["enforce", "shadow"] = "enforce"
+    route: Optional[RouteTarget] = None
 
     def observer(self) -> "Policy":
         """The policy that acts for a ``mode: shadow`` policy: every verdict allowed, text relayed as it arrives
@@ -339,6 +360,13 @@ class Policy(_Strict):
         m = self.moderate
         return (m.content or m.reasoning or m.tool_arguments) and any(
             a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.response.actions_for_level(lvl))
+
+    @model_validator(mode="after")
+    def _route_needs_target(self) -> "Policy":
+        if self.route is None and "route" in (self.prompt.actions_for_level("Controversial")
+                                               | self.prompt.actions_for_level("Unsafe")):
+            raise ValueError("route: the prompt action 'route' needs a route target ({upstream: NAME, model: M})")
+        return self
 
     @model_validator(mode="after")
     def _redact_needs_buffered(self) -> "Policy":
@@ -550,6 +578,34 @@ class Shutdown(_Strict):
     drain_timeout: float = Field(25.0, ge=0)
 
 
+class ReviewWebhook(_Strict):
+    """Where the ``escalate`` action's review events are POSTed (JSON), and how hard delivery tries. Seconds.
+
+    Attributes:
+        url: the receiver (http or https).
+        headers: extra request headers (e.g. a shared secret).
+        timeout: one delivery attempt, connect to response.
+        retries: attempts after the first one for a failed delivery (a connection error, a timeout, a 5xx or 429).
+        backoff: seconds before the first retry, doubled for each next one.
+        queue_size: events waiting for delivery; an event past it is dropped (counted and logged): a slow
+            receiver never holds a request.
+    """
+
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff: float = Field(0.5, ge=0)
+    queue_size: int = Field(1000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class ResponsesStore(_Strict):
     """The conversations the Responses API route keeps for ``previous_response_id`` (in memory, per tenant).
 
@@ -627,6 +683,7 @@ class Config(_Strict):
     allow_anonymous_tenant: Optional[str] = None
     shutdown: Shutdown = Field(default_factory=Shutdown)
     responses: ResponsesStore = Field(default_factory=ResponsesStore)
+    review_webhook: Optional[ReviewWebhook] = None
 
     def with_overrides(
         self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None
@@ -989,6 +1046,15 @@ def config_from_dict(data: dict, *, base_dir: str | Path = ".", source: str = "c
                 problems.append(f"{where}.{key}: no policy {name!r} (inline or {resolver.candidates(name)[0]})")
                 continue
             policies[name] = policy
+    for name, policy in policies.items():
+        where = f"policies.{name}" if name in resolver.inline else f"policy {name!r}"
+        if policy.route is not None and policy.route.upstream is not None and policy.route.upstream not in cfg.upstreams:
+            problems.append(f"{where}: route.upstream: unknown upstream {policy.route.upstream!r} "
+                            f"(known: {', '.join(cfg.upstreams)})")
+        escalates = any("escalate" in stage.actions_for_level(lvl) for stage in (policy.prompt, policy.response)
+                        for lvl in ("Controversial", "Unsafe"))
+        if escalates and cfg.review_webhook is None:
+            problems.append(f"{where}: the action 'escalate' needs review_webhook (where review events are sent)")
     if cfg.allow_anonymous_tenant is not None and cfg.allow_anonymous_tenant not in seen_names:
         problems.append(f"allow_anonymous_tenant: no tenant named {cfg.allow_anonymous_tenant!r}")
     if problems:

@@ -190,6 +190,6 @@ def test_check_policy_errors_name_file_line_and_key_and_every_file_is_checked(tm
     good = write(tmp_path, "good", "annotations: true\n")
     assert main(["check-policy", str(bad), str(orphan), str(good), "--policies-dir", str(SHIPPED)]) == 2
     cap = capsys.readouterr()
-    assert f"error: {bad}:\nresponse.unsafe: Input should be 'allow', 'flag', 'redact' or 'cut' (line 3)" in cap.err
+    assert f"error: {bad}:\nresponse.unsafe: Input should be 'allow', 'flag', 'escalate', 'redact' or 'cut' (line 3)" in cap.err
     assert f"error: {orphan}, line 1:\nextends: no policy 'missing'" in cap.err
     assert f"# {good}: valid" in cap.out and "Traceback" not in cap.err

@@ -16,8 +16,8 @@ setting) or Safe (loose) before any of this.
 
 Actions (global char offsets of the choice, ``[start, end)``):
 
-* ``Allow`` / ``Flag``: emitted when a run first debounces, and again if a later token of the same run raises the
-  action (allow -> flag). Span: run start .. end of the debounced token.
+* ``Allow`` / ``Flag`` / ``Escalate``: emitted when a run first debounces, and again if a later token of the same run
+  raises the action (allow -> flag -> escalate). Span: run start .. end of the debounced token.
 * ``Redact``: the span runs from the first token of the tier's run to the last token of the run; it is emitted when
   the run is closed, i.e. by the first token below the tier (a Safe token for Controversial, a Safe or
   Controversial token for Unsafe), a cut, or :meth:`finish`. If a lower holding tier's run still contains the span
@@ -62,6 +62,7 @@ from guardproxy.guard.labels import canonical_category, canonical_level
 __all__ = [
     "Allow",
     "Flag",
+    "Escalate",
     "Redact",
     "Cut",
     "Action",
@@ -212,6 +213,12 @@ class Flag(_Detection):
 
 
 @dataclass(frozen=True)
+class Escalate(Flag):
+    """A debounced detection to annotate, log and send for review (a review event); the text is released
+    unchanged. Offsets in chars."""
+
+
+@dataclass(frozen=True)
 class Redact(_Detection):
     """Replace the chars ``[start, end)`` with ``mask`` (buffered release only)."""
 
@@ -227,7 +234,7 @@ class Cut(_Detection):
     at: int
 
 
-Action = Union[Allow, Flag, Redact, Cut]
+Action = Union[Allow, Flag, Escalate, Redact, Cut]
 
 
 @dataclass
@@ -491,7 +498,7 @@ class Decider:
             sev = ACTION_SEVERITY[action]
             if sev > run.severity:
                 run.severity = sev
-                cls = Flag if action == "flag" else Allow
+                cls = {"flag": Flag, "escalate": Escalate}.get(action, Allow)
                 # a flag changes no text: its span starts at the word's start in either release mode
                 out.append(cls(tier, category, i, prob, start=self._words.start(run.start, 0, self._max_end), end=span.end))
         return out
@@ -582,7 +589,7 @@ class ShadowDecision:
     @classmethod
     def of(cls, policy: str, choice: int, action: Action) -> "ShadowDecision":
         """The record of a decider action of a shadow policy on ``choice``."""
-        kind = {Allow: "allow", Flag: "flag", Redact: "redact", Cut: "cut"}[type(action)]
+        kind = {Allow: "allow", Flag: "flag", Escalate: "escalate", Redact: "redact", Cut: "cut"}[type(action)]
         start, end = (action.at, action.at) if isinstance(action, Cut) else (action.start, action.end)
         return cls(policy, "response", choice, kind, action.level, action.category, action.probability,
                    action.token_index, start, end)

@@ -40,7 +40,7 @@ from guardproxy.config import Policy
 from guardproxy.guard.errors import EngineOverloaded
 from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
-from guardproxy.moderation.decider import Action, Cut, Flag, Redact, ShadowDecision
+from guardproxy.moderation.decider import Action, Cut, Escalate, Flag, Redact, ShadowDecision
 from guardproxy.moderation.releaser import Releaser
 from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
 from guardproxy.wire.errors import content_filter_annotation, error_frame
@@ -92,9 +92,10 @@ class Decision:
 
     Attributes:
         choice: the choice index.
-        action: ``"flag"``, ``"redact"`` or ``"cut"``.
+        action: ``"flag"``, ``"escalate"``, ``"redact"`` or ``"cut"``.
         level / category / probability: the debounced detection (risk level, canonical category, P(level)).
         start / end: global char offsets of the span (a cut: both the cut point).
+        token: index of the scored token that decided it (template glue counted).
     """
 
     choice: int
@@ -104,16 +105,19 @@ class Decision:
     probability: float
     start: int
     end: int
+    token: int = -1
 
     @classmethod
     def of(cls, choice: int, action: Action) -> "Decision | None":
         """The decision a decider action records on ``choice`` (an ``Allow`` records none; a cut's span is its
         point)."""
         if isinstance(action, Cut):
-            return cls(choice, "cut", action.level, action.category, action.probability, action.at, action.at)
+            return cls(choice, "cut", action.level, action.category, action.probability, action.at, action.at,
+                       action.token_index)
         if isinstance(action, (Redact, Flag)):
-            kind = "redact" if isinstance(action, Redact) else "flag"
-            return cls(choice, kind, action.level, action.category, action.probability, action.start, action.end)
+            kind = "redact" if isinstance(action, Redact) else "escalate" if isinstance(action, Escalate) else "flag"
+            return cls(choice, kind, action.level, action.category, action.probability, action.start, action.end,
+                       action.token_index)
         return None
 
     def annotation(self) -> dict:

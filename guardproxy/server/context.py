@@ -3,7 +3,8 @@ Used by every stage of the request glue (:mod:`guardproxy.server.handler`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from guardproxy.config import Limits, Policy
@@ -31,7 +32,8 @@ class GuardEngine(Protocol):
 class RequestContext:
     """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits.
     ``selected``: the policy the request selected (x-guard-policy, one the tenant lists), or None.
-    ``selected_name``: its name."""
+    ``selected_name``: its name. ``upstreams``: every configured upstream by name (the ``route`` action's
+    targets). ``review``: the :class:`guardproxy.server.review.ReviewSender`, or None."""
 
     request_id: str
     tenant: Tenant
@@ -41,7 +43,20 @@ class RequestContext:
     limits: Limits
     selected: Optional[Policy] = None
     selected_name: Optional[str] = None
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    review: Any = None
 
+    def escalate(self, stage: str, level: str, category: str, probability: float, *, choice: Optional[int] = None,
+                 token: Optional[int] = None, start: Optional[int] = None, end: Optional[int] = None) -> None:
+        """Queue a review event for an ``escalate`` decision (no text; never waits; see
+        :mod:`guardproxy.server.review`). Offsets are global char offsets of the choice."""
+        if self.review is None:
+            return
+        event = {"type": "guardproxy.review", "tenant": self.tenant.name, "request_id": self.request_id,
+                 "stage": stage, "risk_level": level, "category": category, "probability": probability}
+        if stage == "response":
+            event.update(choice=choice, token=token, start=start, end=end)
+        self.review.submit(event)
     @property
     def chosen(self) -> tuple[str, Policy]:
         """``(name, policy)`` the request runs under as written: the selected one, else the tenant's."""

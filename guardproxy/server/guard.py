@@ -113,6 +113,9 @@ def report_decisions(ctx: RequestContext, mod: ResponseModerator) -> None:
         ctx.metrics.response_actions.labels(tenant=tenant, action=d.action, category=d.category).inc()
         log.info("request %s: choice %d %s [%d, %d) (%s, %s)", ctx.request_id, d.choice, d.action, d.start, d.end,
                  d.level, d.category)
+        if d.action == "escalate":
+            ctx.escalate("response", d.level, d.category, d.probability, choice=d.choice, token=d.token,
+                         start=d.start, end=d.end)
     for s in mod.new_shadow_decisions():
         record_shadow(ctx, s)
 

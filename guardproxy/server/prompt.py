@@ -43,7 +43,7 @@ class PromptOutcome:
         stream: the guard stream holding the prefilled prompt, its last window (choice 0 continues on it, the other
             choices fork it), or None when unmoderated.
         verdict: the prompt verdict (query head; the worst window's), or None when unmoderated.
-        action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
+        action: "allow" / "flag" / "escalate" / "route" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
         admission: the engine streams reserved for the request's choices (forks take them), or None.
         decision: the policy's reading of the verdict (:class:`~guardproxy.moderation.decider.PromptDecision`:
             action, risk level under its thresholds, canonical category), or None when unmoderated.
@@ -204,6 +204,8 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
     if action != "allow" or len(windows) > 1:
         log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
                  action, decision.level, decision.category, len(windows))
+    if action == "escalate":
+        ctx.escalate("prompt", decision.level, decision.category, decision.probability)
     for name, shadow in ctx.shadows:
         sd = decide_prompt(shadow, verdict)
         record_shadow(ctx, ShadowDecision(name, "prompt", 0, sd.action, sd.level, sd.category, sd.probability))
@@ -218,7 +220,7 @@ def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:
     if outcome.action == "unmoderated":
         return {"x-guard-status": "unmoderated; guard unavailable (fail_mode open)"}
     h = {"x-guard-status": "moderated"}
-    if outcome.action == "flag" or policy.annotations:
+    if outcome.action in ("flag", "escalate", "route") or policy.annotations:
         level = outcome.decision.level if outcome.decision is not None else outcome.verdict.risk_level
         h["x-guard-prompt-action"] = outcome.action
         h["x-guard-prompt-risk-level"] = level

@@ -100,11 +100,12 @@ def content_filter_annotation(action: str, level: str, category: str, probabilit
     in the choice's moderated characters, its global offsets; for a cut both are the cut point). SDKs ignore both.
 
     Args:
-        action: ``"flag"``, ``"redact"`` or ``"cut"`` (only a flag leaves the text unfiltered).
+        action: ``"flag"``, ``"escalate"``, ``"redact"`` or ``"cut"`` (a flag and an escalation leave the text
+            unfiltered).
     """
     return {
         "content_filter_results": {"guard": {
-            "filtered": action != "flag", "action": action, "risk_level": level, "category": category,
+            "filtered": action not in ("flag", "escalate"), "action": action, "risk_level": level, "category": category,
             "risk_probability": round(float(probability), 6)}},
         "content_filter_offsets": {"start_offset": start, "end_offset": end},
     }
