@@ -127,7 +127,6 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     """
     req = parse(body)
     require_engine(ctx)
-    policy = ctx.policy
     if not ctx.moderates_prompt and not ctx.moderates_response:  # relayed as is: no earlier turns needed
         earlier, headers = [], {}
     else:

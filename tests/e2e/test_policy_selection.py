@@ -10,7 +10,7 @@ import pytest
 from guardproxy.config import ConfigError, config_from_dict
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, sse_body, wait_idle
-from guardproxy.testing.harness import AUTH, TRIGGER, USER, texts, well_formed
+from guardproxy.testing.harness import AUTH, USER, texts, well_formed
 
 ANSWER = [chunk({"role": "assistant", "content": "My pet zebrafish likes cake."}), chunk({}, finish_reason="stop")]
 

@@ -6,54 +6,19 @@ times, counted and logged; a full queue drops (counted), never blocks."""
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 
 import httpx
 import pytest
-from aiohttp import web
 
 from guardproxy.config import ConfigError, ReviewWebhook, config_from_dict
 from guardproxy.server.review import ReviewSender
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, sse_body, \
     wait_idle
-from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, texts, well_formed
+from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, texts, well_formed
+from guardproxy.testing.review import Receiver
 
 SAFE_ANSWER = [chunk({"role": "assistant", "content": "Fine."}), chunk({}, finish_reason="stop")]
-
-
-class Receiver:
-    """A local review webhook: records every event; ``status`` answers, ``hold`` (an Event) keeps it from
-    answering until set."""
-
-    def __init__(self, status: int = 200, hold: asyncio.Event | None = None):
-        self.events: list[dict] = []
-        self.raw: list[bytes] = []
-        self.status, self.hold = status, hold
-        self.url = ""
-
-    async def __aenter__(self) -> "Receiver":
-        async def post(request: web.Request) -> web.Response:
-            body = await request.read()
-            self.raw.append(body)
-            self.events.append(json.loads(body))
-            if self.hold is not None:
-                await self.hold.wait()
-            return web.Response(status=self.status)
-        app = web.Application()
-        app.router.add_post("/review", post)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/review"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        if self.hold is not None:
-            self.hold.set()
-        await self._runner.cleanup()
 
 
 def config(upstreams: dict[str, str], policy: dict, webhook: dict | None = None):

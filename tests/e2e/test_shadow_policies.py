@@ -15,7 +15,7 @@ from guardproxy.config import config_from_dict
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, sse_body, \
     wait_idle
-from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, texts, well_formed
+from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, texts, well_formed
 
 CONTENT = f"I like {PII_TRIGGER} and my {TRIGGER} too."
 ANSWER = [chunk({"role": "assistant", "content": "I like marz"}), chunk({"content": "ipan and my zebra"}),

@@ -7,16 +7,21 @@ proxy's code."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from pathlib import Path
 
 import httpx
 import pytest
 
-from guardproxy.config import load_policy
-from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, RunningProxy, chunk, proxy_config, sse_body, \
+from guardproxy.config import config_from_dict
+from guardproxy.server.app import STATE
+from guardproxy.tenants import hash_api_key
+from guardproxy.testing.fake_upstream import JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, sse_body, \
     wait_idle
 from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, well_formed, texts
+from guardproxy.testing.review import Receiver
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 NAMES = ["default", "strict", "permissive", "regulated", "consumer", "pii-redact", "shadow"]
@@ -36,7 +41,7 @@ PROMPT_OUTCOME = {
     "strict": {"unsafe": "block", "pii": "block"},
     "permissive": {"unsafe": "block", "pii": "allow"},
     "regulated": {"unsafe": "block", "pii": "block"},
-    "consumer": {"unsafe": "block", "pii": "allow"},
+    "consumer": {"unsafe": "block", "pii": "escalate"},
     "pii-redact": {"unsafe": "block", "pii": "flag"},
     "shadow": {"unsafe": "allow", "pii": "allow"},
 }
@@ -91,14 +96,34 @@ ANSWER_OUTCOME = {
     "permissive": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
     # Controversial counts as Unsafe: PII is redacted in the content (the stage's PII rule)
     "regulated": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
-    "consumer": {"content_unsafe": "cut", "content_pii": "flag", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
+    "consumer": {"content_unsafe": "cut", "content_pii": "escalate", "reasoning_unsafe": "cut",
+                 "tool_unsafe": "cut"},
     "pii-redact": {"content_unsafe": "cut", "content_pii": "redact", "reasoning_unsafe": "cut", "tool_unsafe": "cut"},
     "shadow": {"content_unsafe": "pass", "content_pii": "pass", "reasoning_unsafe": "pass", "tool_unsafe": "pass"},
 }
 
 
-def policy_dict(name: str) -> dict:
-    return load_policy(POLICIES / f"{name}.yaml").model_dump(mode="json", exclude_none=True)
+def proxy_config(upstream_url: str, name: str, webhook: str):
+    """One tenant (the test key) on policy ``name`` as shipped (loaded from policies/, ``extends`` resolved), with a
+    review webhook (the consumer policy escalates)."""
+    return config_from_dict({
+        "upstreams": {"up": {"base_url": upstream_url, "idle_timeout": 5, "first_byte_timeout": 5}},
+        "policies_dir": str(POLICIES), "review_webhook": {"url": webhook, "backoff": 0},
+        "tenants": [{"name": "t", "api_key_sha256": [hash_api_key(TEST_KEY)], "policy": name, "upstream": "up"}],
+    })
+
+
+@contextlib.asynccontextmanager
+async def serving(engine, name: str):
+    """(fake upstream, proxy on policy ``name``, review receiver)."""
+    async with Receiver() as rx, FakeUpstream() as fake:
+        async with RunningProxy(proxy_config(fake.base_url, name, rx.url), engine) as proxy:
+            yield fake, proxy, rx
+            await proxy.app[STATE].review.drain(5)
+
+
+def escalations(rx, stage: str) -> list[dict]:
+    return [e for e in rx.events if e["stage"] == stage]
 
 
 def test_the_table_covers_every_shipped_policy():
@@ -119,44 +144,47 @@ async def test_prompt_outcome(engine, caplog, name, case):
     caplog.set_level(logging.INFO, logger="guardproxy")
     want = PROMPT_OUTCOME[name][case]
     level, category = LEVEL[case]
-    async with FakeUpstream() as fake:
+    async with serving(engine, name) as (fake, proxy, rx):
         model = fake.script("m", SSE(sse_body([chunk({"role": "assistant", "content": "Fine."}),
                                                chunk({}, finish_reason="stop")])))
-        async with RunningProxy(proxy_config(fake.base_url, policy_dict(name)), engine) as proxy:
-            async with httpx.AsyncClient(timeout=30) as h:
-                for stream in (True, False):
-                    if not stream:
-                        fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-                                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                                   "role": "assistant", "content": "Fine."}}]}))
-                    r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
-                        "model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPTS[case]}]})
-                    if want == "block":
-                        assert r.status_code == 400, r.text
-                        err = r.json()["error"]
-                        assert (err["code"], err["param"], err["type"]) == ("content_filter", "prompt",
-                                                                            "invalid_request_error")
-                        guard = err["innererror"]["content_filter_result"]["guard"]
-                        assert (guard["risk_level"], guard["category"]) == (level, category)
-                        message = REFUSAL.get(name, "The prompt was filtered by the content policy (risk level "
-                                                    "{level}, category {category}).")
-                        assert err["message"] == message.format(level=level, category=category)
-                        assert TRIGGER not in r.text and PII_TRIGGER not in r.text  # never echoes the prompt
-                        continue
-                    assert r.status_code == 200
-                    if stream:
-                        fs = well_formed(r.content)
-                        assert texts(fs)[0] == {0: "Fine."}
-                    else:
-                        assert r.json()["choices"][0]["message"]["content"] == "Fine."
-                    shown = want == "flag" or name in ANNOTATED
-                    assert r.headers.get("x-guard-prompt-action") == (want if shown else None)
-                    if shown:
-                        assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
-                            level, category)
+        async with httpx.AsyncClient(timeout=30) as h:
+            for stream in (True, False):
+                if not stream:
+                    fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                                           "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                               "role": "assistant", "content": "Fine."}}]}))
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                    "model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPTS[case]}]})
+                if want == "block":
+                    assert r.status_code == 400, r.text
+                    err = r.json()["error"]
+                    assert (err["code"], err["param"], err["type"]) == ("content_filter", "prompt",
+                                                                        "invalid_request_error")
+                    guard = err["innererror"]["content_filter_result"]["guard"]
+                    assert (guard["risk_level"], guard["category"]) == (level, category)
+                    message = REFUSAL.get(name, "The prompt was filtered by the content policy (risk level "
+                                                "{level}, category {category}).")
+                    assert err["message"] == message.format(level=level, category=category)
+                    assert TRIGGER not in r.text and PII_TRIGGER not in r.text  # never echoes the prompt
+                    continue
+                assert r.status_code == 200
+                if stream:
+                    fs = well_formed(r.content)
+                    assert texts(fs)[0] == {0: "Fine."}
+                else:
+                    assert r.json()["choices"][0]["message"]["content"] == "Fine."
+                shown = want in ("flag", "escalate") or name in ANNOTATED
+                assert r.headers.get("x-guard-prompt-action") == (want if shown else None)
+                if shown:
+                    assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
+                        level, category)
+    # one review event per escalated request (streamed and whole), no text in it
+    assert [(e["risk_level"], e["category"]) for e in escalations(rx, "prompt")] == (
+        [(level, category)] * 2 if want == "escalate" else [])
+    assert all(PII_TRIGGER not in json.dumps(e) for e in rx.events)
     if name in SHADOW_OF:  # what the shadow decided, once per request (streamed and whole)
         want_shadow = PROMPT_OUTCOME[SHADOW_OF[name]][case]
-        lines = [r.getMessage() for r in caplog.records if "shadow policy p: prompt" in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records if f"shadow policy {name}: prompt" in r.getMessage()]
         assert len(lines) == 2 and all(f"prompt {want_shadow} ({level}, {category})" in x for x in lines), lines
     await wait_idle(engine)
 
@@ -180,19 +208,18 @@ async def test_answer_outcome(engine, caplog, name, case):
     chunks, message, finish = ANSWERS[case]
     want_text, want_finish = _expected_texts(name, case)
     action = ANSWER_OUTCOME[name][case]
-    async with FakeUpstream() as fake:
+    async with serving(engine, name) as (fake, proxy, rx):
         model = fake.script("m", SSE(sse_body(chunks), per_event=True))
-        async with RunningProxy(proxy_config(fake.base_url, policy_dict(name)), engine) as proxy:
-            async with httpx.AsyncClient(timeout=30) as h:
-                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
-                                 json={"model": model, "stream": True, "messages": USER})
-                assert r.status_code == 200
-                fs = well_formed(r.content)
-                fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-                                       "choices": [{"index": 0, "finish_reason": finish, "message": message}]}))
-                w = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
-                                 json={"model": model, "stream": False, "messages": USER})
-                assert w.status_code == 200
+        async with httpx.AsyncClient(timeout=30) as h:
+            r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                             json={"model": model, "stream": True, "messages": USER})
+            assert r.status_code == 200
+            fs = well_formed(r.content)
+            fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                                   "choices": [{"index": 0, "finish_reason": finish, "message": message}]}))
+            w = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
+                             json={"model": model, "stream": False, "messages": USER})
+            assert w.status_code == 200
     got, got_finish = texts(fs)
     got = {k: v for k, v in got.items() if v}  # a cut tool call is announced at most, never with any argument
     if name in ASYNC and action == "cut":
@@ -211,11 +238,13 @@ async def test_answer_outcome(engine, caplog, name, case):
         whole["t0"] = tc["function"]["arguments"]
     assert whole == want_text and choice["finish_reason"] == want_finish
     # same decision streamed and whole, as the annotations say
+    want_events = 2 if action == "escalate" else 0
+    assert [(e["category"], e["start"]) for e in escalations(rx, "response")] == [("PII", 7)] * want_events
     if name in SHADOW_OF:  # nothing acted; the shadow's decision is recorded, the same streamed and whole
         want_shadow = ANSWER_OUTCOME[SHADOW_OF[name]][case]
         lines = [r.getMessage().split(": shadow policy ")[1] for r in caplog.records
-                 if "shadow policy p: response" in r.getMessage()]
-        assert len(lines) == 2 and all(x.startswith(f"p: response {want_shadow} ") for x in lines), lines
+                 if f"shadow policy {name}: response" in r.getMessage()]
+        assert len(lines) == 2 and all(x.startswith(f"{name}: response {want_shadow} ") for x in lines), lines
         assert all(_annotation(ch) is None for f in fs if isinstance(f, dict) for ch in f.get("choices", []))
     elif name in ANNOTATED:
         streamed = [a for f in fs if isinstance(f, dict) for ch in f.get("choices", []) if (a := _annotation(ch))]
@@ -231,6 +260,8 @@ async def test_answer_outcome(engine, caplog, name, case):
 
 
 async def test_refusal_status_and_text_from_the_policy(engine):
+    from guardproxy.testing.fake_upstream import proxy_config
+
     policy = {"messages": {"refusal_status": 403, "refusal": "Not here ({level}, {category}); {unknown} stays."}}
     async with FakeUpstream() as fake:
         model = fake.script("m", SSE(sse_body([chunk({"content": "x"}), chunk({}, finish_reason="stop")])))
