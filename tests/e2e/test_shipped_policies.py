@@ -7,6 +7,7 @@ proxy's code."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,7 +21,7 @@ from guardproxy.server.app import STATE
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, sse_body, \
     wait_idle
-from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, well_formed, texts
+from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, leaked, texts, well_formed
 from guardproxy.testing.review import Receiver
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -138,54 +139,62 @@ def _annotation(obj: dict) -> tuple | None:
     return r["action"], r["risk_level"], r["category"], off["start_offset"], off["end_offset"]
 
 
+def _whole(message: dict, finish: str) -> JSON:
+    return JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "finish_reason": finish, "message": message}]})
+
+
+def _by_request(caplog, rx, request_id: str, stage: str) -> tuple[list[str], list[dict]]:
+    """(this request's shadow log lines of ``stage``, this request's review events of ``stage``)."""
+    lines = [r.getMessage().split(": shadow policy ", 1)[1] for r in caplog.records
+             if r.getMessage().startswith(f"request {request_id}: shadow policy ") and f": {stage} " in r.getMessage()]
+    return lines, [e for e in rx.events if e["request_id"] == request_id and e["stage"] == stage]
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", sorted(PROMPTS))
-async def test_prompt_outcome(engine, caplog, name, case):
+async def test_prompt_outcomes(engine, caplog, name):
+    """Every prompt case, streamed and whole, sent at once to one proxy on the policy."""
     caplog.set_level(logging.INFO, logger="guardproxy")
-    want = PROMPT_OUTCOME[name][case]
-    level, category = LEVEL[case]
+    fine = {"role": "assistant", "content": "Fine."}
     async with serving(engine, name) as (fake, proxy, rx):
-        model = fake.script("m", SSE(sse_body([chunk({"role": "assistant", "content": "Fine."}),
-                                               chunk({}, finish_reason="stop")])))
+        fake.script("m-sse", SSE(sse_body([chunk(fine), chunk({}, finish_reason="stop")])))
+        fake.script("m-json", _whole(fine, "stop"))
+        runs = [(case, stream) for case in sorted(PROMPTS) for stream in (True, False)]
         async with httpx.AsyncClient(timeout=30) as h:
-            for stream in (True, False):
-                if not stream:
-                    fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-                                           "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                               "role": "assistant", "content": "Fine."}}]}))
-                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
-                    "model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPTS[case]}]})
-                if want == "block":
-                    assert r.status_code == 400, r.text
-                    err = r.json()["error"]
-                    assert (err["code"], err["param"], err["type"]) == ("content_filter", "prompt",
-                                                                        "invalid_request_error")
-                    guard = err["innererror"]["content_filter_result"]["guard"]
-                    assert (guard["risk_level"], guard["category"]) == (level, category)
-                    message = REFUSAL.get(name, "The prompt was filtered by the content policy (risk level "
-                                                "{level}, category {category}).")
-                    assert err["message"] == message.format(level=level, category=category)
-                    assert TRIGGER not in r.text and PII_TRIGGER not in r.text  # never echoes the prompt
-                    continue
-                assert r.status_code == 200
-                if stream:
-                    fs = well_formed(r.content)
-                    assert texts(fs)[0] == {0: "Fine."}
-                else:
-                    assert r.json()["choices"][0]["message"]["content"] == "Fine."
-                shown = want in ("flag", "escalate") or name in ANNOTATED
-                assert r.headers.get("x-guard-prompt-action") == (want if shown else None)
-                if shown:
-                    assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
-                        level, category)
-    # one review event per escalated request (streamed and whole), no text in it
-    assert [(e["risk_level"], e["category"]) for e in escalations(rx, "prompt")] == (
-        [(level, category)] * 2 if want == "escalate" else [])
-    assert all(PII_TRIGGER not in json.dumps(e) for e in rx.events)
-    if name in SHADOW_OF:  # what the shadow decided, once per request (streamed and whole)
-        want_shadow = PROMPT_OUTCOME[SHADOW_OF[name]][case]
-        lines = [r.getMessage() for r in caplog.records if f"shadow policy {name}: prompt" in r.getMessage()]
-        assert len(lines) == 2 and all(f"prompt {want_shadow} ({level}, {category})" in x for x in lines), lines
+            replies = await asyncio.gather(*(h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                "model": "m-sse" if stream else "m-json", "stream": stream,
+                "messages": [{"role": "user", "content": PROMPTS[case]}]}) for case, stream in runs))
+    for (case, stream), r in zip(runs, replies):
+        want = PROMPT_OUTCOME[name][case]
+        level, category = LEVEL[case]
+        if want == "block":
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert (err["code"], err["param"], err["type"]) == ("content_filter", "prompt", "invalid_request_error")
+            guard = err["innererror"]["content_filter_result"]["guard"]
+            assert (guard["risk_level"], guard["category"]) == (level, category)
+            message = REFUSAL.get(name, "The prompt was filtered by the content policy (risk level {level}, "
+                                        "category {category}).")
+            assert err["message"] == message.format(level=level, category=category)
+            assert TRIGGER not in r.text and PII_TRIGGER not in r.text  # never echoes the prompt
+        else:
+            assert r.status_code == 200, (case, stream, r.text)
+            got = texts(well_formed(r.content))[0] if stream else {0: r.json()["choices"][0]["message"]["content"]}
+            assert got == {0: "Fine."}
+            shown = want in ("flag", "escalate") or name in ANNOTATED
+            assert r.headers.get("x-guard-prompt-action") == (want if shown else None)
+            if shown:
+                assert (r.headers["x-guard-prompt-risk-level"], r.headers["x-guard-prompt-category"]) == (
+                    level, category)
+        lines, events = _by_request(caplog, rx, r.headers["x-request-id"], "prompt")
+        # one review event per escalated request, without text
+        assert [(e["risk_level"], e["category"]) for e in events] == ([(level, category)] if want == "escalate"
+                                                                      else [])
+        if name in SHADOW_OF:  # what the shadow decided
+            assert lines == [f"{name}: prompt {PROMPT_OUTCOME[SHADOW_OF[name]][case]} ({level}, {category})"]
+        else:
+            assert lines == []
+    assert rx.events == [] or all(PII_TRIGGER not in json.dumps(e) for e in rx.events)
     await wait_idle(engine)
 
 
@@ -201,61 +210,67 @@ def _expected_texts(name: str, case: str) -> tuple[dict, str]:
     return dict(FULL[case]), ANSWERS[case][2]
 
 
+def _annotations(fs: list) -> list[tuple]:
+    return [a for f in fs if isinstance(f, dict) for ch in f.get("choices", []) if (a := _annotation(ch))]
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", sorted(ANSWERS))
-async def test_answer_outcome(engine, caplog, name, case):
+async def test_answer_outcomes(engine, caplog, name):
+    """Every answer case, streamed (one SSE event per write) and whole, sent at once to one proxy on the policy."""
     caplog.set_level(logging.INFO, logger="guardproxy")
-    chunks, message, finish = ANSWERS[case]
-    want_text, want_finish = _expected_texts(name, case)
-    action = ANSWER_OUTCOME[name][case]
     async with serving(engine, name) as (fake, proxy, rx):
-        model = fake.script("m", SSE(sse_body(chunks), per_event=True))
+        for case, (chunks, message, finish) in ANSWERS.items():
+            fake.script(f"{case}-sse", SSE(sse_body(chunks), per_event=True))
+            fake.script(f"{case}-json", _whole(message, finish))
         async with httpx.AsyncClient(timeout=30) as h:
-            r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
-                             json={"model": model, "stream": True, "messages": USER})
-            assert r.status_code == 200
-            fs = well_formed(r.content)
-            fake.script("m", JSON({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-                                   "choices": [{"index": 0, "finish_reason": finish, "message": message}]}))
-            w = await h.post(proxy.base_url + "/chat/completions", headers=AUTH,
-                             json={"model": model, "stream": False, "messages": USER})
-            assert w.status_code == 200
-    got, got_finish = texts(fs)
-    got = {k: v for k, v in got.items() if v}  # a cut tool call is announced at most, never with any argument
-    if name in ASYNC and action == "cut":
-        # async: what arrived before the verdict is out already; the cut ends the choice after it
-        full = FULL[case]
-        for k, v in got.items():
-            assert (full.get(k, "") + CUT_TEXT.get(name, "")).startswith(v) or v.endswith(CUT_TEXT.get(name, "@"))
-    else:
-        assert got == want_text
-    assert got_finish == {0: want_finish}
-    # the whole completion: buffered by nature, so exactly the expected text in every mode
-    choice = w.json()["choices"][0]
-    msg = choice["message"]
-    whole = {k: v for k, v in ((0, msg.get("content")), ("r0", msg.get("reasoning_content"))) if v}
-    for tc in msg.get("tool_calls") or []:
-        whole["t0"] = tc["function"]["arguments"]
-    assert whole == want_text and choice["finish_reason"] == want_finish
-    # same decision streamed and whole, as the annotations say
-    want_events = 2 if action == "escalate" else 0
-    assert [(e["category"], e["start"]) for e in escalations(rx, "response")] == [("PII", 7)] * want_events
-    if name in SHADOW_OF:  # nothing acted; the shadow's decision is recorded, the same streamed and whole
-        want_shadow = ANSWER_OUTCOME[SHADOW_OF[name]][case]
-        lines = [r.getMessage().split(": shadow policy ")[1] for r in caplog.records
-                 if f"shadow policy {name}: response" in r.getMessage()]
-        assert len(lines) == 2 and all(x.startswith(f"{name}: response {want_shadow} ") for x in lines), lines
-        assert all(_annotation(ch) is None for f in fs if isinstance(f, dict) for ch in f.get("choices", []))
-    elif name in ANNOTATED:
-        streamed = [a for f in fs if isinstance(f, dict) for ch in f.get("choices", []) if (a := _annotation(ch))]
-        # async release cuts at the flagged token (its word is out already); a whole completion is scored as in
-        # buffered release (the cut moves back to the word's start): the same action, level and category
-        same = slice(0, 3) if name in ASYNC else slice(None)
-        assert streamed and streamed[-1][same] == _annotation(choice)[same]
-        assert streamed[-1][0] == action
-    else:
-        assert all(_annotation(ch) is None for f in fs if isinstance(f, dict) for ch in f.get("choices", []))
-    assert TRIGGER not in r.text or name in ASYNC or action != "cut"
+            def ask(case: str, stream: bool):
+                return h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                    "model": f"{case}-{'sse' if stream else 'json'}", "stream": stream, "messages": USER})
+            cases = sorted(ANSWERS)
+            replies = await asyncio.gather(*(ask(c, st) for c in cases for st in (True, False)))
+    for i, case in enumerate(cases):
+        r, w = replies[2 * i], replies[2 * i + 1]
+        assert r.status_code == w.status_code == 200
+        want_text, want_finish = _expected_texts(name, case)
+        action = ANSWER_OUTCOME[name][case]
+        fs = well_formed(r.content)
+        got, got_finish = texts(fs)
+        got = {k: v for k, v in got.items() if v}  # a cut tool call is announced at most, never with any argument
+        if name in ASYNC and action == "cut":
+            # async: what arrived before the verdict is out already; the cut ends the choice after it
+            for k, v in got.items():
+                full = FULL[case].get(k, "") + CUT_TEXT.get(name, "")
+                assert full.startswith(v) or v.endswith(CUT_TEXT.get(name, "@")), (case, got)
+        else:
+            assert got == want_text, case
+        assert got_finish == {0: want_finish}, case
+        # the whole completion: buffered by nature, so exactly the expected text in every mode
+        choice = w.json()["choices"][0]
+        msg = choice["message"]
+        whole = {k: v for k, v in ((0, msg.get("content")), ("r0", msg.get("reasoning_content"))) if v}
+        for tc in msg.get("tool_calls") or []:
+            whole["t0"] = tc["function"]["arguments"]
+        assert (whole, choice["finish_reason"]) == (want_text, want_finish), case
+        for reply in (r, w):
+            lines, events = _by_request(caplog, rx, reply.headers["x-request-id"], "response")
+            assert [(e["category"], e["start"]) for e in events] == ([("PII", 7)] if action == "escalate" else [])
+            if name in SHADOW_OF:  # nothing acted; the shadow's decision is recorded, streamed and whole alike
+                assert len(lines) == 1 and lines[0].startswith(
+                    f"{name}: response {ANSWER_OUTCOME[SHADOW_OF[name]][case]} "), (case, lines)
+            else:
+                assert lines == []
+        if name in ANNOTATED and name not in SHADOW_OF:
+            # the same decision streamed and whole, as the annotations say; async release cuts at the flagged token
+            # (its word is out already), a whole completion is scored as in buffered release (the cut moves back to
+            # the word's start): the same action, level and category
+            same = slice(0, 3) if name in ASYNC else slice(None)
+            streamed = _annotations(fs)
+            assert streamed and streamed[-1][same] == _annotation(choice)[same] and streamed[-1][0] == action, case
+        else:
+            assert _annotations(fs) == [] and _annotation(choice) is None, case
+        if action == "cut" and name not in ASYNC:
+            # buffered: no char of the flagged word reached the client socket
+            assert TRIGGER not in r.text and not any(leaked(v) for v in got.values()), case
     await wait_idle(engine)
 
 
