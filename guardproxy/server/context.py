@@ -3,6 +3,7 @@ Used by every stage of the request glue (:mod:`guardproxy.server.handler`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -64,10 +65,10 @@ class RequestContext:
             return self.selected_name or "", self.selected
         return self.tenant.policy_name, self.tenant.policy
 
-    @property
+    @functools.cached_property
     def policy(self) -> Policy:
         """The policy that acts: the chosen one (:attr:`chosen`), or for a ``mode: shadow`` policy the observer
-        that relays everything (:meth:`guardproxy.config.Policy.observer`)."""
+        that relays everything (:meth:`guardproxy.config.Policy.observer`); one object for the whole request."""
         policy = self.chosen[1]
         return policy.observer() if policy.mode == "shadow" else policy
 
