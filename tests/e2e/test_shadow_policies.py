@@ -114,3 +114,25 @@ async def test_mode_shadow_relays_everything_and_records_its_decisions(engine, c
     # an enforce-mode twin of the same policy acts on the same request
     r2, _ = await run(engine, STRICT, None, stream, prompt=f"Describe a {TRIGGER}.")
     assert r2.status_code == 400
+
+
+async def test_a_shadow_on_the_responses_api(engine, caplog):
+    """The Responses API route runs the same shadow deciders: the stream is untouched, the cut it would make is
+    recorded."""
+    from guardproxy.testing.harness import typed_events
+    from guardproxy.testing.responses import reassemble, response_events, sse
+
+    caplog.set_level(logging.INFO, logger="guardproxy")
+    items = [{"type": "message", "deltas": ["I like marz", "ipan and my zebra", "fish too."]}]
+    async with FakeUpstream() as fake:
+        fake.script("m", SSE(sse(response_events(items)), per_event=True))
+        async with RunningProxy(config(fake.base_url, LOOSE, STRICT), engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/responses", headers=AUTH,
+                                 json={"model": "m", "input": "Tell me about your pets.", "stream": True})
+    got = reassemble([o for _, o in typed_events(r.content)])
+    assert got["terminal"] == "response.completed" and got["deltas"] == {(0, "content", 0): CONTENT}
+    lines = shadow_lines(caplog)
+    assert any(": response cut choice 0 " in x and "chars [23, 23) (Unsafe, Violent)" in x for x in lines), lines
+    assert any(": response redact choice 0 " in x and "chars [7, " in x for x in lines), lines
+    await wait_idle(engine)
