@@ -272,6 +272,22 @@ class RouteTarget(_Strict):
         return self
 
 
+class Escalation(_Strict):
+    """What a review event of the ``escalate`` action carries besides the detection.
+
+    Attributes:
+        include_text: add ``text``: for a prompt, the last user turn's text; for a response, the flagged span's
+            characters as the client would receive them (at most :data:`ESCALATION_TEXT_CHARS`). Off by default: an
+            event holds no text.
+    """
+
+    include_text: bool = False
+
+
+#: The most characters of text a review event carries (``escalation.include_text``).
+ESCALATION_TEXT_CHARS = 4096
+
+
 class Messages(_Strict):
     """What a client is told (text the operator writes; never any of the moderated text).
 
@@ -314,6 +330,7 @@ class Policy(_Strict):
             when the guard is overloaded or fails.
         annotations: add ``content_filter_results``-style fields to chunks and ``x-guard-*`` headers.
         route: where the prompt action ``route`` sends a request (:class:`RouteTarget`); required with it.
+        escalation: what a review event of the ``escalate`` action carries (:class:`Escalation`).
         mode: ``enforce`` (the policy acts) or ``shadow`` (its decisions are made and recorded as a shadow
             policy's, and everything is relayed: :meth:`observer` is what acts).
         responses: Responses API settings (:class:`ResponsesPolicy`).
@@ -334,6 +351,7 @@ class Policy(_Strict):
     responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
     mode: Literal["enforce", "shadow"] = "enforce"
     route: Optional[RouteTarget] = None
+    escalation: Escalation = Field(default_factory=Escalation)
 
     def observer(self) -> "Policy":
         """The policy that acts for a ``mode: shadow`` policy: every verdict allowed, text relayed as it arrives

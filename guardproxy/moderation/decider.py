@@ -396,6 +396,11 @@ class Decider:
         i = bisect.bisect_right(self._channels, at, key=lambda c: c[0]) - 1
         return self._channels[max(i, 0)][1] if self._channels else None
 
+    def span_text(self, start: int, end: int, limit: int) -> str:
+        """The choice's chars ``[start, end)`` as received, at most ``limit`` of them (the decider keeps the text
+        from about 4096 chars before its release bound on; older chars are not returned)."""
+        return self._words._slice(start, min(end, start + limit))
+
     @property
     def done(self) -> bool:
         """True once the choice was cut or finished: nothing further can change."""

@@ -32,11 +32,12 @@ raises :class:`GuardFailure` (the caller refuses the request or ends the stream 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guardproxy.config import Policy
+from guardproxy.config import ESCALATION_TEXT_CHARS, Policy
 from guardproxy.guard.errors import EngineOverloaded
 from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
@@ -96,6 +97,7 @@ class Decision:
         level / category / probability: the debounced detection (risk level, canonical category, P(level)).
         start / end: global char offsets of the span (a cut: both the cut point).
         token: index of the scored token that decided it (template glue counted).
+        text: the span's text, only for an escalation of a policy with ``escalation.include_text`` (never logged).
     """
 
     choice: int
@@ -106,6 +108,7 @@ class Decision:
     start: int
     end: int
     token: int = -1
+    text: str | None = None
 
     @classmethod
     def of(cls, choice: int, action: Action) -> "Decision | None":
@@ -124,6 +127,13 @@ class Decision:
         """The choice fields that describe this decision (``policy.annotations: true``)."""
         return content_filter_annotation(self.action, self.level, self.category, self.probability, self.start,
                                          self.end)
+
+
+def with_text(d: Decision | None, action: Action, decider: Any, policy: Policy) -> Decision | None:
+    """``d`` with the span's text for a review event, when it is an escalation and the policy opts in."""
+    if d is None or not isinstance(action, Escalate) or not policy.escalation.include_text:
+        return d
+    return dataclasses.replace(d, text=decider.span_text(d.start, d.end, ESCALATION_TEXT_CHARS))
 
 
 class ResponseModerator:
@@ -312,7 +322,7 @@ class ResponseModerator:
         notes = self.policy.annotations
         out: list[bytes] = []
         for a in actions:
-            d = Decision.of(c, a)
+            d = with_text(Decision.of(c, a), a, cm.decider, self.policy)
             if d is None:
                 continue
             if isinstance(a, Cut):

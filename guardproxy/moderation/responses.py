@@ -42,7 +42,7 @@ from guardproxy.moderation.channels import FieldSpan, Kind, Piece
 from guardproxy.moderation.choice import ChoiceModerator
 from guardproxy.moderation.decider import Action, Cut, Redact, ShadowDecision
 from guardproxy.moderation.events import Entry, EventReleaser, Slots, reasoning_mirror, render_response
-from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure
+from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure, with_text
 from guardproxy.wire.chunks import BadChunk, read_event
 from guardproxy.wire.responses import (
     DONE_EVENTS, LIFECYCLE_EVENTS, TERMINAL_EVENTS, TOOL_ITEMS, Slot, check_event, event_texts, get_path,
@@ -304,7 +304,7 @@ class ResponsesModerator:
         self.shadow_decisions += [ShadowDecision.of(n, 0, a) for n, a in self.choice.take_shadow_actions()]
         out: list[bytes] = []
         for a in actions:
-            d = Decision.of(0, a)
+            d = with_text(Decision.of(0, a), a, self.choice.decider, self.policy)
             if d is None or (isinstance(a, Redact) and rel.redact(a.start, a.end, a.mask) is None):
                 continue
             self.decisions.append(d)

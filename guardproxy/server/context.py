@@ -48,15 +48,19 @@ class RequestContext:
     review: Any = None
 
     def escalate(self, stage: str, level: str, category: str, probability: float, *, choice: Optional[int] = None,
-                 token: Optional[int] = None, start: Optional[int] = None, end: Optional[int] = None) -> None:
-        """Queue a review event for an ``escalate`` decision (no text; never waits; see
-        :mod:`guardproxy.server.review`). Offsets are global char offsets of the choice."""
+                 token: Optional[int] = None, start: Optional[int] = None, end: Optional[int] = None,
+                 text: Optional[str] = None) -> None:
+        """Queue a review event for an ``escalate`` decision (never waits; see :mod:`guardproxy.server.review`).
+        Offsets are global char offsets of the choice; ``text`` only when the policy opts in
+        (``escalation.include_text``)."""
         if self.review is None:
             return
         event = {"type": "guardproxy.review", "tenant": self.tenant.name, "request_id": self.request_id,
                  "stage": stage, "risk_level": level, "category": category, "probability": probability}
         if stage == "response":
             event.update(choice=choice, token=token, start=start, end=end)
+        if text is not None:
+            event["text"] = text
         self.review.submit(event)
     @property
     def chosen(self) -> tuple[str, Policy]:

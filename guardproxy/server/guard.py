@@ -115,7 +115,7 @@ def report_decisions(ctx: RequestContext, mod: ResponseModerator) -> None:
                  d.level, d.category)
         if d.action == "escalate":
             ctx.escalate("response", d.level, d.category, d.probability, choice=d.choice, token=d.token,
-                         start=d.start, end=d.end)
+                         start=d.start, end=d.end, text=d.text)
     for s in mod.new_shadow_decisions():
         record_shadow(ctx, s)
 

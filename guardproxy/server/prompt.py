@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from guardproxy.config import ACTION_SEVERITY
+from guardproxy.config import ACTION_SEVERITY, ESCALATION_TEXT_CHARS
 from guardproxy.guard.labels import RISK_LEVELS
 from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
@@ -205,7 +205,8 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
         log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
                  action, decision.level, decision.category, len(windows))
     if action == "escalate":
-        ctx.escalate("prompt", decision.level, decision.category, decision.probability)
+        text = last_user_text(conversations)[:ESCALATION_TEXT_CHARS] if policy.escalation.include_text else None
+        ctx.escalate("prompt", decision.level, decision.category, decision.probability, text=text)
     for name, shadow in ctx.shadows:
         sd = decide_prompt(shadow, verdict)
         record_shadow(ctx, ShadowDecision(name, "prompt", 0, sd.action, sd.level, sd.category, sd.probability))
@@ -213,6 +214,21 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
     if action == "block":
         outcome.close()
     return outcome
+
+
+def last_user_text(conversations: list[list[dict]]) -> str:
+    """The text of the last user turn of the last conversation (string content, or its text parts joined); ``""``
+    when there is none."""
+    for message in reversed(conversations[-1] if conversations else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                               and isinstance(p.get("text"), str))
+            return ""
+    return ""
 
 
 def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:

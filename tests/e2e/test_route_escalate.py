@@ -182,3 +182,25 @@ async def test_failed_deliveries_are_retried_a_bounded_number_of_times_counted_a
         await sender.drain(10)
         await sender.close()
     assert len(rx.events) == 1 and outcomes == ["failed"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_text_only_when_the_policy_opts_in(engine, stream):
+    whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "I like marzipan a lot."}}]}
+    prompt = f"My {PII_TRIGGER}."
+    async with Receiver() as rx, FakeUpstream() as main:
+        model = main.script("m", SSE(sse_body(PII_ANSWER)) if stream else JSON(whole))
+        cfg = config({"main": main.base_url}, {**ESCALATE, "escalation": {"include_text": True}},
+                     {"url": rx.url, "backoff": 0})
+        async with RunningProxy(cfg, engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                    "model": model, "stream": stream, "messages": [{"role": "system", "content": "Be brief."},
+                                                                   {"role": "user", "content": prompt}]})
+                await proxy.app[_state_key()].review.drain(5)
+    assert r.status_code == 200
+    p, a = rx.events
+    assert p["text"] == prompt
+    assert a["text"] == "I like marzipan a lot."[a["start"]:a["end"]] and a["text"].startswith(PII_TRIGGER)
+    await wait_idle(engine)
