@@ -72,7 +72,7 @@ overrides = st.dictionaries(st.sampled_from(RESPONSE_CATS),
 channel_secs = st.fixed_dictionaries({}, optional={"controversial": acts, "unsafe": acts, "categories": overrides})
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(stage_c=acts, stage_u=acts, cats=overrides,
        channels=st.dictionaries(st.sampled_from(CHANNELS), channel_secs, max_size=3),
        level=st.sampled_from(["Controversial", "Unsafe"]), category=st.sampled_from(RESPONSE_CATS),
@@ -174,7 +174,7 @@ def probs_st():
 thr = st.none() | st.floats(0.01, 1.0)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(probs=probs_st(), u_at=thr, c_at=thr)
 def test_thresholded_level_oracle(probs, u_at, c_at):
     argmax = max(probs, key=probs.get)
