@@ -1,5 +1,5 @@
 """Command line: ``guardproxy serve --config FILE [--host H] [--port P] [--guard-model DIR_OR_HUB_ID]``,
-``guardproxy check-config FILE``, ``guardproxy hash-key KEY`` and ``guardproxy classify ...`` (dispatched to
+``guardproxy check-config FILE``, ``guardproxy check-policy FILE...``, ``guardproxy hash-key KEY`` and ``guardproxy classify ...`` (dispatched to
 :mod:`guardproxy.eval.classify`).
 
 Start-up problems (a bad config, a guard model that cannot be loaded, a port in use) print one clear ``error:``
@@ -148,6 +148,28 @@ def check_config(args) -> int:
     return 0
 
 
+def check_policy(args) -> int:
+    """``guardproxy check-policy FILE...``: validate each policy file and print its effective policy (``extends``
+    resolved, every default filled in) as YAML, one document per file; parents are looked up in ``--policies-dir``
+    (default: each file's own directory). Errors name the file, the key path and its line; returns 2 if any file
+    is invalid (every file is checked), else 0."""
+    import yaml
+
+    from guardproxy.config import ConfigError, load_policy
+
+    status = 0
+    for i, path in enumerate(args.files):
+        try:
+            policy = load_policy(path, directory=args.policies_dir)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 2
+            continue
+        print(("---\n" if i else "") + f"# {path}: valid; effective policy\n"
+              + yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True), end="")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guardproxy`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -162,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hash-key", help="print the sha256 hex of an API key (for tenants[].api_key_sha256)"
                    ).add_argument("key")
     sub.add_parser("check-config", help="validate a config file and its policies").add_argument("config")
+    cp = sub.add_parser("check-policy", help="validate policy files and print each effective policy (YAML)")
+    cp.add_argument("files", nargs="+", metavar="FILE")
+    cp.add_argument("--policies-dir", default=None,
+                    help="where `extends` parents are looked up (default: each file's own directory)")
     args = ap.parse_args(argv)
-    return {"serve": serve, "hash-key": hash_key, "check-config": check_config}[args.cmd](args)
+    return {"serve": serve, "hash-key": hash_key, "check-config": check_config,
+            "check-policy": check_policy}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
+from guardproxy.server.review import ReviewSender
 from guardproxy.tenants import Tenant, TenantRegistry, extract_api_key
 from guardproxy.server import handler, responses
 from guardproxy.server.conversations import ConversationStore
@@ -117,6 +118,7 @@ class ProxyState:
         metrics: Prometheus metrics of this server (own registry).
         lifecycle: requests in flight and the drain state.
         conversations: the Responses API conversations kept for ``previous_response_id`` (``responses.*``).
+        review: the sender of review events (``review_webhook``), or None.
     """
 
     config: Config
@@ -126,6 +128,7 @@ class ProxyState:
     metrics: Metrics = field(default_factory=Metrics)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     conversations: ConversationStore | None = None
+    review: ReviewSender | None = None
 
     def __post_init__(self) -> None:
         if self.conversations is None:
@@ -255,6 +258,29 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
+#: The request header that selects one of the tenant's ``selectable_policies``.
+POLICY_HEADER = "x-guard-policy"
+
+
+def select_policy(tenant: Tenant, request: web.Request) -> Any:
+    """``(name, policy)`` the request selects with :data:`POLICY_HEADER` (one of the tenant's
+    ``selectable_policies`` or its own policy), or None without the header.
+
+    Raises:
+        ProxyError: 400 ``invalid_policy`` for a name the tenant does not list, or the header given twice (the
+            value is not echoed).
+    """
+    values = request.headers.getall(POLICY_HEADER, [])
+    if not values:
+        return None
+    choice = tenant.select(values[0].strip()) if len(values) == 1 else None
+    if choice is None:
+        allowed = ", ".join([tenant.policy_name, *tenant.selectable])
+        raise ProxyError(400, f"The {POLICY_HEADER} header names no policy this API key may select (selectable: "
+                         f"{allowed}).", code="invalid_policy", param=POLICY_HEADER)
+    return choice
+
+
 def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
     try:
         return state.upstreams[tenant.upstream_name]
@@ -267,11 +293,13 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     authenticate, validate, moderate."""
     state = request.app[STATE]
     tenant = resolve_tenant(state, request)
+    selected = select_policy(tenant, request)
     body = await read_json(request)
     legacy = request.path == "/v1/completions"
     ctx = RequestContext(
         request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
-        metrics=state.metrics, limits=state.config.limits)
+        metrics=state.metrics, limits=state.config.limits, selected=selected[1] if selected else None,
+        selected_name=selected[0] if selected else None, upstreams=state.upstreams, review=state.review)
     if request.path == "/v1/responses":
         return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
     return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
@@ -330,8 +358,11 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     counters = Metrics(engine=engine)
     if upstreams is None:
         upstreams = build_upstreams(config, lambda name, s: counters.upstream_pool_wait.labels(upstream=name).observe(s))
+    review = None
+    if config.review_webhook is not None:
+        review = ReviewSender(config.review_webhook, lambda outcome: counters.review_events.labels(outcome).inc())
     app[STATE] = ProxyState(config=config, engine=engine, upstreams=upstreams, tenants=TenantRegistry(config),
-                            metrics=counters)
+                            metrics=counters, review=review)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -348,7 +379,17 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         for up in app[STATE].upstreams.values():
             await up.aclose()
 
+    async def _start_review(app: web.Application) -> None:
+        if app[STATE].review is not None:
+            await app[STATE].review.start()
+
+    async def _close_review(app: web.Application) -> None:
+        if app[STATE].review is not None:
+            await app[STATE].review.close()
+
+    app.on_startup.append(_start_review)
     app.on_cleanup.append(_close_upstreams)
+    app.on_cleanup.append(_close_review)
     return app
 
 

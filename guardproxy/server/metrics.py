@@ -70,6 +70,11 @@ class Metrics:
         self.response_actions = Counter("guardproxy_response_actions",
                                         "Response actions taken (flag, redact, cut) per choice",
                                         ["tenant", "action", "category"], registry=r)
+        self.review_events = Counter("guardproxy_review_events", "Review events of the escalate action, by outcome "
+                                     "(sent, failed, dropped)", ["outcome"], registry=r)
+        self.shadow_decisions = Counter(
+            "guardproxy_shadow_decisions", "What shadow policies would have done (nothing of it is applied)",
+            ["tenant", "policy", "stage", "action", "risk_level", "category"], registry=r)
         self.guard_failures = Counter("guardproxy_guard_failures", "Guard overloaded / failed, by fail mode",
                                       ["kind", "fail_mode"], registry=r)
         self.upstream_errors = Counter("guardproxy_upstream_errors", "Upstream failures", ["kind"], registry=r)

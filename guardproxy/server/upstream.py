@@ -35,7 +35,8 @@ HOP_BY_HOP = frozenset({
 })
 #: Request headers the proxy never copies from the client (credentials, and fields httpx sets itself).
 CLIENT_CREDENTIALS = frozenset({"authorization", "api-key", "x-api-key", "cookie"})
-_RECOMPUTED_REQUEST = frozenset({"host", "content-length", "accept-encoding", "expect"})
+_RECOMPUTED_REQUEST = frozenset({"host", "content-length", "accept-encoding", "expect",
+                                 "x-guard-policy"})  # the proxy's own request header (the policy a request selects)
 #: Response headers dropped: the proxy decodes the body (httpx undoes gzip) and re-frames it.
 _RECOMPUTED_RESPONSE = frozenset({"content-length", "content-encoding", "date", "server"})
 
