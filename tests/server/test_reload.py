@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ import yaml
 from aiohttp import web
 
 from guardproxy.config import load_config
-from guardproxy.server.app import STATE
+from guardproxy.server.app import STATE, drain
 from guardproxy.server.reload import ConfigReloader, config_version
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import RunningProxy, chunk, wait_idle
@@ -304,6 +305,12 @@ async def test_watcher_applies_a_burst_of_writes_once_and_stops_on_close(engine,
                 sample = state.metrics.registry.get_sample_value
                 assert sample("guardproxy_config_reload_errors_total") == 0  # the half-written files were never read
                 assert sample("guardproxy_config_reloads_total") == 1
+                # a file replaced by a rename (editors, ConfigMap updates) is followed too
+                v2 = state.snapshot.version
+                (tmp_path / "policies" / "p.yaml.new").write_text(yaml.safe_dump({**FLAG, "hold_back": 1}))
+                os.replace(tmp_path / "policies" / "p.yaml.new", policy)
+                assert await wait_until(lambda: state.snapshot.version not in (v1, v2), 10)
+                assert state.snapshot.version == config_version(load_config(path))
                 # turning watching off through the file: the watcher stops watching
                 edit(path, lambda d: d["reload"].update(watch=False))
                 assert await wait_until(lambda: reloader.watched == (), 10)
@@ -342,6 +349,33 @@ async def test_restart_only_keys_are_logged_and_kept(engine, tmp_path, caplog):
         "guard", "limits.max_body_bytes", "listen"], warnings
     assert any("keeping 127.0.0.1:9999" in w for w in warnings) and any("keeping model unused" in w for w in warnings)
     assert sum("unchanged" in line for line in reload_lines(caplog, logging.INFO)) == 2
+
+
+async def test_drain_interrupts_a_replaced_upstream_client_still_in_use(engine, tmp_path):
+    """A stream on an upstream client a reload replaced is still stopped by the drain: error frame, then [DONE]."""
+    gate = asyncio.Event()  # never set: the stream stays live
+    gated = Gated(gate)
+    async with RecordingUpstream(gated) as up:
+        path = write_files(tmp_path, {"up": upstream(up.base_url)}, [("a", "p", "up")], {"p": FLAG})
+        async with RunningProxy(load_config(path), engine) as proxy:
+            state = proxy.app[STATE]
+            old_client = state.upstreams["up"]
+            async with httpx.AsyncClient(timeout=30) as h:
+                async def live() -> bytes:
+                    r = await h.post(proxy.base_url + "/chat/completions", json=completion("m"),
+                                     headers={"Authorization": "Bearer sk-a"})
+                    return r.content
+                task = asyncio.ensure_future(live())
+                assert await wait_until(lambda: gated.started == 1, 10)
+                edit(path, lambda d: d["upstreams"]["up"].update(idle_timeout=20))
+                assert await ConfigReloader(state, path).reload("test")
+                assert state.upstreams["up"] is not old_client and state.clients.retired() == [old_client]
+                assert await drain(proxy.app, 0.1) == 1
+                body = await task
+    fs = well_formed(body)
+    assert fs[-1]["error"]["code"] == "shutting_down", fs[-1]
+    assert texts(fs)[0][0] == "".join(HEAD)[:len(texts(fs)[0][0])]
+    await wait_idle(engine)
 
 
 def test_version_is_stable_and_leaves_secrets_out(tmp_path):
