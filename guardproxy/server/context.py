@@ -29,7 +29,9 @@ class GuardEngine(Protocol):
 
 @dataclass
 class RequestContext:
-    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits."""
+    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits. Tenant,
+    upstream and limits come from the configuration version the request started under
+    (:class:`guardproxy.server.reload.Snapshot`) and stay for its whole life, whatever a reload puts in force."""
 
     request_id: str
     tenant: Tenant

@@ -227,6 +227,8 @@ class ConfigReloader:
             try:
                 loaded = await asyncio.to_thread(load_config, self.path)
                 config, restart = keep_restart_only(loaded, old.config, self._file)
+                if config != old.config:  # tenant registry, version and new clients (SSL contexts) off the loop too
+                    new, rebuilt = await asyncio.to_thread(self._build, config, old)
             except ConfigError as e:
                 metrics.config_reload_errors.inc()
                 metrics.config_last_reload_successful.set(0)
@@ -247,7 +249,13 @@ class ConfigReloader:
                 log.log(logging.DEBUG if trigger == "file change" else logging.INFO,
                         "config reload (%s): unchanged, version %s", trigger, old.version)
                 return True
-            new, rebuilt = self._build(config, old)
+            for name in rebuilt:
+                state.clients.add(new.upstreams[name])
+            if state.lifecycle.draining or self._closed:  # the drain began meanwhile: it keeps the old version
+                for name in rebuilt:
+                    state.clients.retire(new.upstreams[name])
+                log.info("config reload (%s) skipped: shutting down", trigger)
+                return False
             state.snapshot = new
             for name, client in old.upstreams.items():
                 if new.upstreams.get(name) is not client:
@@ -268,14 +276,13 @@ class ConfigReloader:
 
     def _build(self, config: Config, old: Snapshot) -> tuple[Snapshot, list[str]]:
         """The snapshot of ``config``: the clients of unchanged upstreams reused, a new client for each other one
-        (returned by name)."""
+        (their names returned). Touches no shared state (runs in a worker thread)."""
         metrics = self.state.metrics
         upstreams, rebuilt = {}, []
         for name, settings in config.upstreams.items():
             client = old.upstreams.get(name)
             if client is None or client.settings != settings:
                 client = Upstream(settings, observe_pool_wait=metrics.upstream_pool_wait.labels(upstream=name).observe)
-                self.state.clients.add(client)
                 rebuilt.append(name)
             upstreams[name] = client
         return Snapshot.of(config, upstreams), rebuilt
@@ -316,8 +323,8 @@ class ConfigReloader:
                                             debounce=max(1600, 4 * quiet_ms), recursive=False):
                     log.debug("config files changed: %s", sorted(p for _, p in changes))
                     await self.reload("file change")
-            except Exception:  # e.g. a watched directory removed: try again shortly, never stop serving
-                log.exception("config watcher failed; watching again in 1s")
+            except Exception as e:  # e.g. a watched directory removed: try again shortly, never stop serving
+                log.warning("config watcher failed (%s: %s); watching again in 1s", type(e).__name__, e)
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except asyncio.TimeoutError:
@@ -329,7 +336,7 @@ class ConfigReloader:
         self._closed = True
         self._wake.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
