@@ -378,6 +378,25 @@ async def test_drain_interrupts_a_replaced_upstream_client_still_in_use(engine, 
     await wait_idle(engine)
 
 
+async def test_a_removed_tenant_is_refused_and_its_conversations_dropped(engine, tmp_path):
+    async with RecordingUpstream() as up:
+        path = write_files(tmp_path, {"up": upstream(up.base_url)}, [("a", "p", "up"), ("b", "p", "up")],
+                           {"p": FLAG}, responses={"max_per_tenant": 8})
+        async with RunningProxy(load_config(path), engine) as proxy:
+            state = proxy.app[STATE]
+            store = state.conversations
+            store.put("a", "resp_a", [{"role": "user", "content": "hi"}])
+            store.put("b", "resp_b", [{"role": "user", "content": "hi"}])
+            edit(path, lambda d: (d["tenants"].pop(), d["responses"].update(max_per_tenant=4)))
+            assert await ConfigReloader(state, path).reload("test")
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(proxy.base_url + "/chat/completions", json=completion("m"),
+                                 headers={"Authorization": "Bearer sk-b"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert store.get("b", "resp_b") is None and store.owner("resp_b") is None
+            assert store.get("a", "resp_a") is not None and store.max_per_tenant == 4
+
+
 def test_version_is_stable_and_leaves_secrets_out(tmp_path):
     path = write_files(tmp_path, {"up": upstream("http://127.0.0.1:1/v1", api_key="sk-one")}, [("a", "p", "up")],
                        {"p": FLAG})
