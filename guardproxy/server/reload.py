@@ -29,6 +29,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,12 +161,21 @@ def keep_restart_only(loaded: Config, in_force: Config, previous: Config | None)
     return loaded.model_copy(update={"listen": in_force.listen, "guard": in_force.guard, "limits": limits}), changed
 
 
+_YAML_MARK = re.compile(r'^in ".*", line \d+, column \d+:$')
+
+
 def one_line(err: Exception) -> str:
     """A :class:`ConfigError`'s message on one line: a line ending in ``:`` (a file or key that the next lines are
-    about) runs on into the next, other lines are joined with ``; ``."""
-    out = ""
-    for line in str(err).splitlines():
-        line = line.strip()
+    about) runs on into the next, other lines are joined with ``; ``. The two lines PyYAML quotes under an
+    ``in "FILE", line N, column M:`` mark (the file's line and a ``^`` under the column) are left out: the quoted line
+    may hold a secret."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    out, i = "", 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if _YAML_MARK.match(line):
+            line, i = line[:-1], i + 2
         if line:
             out += line if not out else (" " if out.endswith(":") else "; ") + line
     return out
@@ -270,8 +280,8 @@ class ConfigReloader:
             log.info("config reloaded (%s): version %s -> %s; %d tenant(s), policies: %s; upstream clients "
                      "rebuilt: %s", trigger, old.version, new.version, len(config.tenants),
                      ", ".join(config.policies) or "none", ", ".join(rebuilt) or "none")
-            if self._watch_paths() != self.watched:
-                self._wake.set()  # the watcher restarts on the new directories (or stops)
+            if self._watch_paths() != self.watched or config.reload.debounce != old.config.reload.debounce:
+                self._wake.set()  # the watcher restarts on the new directories or debounce (or stops)
             return True
 
     def _build(self, config: Config, old: Snapshot) -> tuple[Snapshot, list[str]]:

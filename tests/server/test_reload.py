@@ -26,9 +26,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from guardproxy.config import load_config
+from guardproxy.config import ConfigError, load_config
 from guardproxy.server.app import STATE, drain
-from guardproxy.server.reload import ConfigReloader, config_version
+from guardproxy.server.reload import ConfigReloader, config_version, one_line
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import RunningProxy, chunk, wait_idle
 from guardproxy.testing.harness import TRIGGER, USER, texts, wait_until, well_formed
@@ -395,6 +395,17 @@ async def test_a_removed_tenant_is_refused_and_its_conversations_dropped(engine,
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert store.get("b", "resp_b") is None and store.owner("resp_b") is None
             assert store.get("a", "resp_a") is not None and store.max_per_tenant == 4
+
+
+def test_the_log_line_of_a_yaml_error_names_file_and_line_and_quotes_no_secret(tmp_path):
+    path = write_files(tmp_path, {"up": upstream("http://127.0.0.1:1/v1")}, [("a", "p", "up")], {"p": FLAG})
+    path.write_text(path.read_text() + "extra: {api_key: sk-secret-in-a-broken-line\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "sk-secret" in str(e.value)  # PyYAML quotes the line
+    line = one_line(e.value)
+    assert "sk-secret" not in line and "\n" not in line, line
+    assert line.startswith(f"{path}: invalid YAML: ") and f'in "{path}", line ' in line, line
 
 
 def test_version_is_stable_and_leaves_secrets_out(tmp_path):
