@@ -105,7 +105,7 @@ async def _serve(cfg, engine, config_path=None, file_config=None, watch: bool = 
     try:
         await stop.wait()
         if reloader is not None:
-            await reloader.aclose()
+            reloader.stop()  # no reload from here on; the watcher thread ends while the drain runs
         await drain(app, state.config.shutdown.drain_timeout, cut_short=now)
     finally:
         if reloader is not None:

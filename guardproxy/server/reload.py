@@ -341,10 +341,16 @@ class ConfigReloader:
                     pass
         self.watched = ()
 
-    async def aclose(self) -> None:
-        """Stop watching and let a reload under way finish (it returns within one notify step, 50 ms or so)."""
+    def stop(self) -> None:
+        """No reload from now on (one under way is dropped before it is put in force); the watcher stops. Returns at
+        once; :meth:`aclose` waits for the watcher task."""
         self._closed = True
         self._wake.set()
+
+    async def aclose(self) -> None:
+        """:meth:`stop`, then wait for the watcher task and a reload under way. The notify thread sees the stop
+        within one ``reload.debounce`` period (it checks once per quiet period)."""
+        self.stop()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
