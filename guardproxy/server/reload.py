@@ -29,8 +29,9 @@ import asyncio
 import functools
 import hashlib
 import logging
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,26 @@ def watch_paths(config_path: Path, config: Config) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+#: File name endings a change to which triggers a reload (besides the config file's own name and ``..`` entries).
+WATCHED_SUFFIXES = (".yaml", ".yml")
+
+
+def config_change(config_path: Path) -> Callable[[Any, str], bool]:
+    """The watchfiles filter of the reloader: a change counts when its file is the config file, a ``.yaml`` /
+    ``.yml`` file, or a ``..`` entry (the ``..data`` symlink and timestamped directories through which Kubernetes
+    swaps a mounted ConfigMap); editor swap and backup files never count. Anything else in the watched directories
+    (a log file written beside the config, say) triggers nothing."""
+    from watchfiles import DefaultFilter
+
+    default = DefaultFilter()
+    name = config_path.name
+
+    def keep(change: Any, path: str) -> bool:
+        base = os.path.basename(path)
+        return default(change, path) and (base == name or base.endswith(WATCHED_SUFFIXES) or base.startswith(".."))
+    return keep
+
+
 class ConfigReloader:
     """Re-reads ``path`` (and the policy files it names) on :meth:`reload`, on SIGHUP (:meth:`trigger`) and, while
     ``reload.watch`` is on, when a file in the watched directories (:func:`watch_paths`) changes; see the module
@@ -330,7 +351,8 @@ class ConfigReloader:
             try:
                 # the notify thread waits for ``step`` quiet ms after a change (``debounce`` caps a long burst)
                 async for changes in awatch(*paths, stop_event=self._wake, step=quiet_ms,
-                                            debounce=max(1600, 4 * quiet_ms), recursive=False):
+                                            debounce=max(1600, 4 * quiet_ms), recursive=False,
+                                            watch_filter=config_change(self.path)):
                     log.debug("config files changed: %s", sorted(p for _, p in changes))
                     await self.reload("file change")
             except Exception as e:  # e.g. a watched directory removed: try again shortly, never stop serving

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from guardproxy.config import ConfigError, load_config
 from guardproxy.server.app import STATE, drain
-from guardproxy.server.reload import ConfigReloader, config_version, one_line
+from guardproxy.server.reload import ConfigReloader, config_change, config_version, one_line
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import RunningProxy, chunk, wait_idle
 from guardproxy.testing.harness import TRIGGER, USER, texts, wait_until, well_formed
@@ -406,6 +406,16 @@ def test_the_log_line_of_a_yaml_error_names_file_and_line_and_quotes_no_secret(t
     line = one_line(e.value)
     assert "sk-secret" not in line and "\n" not in line, line
     assert line.startswith(f"{path}: invalid YAML: ") and f'in "{path}", line ' in line, line
+
+
+def test_the_watch_filter_keeps_config_files_and_configmap_swaps_only(tmp_path):
+    from watchfiles import Change
+
+    keep = config_change(tmp_path / "guardproxy.conf")
+    kept = [tmp_path / n for n in ("guardproxy.conf", "p.yaml", "q.yml", "..data", "..2026_12_02_01_00_00.123")]
+    dropped = [tmp_path / n for n in ("proxy.log", ".p.yaml.swp", "p.yaml~", "notes.txt", "config.yaml.bak")]
+    assert [keep(Change.modified, str(p)) for p in kept] == [True] * len(kept)
+    assert [keep(Change.modified, str(p)) for p in dropped] == [False] * len(dropped)
 
 
 def test_version_is_stable_and_leaves_secrets_out(tmp_path):
