@@ -56,8 +56,9 @@ VERSION_DIGITS = 12
 
 def config_version(config: Config) -> str:
     """A short hex digest (:data:`VERSION_DIGITS`) of ``config``'s canonical JSON (keys sorted), secret values
-    masked: equal configs have equal versions on every replica."""
-    dump = config.model_dump(mode="json")
+    masked and ``policies_dir`` left out (the policies it holds are in; where they are read from is not): the same
+    files give the same version on every replica, whatever the path they are mounted at."""
+    dump = config.model_dump(mode="json", exclude={"policies_dir"})
     canonical = orjson.dumps(dump, option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(canonical).hexdigest()[:VERSION_DIGITS]
 

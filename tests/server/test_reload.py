@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from aiohttp import web
 
 from guardproxy.config import ConfigError, load_config
@@ -416,6 +418,30 @@ def test_the_watch_filter_keeps_config_files_and_configmap_swaps_only(tmp_path):
     dropped = [tmp_path / n for n in ("proxy.log", ".p.yaml.swp", "p.yaml~", "notes.txt", "config.yaml.bak")]
     assert [keep(Change.modified, str(p)) for p in kept] == [True] * len(kept)
     assert [keep(Change.modified, str(p)) for p in dropped] == [False] * len(dropped)
+
+
+_POLICY_FIELDS = {
+    "release": st.sampled_from(["buffered", "async"]), "hold_back": st.integers(0, 8), "debounce": st.integers(1, 4),
+    "mask": st.text("ab[]{}", min_size=1, max_size=6), "fail_mode": st.sampled_from(["closed", "open"]),
+    "response": st.fixed_dictionaries({}, optional={"controversial": st.sampled_from(["allow", "flag", "cut"]),
+                                                    "unsafe": st.sampled_from(["flag", "cut"])}),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(policy=st.fixed_dictionaries({}, optional=_POLICY_FIELDS), data=st.data())
+def test_version_depends_on_what_the_files_say_not_how_or_where(tmp_path_factory, policy, data):
+    """Key order, YAML style and the directory the files are in do not change the version; any value does."""
+    roots = [tmp_path_factory.mktemp("v") for _ in range(2)]
+    for root, order in zip(roots, (list(policy), data.draw(st.permutations(list(policy))))):
+        path = write_files(root, {"up": upstream("http://127.0.0.1:1/v1")}, [("a", "p", "up")], {"p": {}})
+        (root / "policies" / "p.yaml").write_text(
+            yaml.safe_dump({k: policy[k] for k in order}, sort_keys=False, default_flow_style=root == roots[1]))
+    one, two = (load_config(r / "config.yaml") for r in roots)
+    assert one.policies_dir != two.policies_dir and config_version(one) == config_version(two)
+    changed = {**policy, "hold_back": policy.get("hold_back", 2) + 1}
+    (roots[1] / "policies" / "p.yaml").write_text(yaml.safe_dump(changed))
+    assert config_version(load_config(roots[1] / "config.yaml")) != config_version(one)
 
 
 def test_version_is_stable_and_leaves_secrets_out(tmp_path):
