@@ -368,9 +368,7 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/v1/{tail:.+}", relay)
     for name, u in config.upstreams.items():
-        if u.passthrough_routes:
-            log.info("upstream %s: relaying UNMODERATED on %s", name,
-                     ", ".join(f"{r.method} {r.path}" for r in u.passthrough_routes))
+        relays.announce_passthrough(name, u)
 
     async def _close_upstreams(app: web.Application) -> None:
         await app[STATE].clients.aclose()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from guardproxy.config import Config, ConfigError, load_config
+from guardproxy.server.relay import announce_passthrough
 from guardproxy.server.upstream import Upstream
 from guardproxy.tenants import TenantRegistry
 
@@ -297,6 +298,8 @@ class ConfigReloader:
                 store.max_per_tenant, store.max_age = config.responses.max_per_tenant, config.responses.max_age
                 for t in {t.name for t in old.config.tenants} - {t.name for t in config.tenants}:
                     store.forget(t)
+            for name in rebuilt:
+                announce_passthrough(name, config.upstreams[name])
             metrics.config_reloads.inc()
             metrics.config.info({"version": new.version})
             log.info("config reloaded (%s): version %s -> %s; %d tenant(s), policies: %s; upstream clients "

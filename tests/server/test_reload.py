@@ -346,6 +346,11 @@ async def test_restart_only_keys_are_logged_and_kept(engine, tmp_path, caplog):
             edit(path, lambda d: d["limits"].update(client_body_timeout=5.0))
             assert await reloader.reload("test")
             assert state.config.limits.client_body_timeout == 5.0 and state.config.limits.max_body_bytes == 1000
+            # new unmoderated routes are said as loudly as at start-up
+            edit(path, lambda d: d["upstreams"]["up"].update(passthrough_routes=["GET /v1/files/{id}"]))
+            with caplog.at_level(logging.INFO, "guardproxy.server"):
+                assert await reloader.reload("test")
+    assert "upstream up: relaying UNMODERATED on GET /v1/files/{id}" in caplog.text
     warnings = reload_lines(caplog, logging.WARNING)
     assert sorted(w.split(": ", 1)[1].split(" changed")[0] for w in warnings) == [
         "guard", "limits.max_body_bytes", "listen"], warnings
