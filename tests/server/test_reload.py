@@ -7,8 +7,13 @@ upstreams on loopback, raw bytes at the client.
 - 50 live streams through a reload that replaces their policy and their upstream's client all end whole, and the old
   client is closed once the last of them ended (not before);
 - two tenants with their own policies and upstreams stay apart through a reload;
-- the file watcher applies a change by itself (a burst of writes read once) and stops on close;
-- restart-only keys (``listen``, ``guard``, ``limits.max_body_bytes``) are logged and kept.
+- the file watcher applies a change by itself (a burst of writes read once, a rename followed), follows
+  ``reload.watch`` and stops on close; it counts only config files;
+- restart-only keys (``listen``, ``guard``, ``limits.max_body_bytes``) are logged and kept;
+- a drain still stops a stream on a replaced upstream client; a removed tenant is refused and its stored
+  conversations dropped;
+- the version depends on what the files say, not on key order, YAML style, path or secret values; the log line of a
+  rejected file quotes no line of it.
 
 SIGHUP on the real ``guardproxy serve`` process: ``tests/test_cli.py``.
 """
