@@ -239,6 +239,7 @@ class ConfigReloader:
         self._closed = False
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
+        self._queued: asyncio.Task | None = None  # a triggered reload not yet reading the files
         self.watched: tuple[Path, ...] = ()  #: the directories watched now (empty: none)
 
     # -- reloading --------------------------------------------------------------------------------------------------
@@ -252,6 +253,8 @@ class ConfigReloader:
             stays; the error is logged and counted). Never raises for a bad file.
         """
         async with self._lock:
+            if asyncio.current_task() is self._queued:
+                self._queued = None  # a trigger from now on needs another reload: the files are read from here
             state, metrics = self.state, self.state.metrics
             old = state.snapshot
             if state.lifecycle.draining or self._closed:
@@ -323,8 +326,12 @@ class ConfigReloader:
         return Snapshot.of(config, upstreams), rebuilt
 
     def trigger(self, reason: str = "SIGHUP") -> asyncio.Task:
-        """Schedule a :meth:`reload` (the SIGHUP handler: it returns at once). Returns its task."""
-        task = asyncio.ensure_future(self.reload(reason))
+        """Schedule a :meth:`reload` (the SIGHUP handler: it returns at once). Returns its task. Triggers that come
+        while one reload waits for another to end are served by the waiting one (a burst of signals reads the files
+        at most twice)."""
+        if self._queued is not None and not self._queued.done():
+            return self._queued
+        task = self._queued = asyncio.ensure_future(self.reload(reason))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return task

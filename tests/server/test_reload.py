@@ -409,6 +409,26 @@ async def test_a_removed_tenant_is_refused_and_its_conversations_dropped(engine,
             assert store.get("a", "resp_a") is not None and store.max_per_tenant == 4
 
 
+async def test_a_burst_of_sighups_reads_the_files_at_most_twice(engine, tmp_path, monkeypatch):
+    import guardproxy.server.reload as reload_module
+
+    async with RecordingUpstream() as up:
+        path = write_files(tmp_path, {"up": upstream(up.base_url)}, [("a", "p", "up")], {"p": FLAG})
+        async with RunningProxy(load_config(path), engine) as proxy:
+            reloader = ConfigReloader(proxy.app[STATE], path)
+            reads = []
+            monkeypatch.setattr(reload_module, "load_config", lambda p: reads.append(p) or load_config(p))
+            tasks = {reloader.trigger("SIGHUP") for _ in range(20)}
+            assert len(tasks) == 1  # none has started: one reload serves them all
+            await asyncio.gather(*tasks)
+            tasks = [reloader.trigger("SIGHUP")]
+            await asyncio.sleep(0)  # it holds the lock now and reads: a new trigger needs one more reload
+            tasks += [reloader.trigger("SIGHUP") for _ in range(20)]
+            assert all(await asyncio.gather(*tasks)) and len(set(tasks)) == 2
+            await reloader.aclose()
+    assert len(reads) == 3
+
+
 def test_the_log_line_of_a_yaml_error_names_file_and_line_and_quotes_no_secret(tmp_path):
     path = write_files(tmp_path, {"up": upstream("http://127.0.0.1:1/v1")}, [("a", "p", "up")], {"p": FLAG})
     path.write_text(path.read_text() + "extra: {api_key: sk-secret-in-a-broken-line\n")
