@@ -635,6 +635,18 @@ class ResponsesStore(_Strict):
     max_age: float = Field(3600.0, ge=0)
 
 
+class ReloadSettings(_Strict):
+    """Hot reload (:mod:`guardproxy.server.reload`): the config and policy files are re-read on SIGHUP always, and
+    on change while ``watch`` is on.
+
+    ``debounce``: seconds the watched directories must stay quiet after a change before the files are read (a burst
+    of writes, an editor's save or a Kubernetes ConfigMap swap, is read once).
+    """
+
+    watch: bool = True
+    debounce: float = Field(0.3, ge=0.01, le=60)
+
+
 class TenantConfig(_Strict):
     """A tenant: who (hashes of its API keys), which policy, which upstream. Keys are never stored in clear."""
 
@@ -702,6 +714,7 @@ class Config(_Strict):
     shutdown: Shutdown = Field(default_factory=Shutdown)
     responses: ResponsesStore = Field(default_factory=ResponsesStore)
     review_webhook: Optional[ReviewWebhook] = None
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
 
     def with_overrides(
         self, *, host: Optional[str] = None, port: Optional[int] = None, guard_model: Optional[str] = None

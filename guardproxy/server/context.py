@@ -31,7 +31,9 @@ class GuardEngine(Protocol):
 
 @dataclass
 class RequestContext:
-    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits.
+    """What one request needs: its id, tenant (+ policy), upstream, guard engine, metrics and limits. Tenant,
+    upstream and limits come from the configuration version the request started under
+    (:class:`guardproxy.server.reload.Snapshot`) and stay for its whole life, whatever a reload puts in force.
     ``selected``: the policy the request selected (x-guard-policy, one the tenant lists), or None.
     ``selected_name``: its name. ``upstreams``: every configured upstream by name (the ``route`` action's
     targets). ``review``: the :class:`guardproxy.server.review.ReviewSender`, or None."""

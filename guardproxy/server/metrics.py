@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -86,6 +86,16 @@ class Metrics:
                                             "Time a request waited for a connection of its upstream's pool",
                                             ["upstream"], registry=r,
                                             buckets=(.0001, .001, .005, .01, .05, .1, .5, 1, 5, 10, 30))
+        self.config_reloads = Counter("guardproxy_config_reloads",
+                                      "Configuration reloads that put a new version in force", registry=r)
+        self.config_reload_errors = Counter("guardproxy_config_reload_errors",
+                                            "Configuration reloads rejected (the last good version stays in force)",
+                                            registry=r)
+        self.config_last_reload_successful = Gauge("guardproxy_config_last_reload_successful",
+                                                   "Whether the last configuration reload passed validation (1) or "
+                                                   "was rejected (0)", registry=r)
+        self.config_last_reload_successful.set(1)
+        self.config = Info("guardproxy_config", "The configuration version in force", registry=r)
         self.engine_collector = EngineCollector(engine)
         r.register(self.engine_collector)
 

@@ -69,6 +69,15 @@ _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 _PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 
 
+def announce_passthrough(name: str, settings) -> None:
+    """Log the routes upstream ``name`` (its :class:`guardproxy.config.Upstream` settings) relays unmoderated
+    besides the built-in ones: the operator's decision, said at start-up and whenever a reload gives it new
+    settings."""
+    if settings.passthrough_routes:
+        log.info("upstream %s: relaying UNMODERATED on %s", name,
+                 ", ".join(f"{r.method} {r.path}" for r in settings.passthrough_routes))
+
+
 def shutting_down() -> ProxyError:
     """503 ``shutting_down``: the server is draining (send with ``Retry-After``)."""
     return ProxyError(503, "guardproxy is shutting down; retry the request.", code="shutting_down",

@@ -19,6 +19,8 @@ Hop-by-hop headers (RFC 9110 section 7.6.1, plus those named in ``Connection``) 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
@@ -154,6 +156,14 @@ class UpstreamResponse:
             await self._resp.aclose()
 
 
+@functools.lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """The TLS context every upstream client shares: httpx's default (certifi's CA bundle, or ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR``), built once. Building one reads and parses the whole CA bundle (tens of milliseconds of CPU,
+    with the GIL held), which a reload that builds many clients would otherwise pay per client."""
+    return httpx.create_ssl_context()
+
+
 class Upstream:
     """One upstream and its pooled ``httpx.AsyncClient``.
 
@@ -178,6 +188,7 @@ class Upstream:
                                 max_keepalive_connections=settings.max_connections),
             transport=transport,
             follow_redirects=False,
+            verify=tls_context(),
         )
 
     def url(self, path: str) -> str:
