@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's guardproxy, not whichever one i
 CACHE = Path(os.environ.get("GUARDPROXY_BENCH_CACHE", "/tmp/guardproxy-bench"))
 LITELLM_VENV = CACHE / "litellm-venv"
 #: The API keys of the two tenants of :func:`proxy_config` (their hashes go into the config).
-KEYS = {"off": "sk-bench-off", "guard": "sk-bench-guard"}
+KEYS = {"off": "sk-bench-off", "guard": "sk-bench-guard", "async": "sk-bench-async"}
 USER = [{"role": "user", "content": "Tell me about your pets."}]
 #: LiteLLM's master key (its proxy refuses to start without one); the benchmark's clients send it.
 LITELLM_KEY = "sk-bench-litellm"
@@ -119,16 +119,20 @@ class Proc:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.popen.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url.removesuffix("/v1") + self.ready_path, headers=headers, timeout=2).status_code < 500:
                     return
             time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+        tail = self.tail()
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{tail}")
 
     def tail(self, n: int = 3000) -> str:
         """The end of the process's log."""
-        self._logf.flush()
+        if not self._logf.closed:
+            self._logf.flush()
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
     def stop(self) -> None:
@@ -154,8 +158,8 @@ def start_upstream(tokens: int = 500, rate: float = 0.0) -> Proc:
 
 def proxy_config(upstream_url: str, checkpoint: Path, *, release: str = "buffered", max_streams: int = 512,
                  kv_budget_tokens: int = 262144, num_threads: int | None = 1, port: int = 0) -> dict:
-    """A guardproxy config (dict) with the tenants of :data:`KEYS`: ``off`` (:data:`POLICY_OFF`) and ``guard``
-    (:func:`policy_flag` with ``release``)."""
+    """A guardproxy config (dict) with the tenants of :data:`KEYS`: ``off`` (:data:`POLICY_OFF`), ``guard``
+    (:func:`policy_flag` with ``release``) and ``async`` (:func:`policy_flag` with async release)."""
     from guardproxy.tenants import hash_api_key
 
     guard = {"model": str(checkpoint), "device": "cpu", "max_streams": max_streams,
@@ -169,7 +173,7 @@ def proxy_config(upstream_url: str, checkpoint: Path, *, release: str = "buffere
         "guard": guard,
         "tenants": [{"name": name, "api_key_sha256": [hash_api_key(key)], "policy": name, "upstream": "up"}
                     for name, key in KEYS.items()],
-        "policies": {"off": POLICY_OFF, "guard": policy_flag(release)},
+        "policies": {"off": POLICY_OFF, "guard": policy_flag(release), "async": policy_flag("async")},
         "shutdown": {"drain_timeout": 1},
     }
 
@@ -387,7 +391,8 @@ async def run_window(target: Target, client_name: str, streams: int, seconds: fl
     """``streams`` closed-loop clients of kind ``client_name`` against ``target`` (see the module docstring).
 
     ``stagger``: each client waits a random 0..stagger s before its first request; ``max_requests``: each client
-    starts at most that many streams (None: until the window ends). Records of streams that started before the
+    starts at most that many streams (None: until the window ends); a client refused with 503 waits 1 s (the
+    proxy's ``Retry-After``) before its next request. Records of streams that started before the
     window opened are kept when they end inside it (their TTFT is not counted)."""
     body = {"model": target.model, "messages": USER, "stream": True, **(body_extra or {})}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
@@ -418,6 +423,8 @@ async def run_window(target: Target, client_name: str, streams: int, seconds: fl
             except Exception as e:  # noqa: BLE001 - a broken stream is a result
                 rec.error = f"{type(e).__name__}: {e}"[:300]
                 rec.end = time.monotonic()
+            if rec.status == 503:  # refused (overloaded): wait as Retry-After says, as a client should
+                await asyncio.sleep(1.0)
 
     tasks = [asyncio.ensure_future(loop()) for _ in range(streams)]
     await asyncio.sleep(max(0.0, t_open - time.monotonic()))

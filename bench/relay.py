@@ -37,6 +37,15 @@ def start(configs: list[str], tokens: int, max_streams: int, baseline: str | Non
     """Start the processes the configurations need; returns (procs by name, targets, info). ``baseline``: a git
     revision whose proxy also runs (configurations ``off@base``, ``tiny@base``)."""
     procs: dict[str, common.Proc] = {}
+    try:
+        return _start(procs, configs, tokens, max_streams, baseline)
+    except BaseException:
+        for p in procs.values():
+            p.stop()
+        raise
+
+
+def _start(procs: dict, configs: list[str], tokens: int, max_streams: int, baseline: str | None):
     targets: dict[str, common.Target] = {}
     info: dict = {}
     up = procs["upstream"] = common.start_upstream(tokens)
