@@ -1,21 +1,25 @@
 """Relay overhead: the same streaming clients straight to a fast upstream and through each proxy configuration.
 
     python bench/relay.py [--configs direct,off,tiny,0.6b,litellm] [--streams 1,16,64,256] [--clients httpx,openai]
-                          [--seconds 3] [--rounds 2] [--tokens 500] [--json] [--setup-litellm]
+                          [--seconds 3] [--rounds 2] [--tokens 500] [--baseline REV] [--setup-litellm] [--json]
 
 Processes (each its own): the upstream (``bench/upstream.py``, a fixed ``--tokens`` answer, one word per chunk, as
 fast as it writes), guardproxy with the tiny random checkpoint (tenants ``off``: a policy that moderates nothing,
 the pure relay; ``guard``: a flag-only buffered policy, the whole moderated path), guardproxy with the 0.6B-shape
-random checkpoint (tenant ``guard``), and LiteLLM's proxy as a pass-through (installed into its own virtual
-environment by ``--setup-litellm``, skipped when absent). Checkpoints: ``python -m guardproxy.testing.make_checkpoint
-DIR --kind random --shape tiny|0.6b``, cached under ``/tmp/guardproxy-bench``. The guard runs on one torch thread.
+random checkpoint (tenant ``guard``), LiteLLM's proxy as a pass-through (installed into its own virtual environment
+by ``bench/setup_litellm.sh`` or ``--setup-litellm``, skipped when absent), and with ``--baseline REV`` a second
+tiny guardproxy run from the tree of git revision REV (configurations ``off@base`` and ``tiny@base``: before/after
+in one run). Checkpoints: ``python -m guardproxy.testing.make_checkpoint DIR --kind random --shape tiny|0.6b``,
+cached under ``/tmp/guardproxy-bench``. The guard runs on one torch thread.
 
-Configurations ``direct``, ``off``, ``tiny``, ``0.6b``, ``litellm``; for each client, concurrency and round, every
-configuration runs one window (``bench/common.py``: closed-loop clients, ``--seconds`` counted after a 0.5 s
-warm-up) before the next round starts, so load on the machine hits them alike. Reported per cell (all rounds
-pooled): TTFT p50/p99, the gap between content chunks p50/p99, transit (upstream write -> client read) p50/p99,
-content chunks/s, streams completed/s, and the CPU time per content chunk of the proxy process (the cost of the
-relay, independent of how the cores are shared), plus "added" columns: the configuration minus ``direct``.
+Every configuration first completes a few uncounted streams (lazy imports, pools). Then for each client,
+concurrency and round, every configuration runs one window (``bench/common.py``: closed-loop clients, ``--seconds``
+counted after a 0.5 s warm-up) before the next round starts, so load on the machine hits them alike. Reported per
+cell (all rounds pooled): TTFT p50/p99 (streams started inside the window), the gap between content chunks p50/p99
+and transit (upstream write -> client read) p50/p99 of the chunks that arrived inside it, content chunks/s, streams
+completed/s, refused and broken streams, and the CPU time per content chunk of the proxy process (the cost of the
+relay, independent of how the cores are shared; the JSON also has the client's and the upstream's), plus "added"
+columns: the configuration minus ``direct``.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def run(args) -> dict:
                         watched = [procs["upstream"]] + ([procs[proxy_of(c)]] if proxy_of(c) else [])
                         w = asyncio.run(common.run_window(targets[c], client, n, args.seconds, procs=watched))
                         windows.setdefault((c, client, n), []).append(w)
-                        common.wait_quiet(list(procs.values()))
+                        common.wait_quiet(watched, timeout=10)
     finally:
         for p in procs.values():
             p.stop()
