@@ -214,7 +214,7 @@ def checkpoint(shape: str) -> Path:
     if not (out / "model.safetensors").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         subprocess.run([sys.executable, "-m", "guardproxy.testing.make_checkpoint", str(tmp), "--kind", "random",
-                        "--shape", shape], check=True, cwd=ROOT)
+                        "--shape", shape], check=True, cwd=ROOT, stdout=sys.stderr)  # stdout: the table
         tmp.rename(out)
     return out
 
@@ -228,7 +228,7 @@ def setup_litellm() -> Path:
     """
     exe = LITELLM_VENV / "bin" / "litellm"
     if not exe.exists():
-        subprocess.run(["bash", str(BENCH / "setup_litellm.sh"), str(LITELLM_VENV)], check=True)
+        subprocess.run(["bash", str(BENCH / "setup_litellm.sh"), str(LITELLM_VENV)], check=True, stdout=sys.stderr)
     return exe
 
 
