@@ -96,11 +96,20 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Reply:
-    """Where a job's results go: its future and what the finished chunks produced."""
+    """Where a job's results go: its future and what the finished chunks produced. ``waiter``: the asyncio future
+    an :meth:`GuardStream.afeed` awaits (set on its own loop, see :func:`_deliver`), or None."""
 
     future: concurrent.futures.Future
     want_logits: bool = False
     outs: list = field(default_factory=list)
+    waiter: asyncio.Future | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail the job now (any thread); its waiter gets the error on its own loop."""
+        if not self.future.done():
+            self.future.set_exception(exc)
+        if self.waiter is not None:
+            _post(self.waiter.get_loop(), [(self.waiter, None, exc)])
 
     def collect(self, item: Planned, logits: dict[str, torch.Tensor], rows: slice, labels: GuardLabels) -> None:
         """Keep what a chunk produced: logits rows, a verdict per fed id, or the prompt verdict at its last id."""
@@ -156,8 +165,14 @@ class GuardStream:
         return self._engine._submit(self, ids).result()
 
     async def afeed(self, ids: list[int]) -> list[Verdict]:
-        """Async :meth:`feed`; resolved from the engine thread (``asyncio.wrap_future`` -> call_soon_threadsafe)."""
-        return await asyncio.wrap_future(self._engine._submit(self, ids))
+        """Async :meth:`feed`. The engine thread hands every result of one step to each event loop in one
+        ``call_soon_threadsafe`` (:func:`_deliver`), not one wake-up per future."""
+        waiter = asyncio.get_running_loop().create_future()
+        fut = self._engine._submit(self, ids, waiter=waiter)
+        if fut.done():  # nothing to score (or already scored): the waiter is not needed
+            waiter.cancel()
+            return fut.result()
+        return await waiter
 
     def feed_logits(self, ids: list[int]) -> dict[str, torch.Tensor]:
         """Like :meth:`feed` but returns the raw float32 logits of all four heads at each fed position:
@@ -417,7 +432,8 @@ class GuardEngine:
             stream.close()
             raise
 
-    def _submit(self, stream: GuardStream, ids, want_logits: bool = False) -> concurrent.futures.Future:
+    def _submit(self, stream: GuardStream, ids, want_logits: bool = False,
+                waiter: asyncio.Future | None = None) -> concurrent.futures.Future:
         ids = [int(t) for t in ids]
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
@@ -428,7 +444,7 @@ class GuardEngine:
             if not ids:
                 fut.set_result(self._empty_logits() if want_logits else [])
                 return fut
-            self._sched.feed(stream._state, ids, _Reply(fut, want_logits))
+            self._sched.feed(stream._state, ids, _Reply(fut, want_logits, waiter=waiter))
             self._cv.notify()
         return fut
 
@@ -453,8 +469,8 @@ class GuardEngine:
 
     def _drop(self, stream: GuardStream, exc: Exception) -> None:  # caller holds the lock
         for job in self._sched.close(stream._state):
-            if job.payload is not None and not job.payload.future.done():
-                job.payload.future.set_exception(exc)
+            if job.payload is not None:
+                job.payload.fail(exc)
         stream._cache = None  # a step in flight keeps its own reference until it ends
 
     # ---- engine thread ----------------------------------------------------------------------------------------
@@ -489,9 +505,14 @@ class GuardEngine:
             last_step_s = time.monotonic() - t0
             with self._cv:
                 done = self._commit(plan, chunks, logits, err)
-            for fut, value, exc in done:
-                if not fut.done():
-                    fut.set_exception(exc) if exc is not None else fut.set_result(value)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for reply, value, exc in done:
+                if not reply.future.done():
+                    reply.future.set_exception(exc) if exc is not None else reply.future.set_result(value)
+                if reply.waiter is not None:
+                    by_loop.setdefault(reply.waiter.get_loop(), []).append((reply.waiter, value, exc))
+            for loop, items in by_loop.items():
+                _post(loop, items)
 
     def _plan(self) -> tuple[list[Planned], list[Chunk]]:  # caller holds the lock
         """The scheduler's next step and, per chunk, the cache it runs on (held by the step even if its stream
@@ -506,7 +527,7 @@ class GuardEngine:
         return plan, chunks
 
     def _commit(self, plan: list[Planned], chunks: list[Chunk], logits, err):  # caller holds the lock
-        """Hand the step's outputs to the jobs, let the scheduler account for it; returns (future, value, error)
+        """Hand the step's outputs to the jobs, let the scheduler account for it; returns (reply, value, error)
         for every job that finished or failed."""
         off = 0
         for item, chunk in zip(plan, chunks):
@@ -520,6 +541,21 @@ class GuardEngine:
         done = []
         for job in self._sched.commit(plan, failed=err is not None):
             if job.payload is not None:
-                done.append((job.payload.future, None, err) if err is not None else
-                            (job.payload.future, job.payload.value(job.kind), None))  # fmt: skip
+                done.append((job.payload, None, err) if err is not None else
+                            (job.payload, job.payload.value(job.kind), None))  # fmt: skip
         return done
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Schedule :func:`_deliver` of ``items`` on ``loop`` (from any thread); a closed loop has no one waiting."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:
+        pass
+
+
+def _deliver(items: list) -> None:
+    """On the waiters' loop: set each ``(waiter, value, error)`` (a waiter cancelled meanwhile is skipped)."""
+    for waiter, value, exc in items:
+        if not waiter.done():
+            waiter.set_exception(exc) if exc is not None else waiter.set_result(value)
