@@ -20,9 +20,10 @@ as bfloat16, computed in the engine's default dtype for the device: float32 on C
 ``/tmp/guardproxy-bench/``. Each stream gets a ``--prompt-len`` prompt (``<|im_start|>user\\n`` + random regular
 Qwen3 ids + ``<|im_end|>``) and a ``--response-len`` response (the assistant header ids, then random regular ids).
 Prefill (open) is done before the clock starts and reported separately. By default mode (c) prefills one prompt and
-forks it into the N streams (``GuardStream.fork``, the n > 1 choices path): the decode work measured is identical
-(each stream then gets its own response ids, same context lengths) and the 0.6b run saves minutes of CPU prefill;
-``--distinct-prompts`` prefills one prompt per stream instead.
+forks it into the N streams (``GuardStream.fork``, the n > 1 choices path; each stream then gets its own response
+ids, same context lengths), which saves the 0.6b run minutes of CPU prefill; the forks share the prompt's KV cache,
+read once per layer for all of them, so this is the n-choices case, a little cheaper than N unrelated streams.
+``--distinct-prompts`` prefills one prompt per stream instead (independent streams).
 
 Beside the modes, measured in the same run:
 
@@ -283,12 +284,6 @@ def agreement(got: list[dict], want: list[dict]) -> dict:
             "max_prob_error": err}  # fmt: skip
 
 
-def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int:
-    """K and V of every layer for one position: 2 x layers x kv_heads x head_dim x element size (bytes)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * elem
-
-
 def run(args) -> dict:
     """Run every mode; returns the JSON result (see ``--json``)."""
     from guardproxy.guard.engine import GuardEngine
@@ -297,7 +292,6 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]  # the machine may be shared: numbers are only comparable at low load
     path = checkpoint(args.shape, args.seed)
-    config = json.loads((path / "config.json").read_text())
     counts = sorted({int(x) for x in args.streams.split(",")})
     pairs = make_inputs(max(counts), args.prompt_len, args.response_len, args.seed)
     ref_len = args.reference_len or (32 if args.shape == "0.6b" else args.response_len)
@@ -311,6 +305,7 @@ def run(args) -> dict:
     engine = GuardEngine.from_pretrained(str(path), dtype=args.dtype, **kw)
     load_rss = rss_bytes() - rss_before_load
     dtype = getattr(engine, "dtype", None) or torch.float32
+    kv_per_token = engine.model.kv_bytes_per_token()
     top_n = 16 if 16 in counts else max(counts)
     extra: dict = {}
     check_pairs = pairs[: min(4, len(pairs))]
@@ -365,8 +360,8 @@ def run(args) -> dict:
         },
         "prefill_s": {str(n): by[("engine", n)]["prefill_s"] for n in counts},
         "memory": {
-            "kv_bytes_per_token": kv_bytes_per_token(config, dtype),
-            "kv_bytes_per_stream": kv_bytes_per_token(config, dtype) * (args.prompt_len + args.response_len),
+            "kv_bytes_per_token": kv_per_token,
+            "kv_bytes_per_stream": kv_per_token * (args.prompt_len + args.response_len),
             "rss_delta_per_live_stream": per_stream_rss,
             "rss_engine_load": load_rss,
         },

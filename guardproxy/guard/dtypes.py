@@ -4,8 +4,9 @@
 --dtype`` accept; :func:`torch_dtype` maps a name to its ``torch.dtype`` (``getattr(torch, name)``), importing torch
 only when called. :data:`ENGINE_DTYPE_NAMES` are those the engine (``GuardEngine.from_pretrained(dtype=...)``) and
 the server config (``guard.dtype``) accept: the same plus :data:`QUANTIZED` names, which compute in the float dtype
-they map to with the projection weights quantised (``int8``: float32 activations and KV cache, int8 weights with one
-scale per output channel, activations quantised per row on the fly: PyTorch's dynamic quantisation, CPU only).
+they map to with the projection weights quantised (``int8``: float32 activations, a bfloat16 KV cache, int8 weights
+with one scale per output channel, activations quantised per row on the fly: PyTorch's dynamic quantisation, CPU
+only).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 #: Supported dtype names, each the name of a ``torch`` attribute.
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-#: Quantised engine modes: name -> the float dtype of activations and KV cache.
+#: Quantised engine modes: name -> the float dtype of the activations (the dtype the checkpoint is loaded in).
 QUANTIZED: dict[str, str] = {"int8": "float32"}
 #: Names the engine and the server config accept.
 ENGINE_DTYPE_NAMES: tuple[str, ...] = DTYPE_NAMES + tuple(QUANTIZED)

@@ -241,8 +241,8 @@ class GuardEngine:
             ``max_context - max_context // 4 - 6``). See "Re-anchor cost" in :mod:`guardproxy.guard.scheduler`.
         pack_weights: projection weights in oneDNN's prepacked layout (``GuardModel(pack=...)``; default: the large
             ones on CPU float32). Batches of 4-16 streams step 1.5-2x faster; a lone stream ~8% slower.
-        quantize: ``"int8"``: decoder projections as int8 dynamic-quantised matmuls (``GuardModel(quantize=...)``;
-            CPU, float32 checkpoint tensors). Usually set through ``from_pretrained(dtype="int8")``.
+        quantize: ``"int8"``: decoder projections as int8 dynamic-quantised matmuls and a bfloat16 KV cache
+            (``GuardModel(quantize=...)``; CPU, float32 checkpoint tensors). Usually set through ``from_pretrained(dtype="int8")``.
     Raises:
         ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
         TokenizerMismatch: the checkpoint's tokenizer disagrees with :mod:`guardproxy.guard.tokens`.

@@ -21,7 +21,10 @@ CPU performance notes (0.6b shape, float32, 1 thread, AMD EPYC Zen 4; measured f
   SDPA over all 16 streams' K/V held in a zero-copy pool ([streams, kv_heads, S, hd]) took the same time as the loop
   (5.8 vs 5.6-9 ms per layer: the fused kernel's per-head small GEMMs, not the call count, set the cost), and
   gathering the caches into a padded tensor first took 1.7x longer; a fixed pool would also cost
-  max_streams x max_context x 229 KB of float32 KV up front.
+  max_streams x max_context x 229 KB of float32 KV up front. The call folds the query heads of each KV head into
+  query rows ([kv_heads, g, hd] over [kv_heads, S, hd]), so each K/V head is read once, not once per query head:
+  9.4 vs 12.2 ms per layer at 4096 positions; decode cost is then bound by reading the cache (0.9 GB per token at
+  4096 positions in float32, against 1.7 GB of weights). In int8 mode the cache is bfloat16: half those bytes.
 * Chunked prefill over a cached past uses an additive float mask, which keeps SDPA on the fused flash kernel; a
   boolean [g*n, S] mask runs the math path, 3-5x slower at S = 8192 (see tests/guard/test_engine_perf_shapes.py).
 """
@@ -295,7 +298,8 @@ class GuardModel:
         pack: projection weights in oneDNN's layout (:class:`Linear`): None (default) = weights of at least
             ``PACK_MIN_NUMEL`` elements when :func:`default_pack` holds; True = every projection; False = none.
         quantize: ``"int8"``: the decoder layers' projections (fused QKV, O, fused gate-up, down) as
-            :class:`Int8Linear` (CPU, float32 state dict); None: float.
+            :class:`Int8Linear` (CPU, float32 state dict) and the KV cache in bfloat16 (``kv_dtype``; attention
+            runs in bfloat16, half the bytes read per decode step); None: float, KV cache in the model's dtype.
     Raises:
         ValueError: an unknown ``quantize``, or ``"int8"`` off CPU or on a non-float32 state dict.
     """
@@ -321,6 +325,8 @@ class GuardModel:
         if quantize and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError("int8 quantisation runs on CPU over a float32 state dict")
         self.quantize = quantize
+        # int8 mode keeps its KV cache in bfloat16: half the bytes the decode attention reads per step
+        self.kv_dtype = torch.bfloat16 if quantize else self.dtype
         qlin = Int8Linear if quantize else lin  # the decoder layers' projections
         self.embed = emb
         self.layers = []
@@ -356,13 +362,13 @@ class GuardModel:
         """An empty :class:`KVCache` for one stream's positions from ``base`` on (grows on demand up to ``limit``
         positions, default ``max_positions - base``)."""
         return KVCache(
-            self.n_layers, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device,
+            self.n_layers, self.n_kv, self.head_dim, dtype=self.kv_dtype, device=self.device,
             limit=limit or self.max_positions - base, base=base,
         )  # fmt: skip
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K+V one position costs across all layers."""
-        return 2 * self.n_layers * self.n_kv * self.head_dim * self.embed.element_size()
+        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
@@ -380,8 +386,9 @@ class GuardModel:
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
         pos = torch.cat([torch.arange(c.start, c.start + c.n) for c in chunks]).to(self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        masks = [_chunk_mask(c, self.dtype, self.device) if not c.segments else
-                 _tail_mask(c.start - c.cache.base, c.n, g, self.dtype, self.device) for c in chunks]  # fmt: skip
+        kvd = self.kv_dtype  # attention runs in the cache's dtype (bfloat16 in int8 mode), outputs in self.dtype
+        masks = [_chunk_mask(c, kvd, self.device) if not c.segments else
+                 _tail_mask(c.start - c.cache.base, c.n, g, kvd, self.device) for c in chunks]  # fmt: skip
         rows, off = [], 0
         for c in chunks:
             rows.append(slice(off, off + c.n))
@@ -397,7 +404,7 @@ class GuardModel:
             h = _rms(x, lw["ln1"], self.eps)
             qkv = lw["qkv"](h)
             qk = _rope(_rms(qkv[:, : q_sz + kv_sz].view(N, nh + nkv, hd), lw["qkn"], self.eps), cos, sin)
-            q, k = qk[:, :nh], qk[:, nh:]
+            q, k = qk[:, :nh].to(kvd), qk[:, nh:]
             v = qkv[:, q_sz + kv_sz :].view(N, nkv, hd)
             out = torch.empty(N, nh, hd, dtype=x.dtype, device=x.device)
             parts: dict[int, list] = {}

@@ -27,6 +27,7 @@ def test_int8_quantises_the_decoder_projections_and_stays_near_float32(tiny_chec
     for lw in q8.layers:
         assert all(isinstance(lw[k], Int8Linear) for k in ("qkv", "o", "gate_up", "down"))
     assert isinstance(q8.head_pre, Linear)  # heads stay float
+    assert q8.new_cache().k.dtype == torch.bfloat16 and q8.kv_bytes_per_token() == ref.kv_bytes_per_token() // 2
     ids = torch.randint(0, 151_643, (60,), generator=torch.Generator().manual_seed(3)).tolist()
     want, got = _logits(ref, ids), _logits(q8, ids)
     for h in want:
