@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.guard.engine import EngineOverloaded, GuardEngine
+from guardproxy.guard.engine import GuardEngine
 
 HEADS = ("risk", "category", "query_risk", "query_category")
 HEADER = [198, 151644, 77091, 198, 151667]  # "\n<|im_start|>assistant\n<think>"
