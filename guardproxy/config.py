@@ -22,7 +22,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from guardproxy.guard.dtypes import DTYPE_NAMES
+from guardproxy.guard.dtypes import ENGINE_DTYPE_NAMES
 from guardproxy.guard.labels import CATEGORIES, PROMPT_ONLY_CATEGORIES, RISK_LEVELS, canonical_category, canonical_level
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -549,7 +549,7 @@ class GuardSettings(_Strict):
 
     model: str = "Qwen/Qwen3Guard-Stream-0.6B"  # Hub id or local checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | a name of guardproxy.guard.dtypes.DTYPE_NAMES (float32, bfloat16, float16)
+    dtype: str = "auto"  # auto | a name of guardproxy.guard.dtypes.ENGINE_DTYPE_NAMES (float32, ..., int8)
     max_streams: int = Field(64, ge=1)
     kv_budget_tokens: int = Field(262144, ge=1)
     prefill_chunk: int = Field(256, ge=1)
@@ -561,8 +561,9 @@ class GuardSettings(_Strict):
     @classmethod
     def _dtype(cls, v: str) -> str:
 
-        if v != "auto" and v not in DTYPE_NAMES:
-            raise ValueError(f"expected auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, got {v!r}")
+        if v != "auto" and v not in ENGINE_DTYPE_NAMES:
+            names = ENGINE_DTYPE_NAMES
+            raise ValueError(f"expected auto, {', '.join(names[:-1])} or {names[-1]}, got {v!r}")
         return v
 
     @field_validator("device")

@@ -9,7 +9,7 @@ Life of a stream (contract: ``docs/ARCHITECTURE.md``)::
     stream, prompt_verdict = engine.open(messages)   # prefill through the last user <|im_end|>, query heads there
     stream.feed(ChatRenderer.ASSISTANT_HEADER)         # caller feeds the assistant header ...
     verdicts = stream.feed(ids)                        # ... then response ids: one Verdict per id (response heads)
-    other = stream.fork()                              # n > 1 choices: copy of the KV so far
+    other = stream.fork()                              # n > 1 choices: shares the KV so far (no copy)
     stream.close()                                     # frees the cache; idempotent
 
 Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8192 for 0.6B, or the override):
@@ -31,9 +31,17 @@ Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8
   :mod:`guardproxy.guard.scheduler`).
 
 Bounds (fail fast, never an unbounded queue): at most ``max_streams`` live streams and ``kv_budget_tokens`` KV
-positions held in total (prompt + fed ids of every live stream). ``open``/``fork`` past either bound, and a ``feed``
-that would push the total past the budget, raise :class:`EngineOverloaded` at once; nothing is consumed and the
-stream stays usable.
+positions held in total (prompt + fed ids of every live stream; positions shared by forks counted once). ``open``
+past either bound, ``fork`` past ``max_streams``, and a ``feed`` that would push the total past the budget, raise
+:class:`EngineOverloaded` at once; nothing is consumed and the stream stays usable.
+
+KV sharing: :meth:`GuardStream.fork` moves the parent's private keys/values into an immutable
+:class:`~guardproxy.guard.model.KVSegment` that the parent and the fork both read (the scheduler's
+:class:`~guardproxy.guard.scheduler.Segment` accounts for it once); each then writes only its own private
+:class:`~guardproxy.guard.model.KVCache` after it. A segment's memory is freed when the last stream reading it closes
+or re-anchors past it. Attention reads a segment once per layer for all the chunks of a step that list it and merges
+it with each chunk's private part by log-sum-exp, so a choice's verdicts equal those of an independent stream with
+the same ids (up to float summation order).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
-from guardproxy.guard.dtypes import torch_dtype
+from guardproxy.guard.dtypes import QUANTIZED, torch_dtype
 from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
@@ -180,8 +188,9 @@ class GuardStream:
         return self._engine._submit(self, ids, want_logits=True).result()
 
     def fork(self, admission: "Admission | None" = None) -> "GuardStream":
-        """A new stream with a copy of this stream's KV cache and history (n > 1 choices after one prompt prefill).
-        With an ``admission`` holding a reserved stream, the copy takes it (no stream-count check).
+        """A new stream continuing from this stream's context and history (n > 1 choices after one prompt prefill),
+        sharing its KV cache (no copy, no KV budget used; see "KV sharing" in the module docstring). With an
+        ``admission`` holding a reserved stream, the fork takes it (no stream-count check).
 
         Raises:
             RuntimeError: this stream has work in flight. EngineOverloaded / StreamClosed / EngineClosed.
@@ -247,6 +256,8 @@ class GuardEngine:
             ``max_context - max_context // 4 - 6``). See "Re-anchor cost" in :mod:`guardproxy.guard.scheduler`.
         pack_weights: projection weights in oneDNN's prepacked layout (``GuardModel(pack=...)``; default: the large
             ones on CPU float32). Batches of 4-16 streams step 1.5-2x faster; a lone stream ~8% slower.
+        quantize: ``"int8"``: decoder projections as int8 dynamic-quantised matmuls and a bfloat16 KV cache
+            (``GuardModel(quantize=...)``; CPU, float32 checkpoint tensors). Usually set through ``from_pretrained(dtype="int8")``.
     Raises:
         ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
         TokenizerMismatch: the checkpoint's tokenizer disagrees with :mod:`guardproxy.guard.tokens`.
@@ -264,6 +275,7 @@ class GuardEngine:
         num_threads: int | None = None,
         reanchor_window: int | None = None,
         pack_weights: bool | None = None,
+        quantize: str | None = None,
     ):
         cfg = checkpoint.config
         self.config = cfg
@@ -274,7 +286,8 @@ class GuardEngine:
             reanchor_window=reanchor_window,
         )  # fmt: skip
         self._num_threads = num_threads
-        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights)
+        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights,
+                                quantize=quantize)  # fmt: skip
         self.device, self.dtype = self.model.device, self.model.dtype
         self.renderer = None
         try:
@@ -298,12 +311,18 @@ class GuardEngine:
 
         Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
         it misses the float32 parity and the oneDNN weight packing). ``dtype`` may be a ``torch.dtype`` or its name
-        (:data:`guardproxy.guard.dtypes.DTYPE_NAMES`, as in the server config).
+        (:data:`guardproxy.guard.dtypes.ENGINE_DTYPE_NAMES`, as in the server config); ``"int8"`` loads float32 and
+        quantises the decoder projections (``quantize="int8"``, CPU only).
         Raises:
             guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``; TokenizerMismatch);
             ValueError for an unknown dtype name.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str) and dtype in QUANTIZED:
+            if device.type != "cpu":
+                raise ValueError(f"dtype {dtype!r} runs on CPU only, device is {device}")
+            kw.setdefault("quantize", dtype)
+            dtype = QUANTIZED[dtype]
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -346,6 +365,9 @@ class GuardEngine:
 
         Raises:
             EngineOverloaded: they do not all fit beside the live and reserved streams. EngineClosed.
+
+        KV positions are not reserved here: the prompt is counted when it is opened, forks of it share it and hold
+        none, and each choice's response ids are counted when they are fed.
         """
         with self._cv:
             if self._closed:
@@ -373,7 +395,8 @@ class GuardEngine:
         """A snapshot of the counters (see :class:`EngineStats`)."""
         with self._cv:
             sc = self._sched
-            alloc = sum(s.handle._cache.k.numel() * 2 * s.handle._cache.k.element_size() for s in sc.live.values())
+            segs = {id(g): g.handle for s in sc.live.values() for g in s.segments if g.handle is not None}
+            alloc = sum(s.handle._cache.nbytes for s in sc.live.values()) + sum(h.nbytes for h in segs.values())
             return EngineStats(
                 live_streams=len(sc.live), reserved_streams=sc.reserved, max_streams=sc.max_streams, kv_tokens_used=sc.kv_used,
                 kv_budget_tokens=sc.kv_budget_tokens, kv_bytes_allocated=alloc, pending_streams=len(sc.pending),
@@ -458,10 +481,13 @@ class GuardEngine:
             if self._closed:
                 raise EngineClosed("engine closed")
             reserved = admission is not None and admission.left > 0
-            state = self._sched.fork(parent._state, reserved=reserved)  # StreamClosed / RuntimeError / Overloaded
+            state, frozen = self._sched.fork(parent._state, reserved=reserved)  # StreamClosed/RuntimeError/Overloaded
             if reserved:
                 admission.left -= 1
-            return GuardStream(self, state, parent._cache.clone())
+            if frozen is not None:  # the parent's private positions become the shared segment
+                frozen.handle = parent._cache.freeze()
+                parent._cache = self.model.new_cache(self.max_context - frozen.end, base=frozen.end)
+            return GuardStream(self, state, self.model.new_cache(self.max_context - state.base, base=state.base))
 
     def _close_stream(self, stream: GuardStream) -> None:
         with self._cv:
@@ -516,14 +542,18 @@ class GuardEngine:
 
     def _plan(self) -> tuple[list[Planned], list[Chunk]]:  # caller holds the lock
         """The scheduler's next step and, per chunk, the cache it runs on (held by the step even if its stream
-        closes meanwhile). A re-anchor keeps only a prefix of the cache: its length is set to the chunk's start."""
+        closes meanwhile). A re-anchor keeps only a prefix of the cache: its length is set to the chunk's start (a
+        re-anchor that dropped shared segments gets a private cache based where the kept ones end)."""
         plan = self._sched.schedule()
         chunks = []
         for item in plan:
-            cache = item.stream.handle._cache
-            cache.length = item.start
-            cache.ensure(item.start + item.n)
-            chunks.append(Chunk(cache, item.start, item.n))
+            s = item.stream
+            cache = s.handle._cache
+            if cache.base != s.base:
+                cache = s.handle._cache = self.model.new_cache(self.max_context - s.base, base=s.base)
+            cache.length = item.start - cache.base
+            cache.ensure(item.start - cache.base + item.n)
+            chunks.append(Chunk(cache, item.start, item.n, tuple(g.handle for g in s.segments)))
         return plan, chunks
 
     def _commit(self, plan: list[Planned], chunks: list[Chunk], logits, err):  # caller holds the lock
@@ -535,7 +565,7 @@ class GuardEngine:
             off += item.n
             if item.stream.closed:
                 continue
-            chunk.cache.length = item.start + (item.n if err is None else 0)
+            chunk.cache.length = item.start - chunk.cache.base + (item.n if err is None else 0)
             if err is None and item.job.payload is not None:
                 item.job.payload.collect(item, logits, rows, self.labels)
         done = []

@@ -31,17 +31,18 @@ async def off_loop(size: int, limit: int, fn: Callable[[], T]) -> T:
 
 
 class ChoiceStreams:
-    """The guard streams of one response, one per choice index ``0 .. n-1``: choice 0 continues on the prompt stream
-    (no copy of its KV cache), choices ``1 .. n-1`` on forks of it made here, before any response id is fed, from the
-    request's reserved streams.
+    """The guard streams of one response, one per choice index ``0 .. n-1``: choice 0 continues on the prompt stream,
+    choices ``1 .. n-1`` on forks of it made here, before any response id is fed, from the request's reserved streams;
+    all of them read the prompt's KV cache from one shared copy (``GuardStream.fork``).
 
     Args:
         prompt_stream: the engine stream holding the prefilled prompt (``GuardStream``).
         n: choices of the request.
         admission: the request's reserved streams (``guardproxy.guard.engine.Admission``), or None.
     Raises:
-        the engine's errors when a fork cannot be made (``EngineOverloaded`` when its KV copy does not fit): the
-        caller applies the fail mode before the response starts. Nothing stays open then.
+        the engine's errors when a fork cannot be made (``EngineOverloaded`` past ``max_streams`` without a reserved
+        stream, ``EngineClosed``): the caller applies the fail mode before the response starts. Nothing stays open
+        then.
     """
 
     def __init__(self, prompt_stream: Any, n: int, admission: Any = None):

@@ -135,7 +135,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
             return await relay_unmoderated(ctx, request, resp, unread, stream_end())
         try:
             streams = ChoiceStreams(outcome.stream, n, outcome.admission)
-        except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
+        except Exception as e:  # a fork cannot be made (engine closed or full): the fail mode decides, before any byte
             return await relay_unmoderated(ctx, request, resp, {**(headers or {}), **guard_headers(
                 guard_unavailable(ctx, e, "response"), policy)}, stream_end())
         return await respond(resp, streams, out_headers)
