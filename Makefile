@@ -8,6 +8,9 @@ CONFIG ?= config.example.yaml
 # from the CUDA index. Never leave torch unpinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test files are spread over this many worker processes (pytest-xdist; whole files per worker, so module-scoped
+# engines are built once); 0 runs everything in this process
+PYTEST_WORKERS ?= 2
 # e.g. make serve SERVE_ARGS="--guard-model /tmp/guard-planted --port 8081"
 SERVE_ARGS ?=
 
@@ -26,7 +29,7 @@ serve: install
 	$(BIN)/guardproxy serve --config $(CONFIG) $(SERVE_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/engine.py --shape tiny

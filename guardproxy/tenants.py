@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -35,13 +35,31 @@ def extract_api_key(authorization: Optional[str]) -> Optional[str]:
 
 @dataclass(frozen=True)
 class Tenant:
-    """A resolved tenant: its own policy and upstream, nothing of any other tenant's."""
+    """A resolved tenant: its own policy and upstream, nothing of any other tenant's.
+
+    Attributes:
+        selectable: name -> policy of the policies a request may select instead of ``policy`` (the tenant's
+            ``selectable_policies``; the x-guard-policy header).
+        shadow: ``(name, policy)`` of the tenant's shadow policy, or None.
+    """
 
     name: str
     policy_name: str
     policy: Policy
     upstream_name: str
     upstream: Upstream
+    selectable: dict = field(default_factory=dict)
+    shadow: Optional[tuple] = None
+
+    def select(self, name: Optional[str]) -> Optional[tuple[str, Policy]]:
+        """The policy a request selects by name: ``(name, policy)``; no name -> the tenant's own policy; a name
+        the tenant does not list (its own policy's name is always accepted) -> None."""
+        if name is None:
+            return self.policy_name, self.policy
+        if name == self.policy_name:
+            return name, self.policy
+        policy = self.selectable.get(name)
+        return (name, policy) if policy is not None else None
 
 
 class TenantRegistry:
@@ -52,7 +70,9 @@ class TenantRegistry:
     """
 
     def __init__(self, config: Config):
-        tenants = {t.name: Tenant(t.name, t.policy, config.policies[t.policy], t.upstream, config.upstreams[t.upstream])
+        tenants = {t.name: Tenant(t.name, t.policy, config.policies[t.policy], t.upstream, config.upstreams[t.upstream],
+                                  {n: config.policies[n] for n in t.selectable_policies},
+                                  (t.shadow, config.policies[t.shadow]) if t.shadow is not None else None)
                    for t in config.tenants}
         self._entries = [(bytes.fromhex(h), tenants[t.name]) for t in config.tenants for h in t.api_key_sha256]
         self.anonymous: Optional[Tenant] = tenants[config.allow_anonymous_tenant] if config.allow_anonymous_tenant else None

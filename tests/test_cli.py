@@ -17,7 +17,7 @@ import yaml
 
 from guardproxy.tenants import hash_api_key
 from guardproxy.testing.fake_upstream import SSE, FakeUpstream, content_chunks, sse_body
-from guardproxy.testing.harness import frames
+from guardproxy.testing.harness import frames, texts, well_formed
 from tests.server.raw import raw_request
 
 
@@ -96,6 +96,9 @@ async def test_serve_process_end_to_end(tmp_path, tiny_checkpoint):
             out = proc.communicate(timeout=20)[0]
         assert proc.returncode == 0, out
         assert "sk-cli-test" not in out
+        # watching is on by default, and stops with the server
+        assert f"watching {tmp_path}, {tmp_path / 'policies'} for configuration changes" in out, out
+        assert "Traceback" not in out, out
 
 
 class Serving:
@@ -184,19 +187,59 @@ async def test_sigterm_drains_ends_live_streams_with_an_error_frame_and_done_the
     assert "sk-cli-test" not in out
 
 
-async def test_sighup_is_logged_and_ignored(tmp_path, tiny_checkpoint):
-    async with FakeUpstream() as fake:
-        server = Serving(tmp_path, fake.base_url, str(tiny_checkpoint))
+async def _until(cond, what: str, timeout: float = 10):
+    t0 = time.monotonic()
+    while not await cond():
+        assert time.monotonic() - t0 < timeout, what
+        await asyncio.sleep(0.05)
+
+
+async def test_sighup_reloads_the_config_and_a_bad_file_is_rejected(tmp_path, tiny_checkpoint):
+    """SIGHUP to the real process (watching off: ``reload.watch: false``): a valid policy change becomes the version
+    on /readyz; a bad one is rejected with a log line naming the file and key, counted, and the server keeps serving
+    the last good version."""
+    async with FakeUpstream(default=SSE(sse_body(content_chunks(["Hi ", "there."])))) as fake:
+        server = Serving(tmp_path, fake.base_url, str(tiny_checkpoint), reload={"watch": False})
+        policy = tmp_path / "policies" / "default.yaml"
         try:
             await server.start()
-            server.signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
-            assert server.proc.poll() is None, "SIGHUP stopped the server"
             async with httpx.AsyncClient(timeout=5) as h:
-                assert (await h.get(server.base + "/readyz")).status_code == 200
+                async def version() -> str:
+                    return (await h.get(server.base + "/readyz")).json()["version"]
+
+                async def errors() -> float:
+                    for line in (await h.get(server.base + "/metrics")).text.splitlines():
+                        if line.startswith("guardproxy_config_reload_errors_total "):
+                            return float(line.split()[1])
+                    raise AssertionError("no reload error counter")
+                v1 = await version()
+                policy.write_text(policy.read_text() + "hold_back: 3\n")
+                server.signal(signal.SIGHUP)
+                await _until(lambda: _changed(version, v1), "SIGHUP did not reload")
+                v2 = await version()
+                policy.write_text("hold_back: -1\n")
+                server.signal(signal.SIGHUP)
+                await _until(lambda: _equals(errors, 1.0), "the bad file was not rejected")
+                assert await version() == v2
+                r = await h.post(server.base + "/v1/chat/completions", content=_completion(),
+                                 headers={"Authorization": "Bearer sk-cli-test"})
+                assert r.status_code == 200 and texts(well_formed(r.content))[0] == {0: "Hi there."}, r.text
         finally:
             server.signal(signal.SIGINT)
             out = await server.finish()
     assert server.proc.returncode == 0, out
-    assert "INFO guardproxy: SIGHUP received; configuration reload is not available yet, ignoring" in out, out
-    assert "SIGINT received: draining" in out
+    assert "INFO guardproxy: SIGHUP received: reloading" in out, out
+    assert f"config reloaded (SIGHUP): version {v1} -> {v2}" in out, out
+    assert f"config reload (SIGHUP) rejected, version {v2} stays in force: " in out, out
+    rejected = next(line for line in out.splitlines() if "rejected" in line)
+    assert f"{policy}: hold_back: " in rejected, rejected
+    assert "for configuration changes" not in out  # reload.watch: false
+    assert "SIGINT received: draining" in out and "Traceback" not in out
+
+
+async def _changed(read, old) -> bool:
+    return await read() != old
+
+
+async def _equals(read, want) -> bool:
+    return await read() == want

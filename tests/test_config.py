@@ -128,8 +128,8 @@ def test_config_errors_name_the_key(mutate, message, tmp_path, monkeypatch):
 
 BAD_POLICIES = [
     ("response:\n  unsafee: cut\n", "response.unsafee: unknown key"),
-    ("response:\n  unsafe: block\n", "response.unsafe: Input should be 'allow', 'flag', 'redact' or 'cut'"),
-    ("prompt:\n  unsafe: cut\n", "prompt.unsafe: Input should be 'allow', 'flag' or 'block'"),
+    ("response:\n  unsafe: block\n", "response.unsafe: Input should be 'allow', 'flag', 'escalate', 'redact' or 'cut'"),
+    ("prompt:\n  unsafe: cut\n", "prompt.unsafe: Input should be 'allow', 'flag', 'escalate', 'route' or 'block'"),
     ("response:\n  categories: {Weapons: cut}\n", "response.categories: unknown category 'Weapons'"),
     ("response:\n  categories: {Jailbreak: cut}\n", "prompt head only"),
     ("response:\n  categories: {PII: cut, pii: flag}\n", "given twice"),

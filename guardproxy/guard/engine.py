@@ -9,7 +9,7 @@ Life of a stream (contract: ``docs/ARCHITECTURE.md``)::
     stream, prompt_verdict = engine.open(messages)   # prefill through the last user <|im_end|>, query heads there
     stream.feed(ChatRenderer.ASSISTANT_HEADER)         # caller feeds the assistant header ...
     verdicts = stream.feed(ids)                        # ... then response ids: one Verdict per id (response heads)
-    other = stream.fork()                              # n > 1 choices: copy of the KV so far
+    other = stream.fork()                              # n > 1 choices: shares the KV so far (no copy)
     stream.close()                                     # frees the cache; idempotent
 
 Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8192 for 0.6B, or the override):
@@ -31,9 +31,17 @@ Context limit (``max_context``: ``max_position_embeddings`` of the checkpoint, 8
   :mod:`guardproxy.guard.scheduler`).
 
 Bounds (fail fast, never an unbounded queue): at most ``max_streams`` live streams and ``kv_budget_tokens`` KV
-positions held in total (prompt + fed ids of every live stream). ``open``/``fork`` past either bound, and a ``feed``
-that would push the total past the budget, raise :class:`EngineOverloaded` at once; nothing is consumed and the
-stream stays usable.
+positions held in total (prompt + fed ids of every live stream; positions shared by forks counted once). ``open``
+past either bound, ``fork`` past ``max_streams``, and a ``feed`` that would push the total past the budget, raise
+:class:`EngineOverloaded` at once; nothing is consumed and the stream stays usable.
+
+KV sharing: :meth:`GuardStream.fork` moves the parent's private keys/values into an immutable
+:class:`~guardproxy.guard.model.KVSegment` that the parent and the fork both read (the scheduler's
+:class:`~guardproxy.guard.scheduler.Segment` accounts for it once); each then writes only its own private
+:class:`~guardproxy.guard.model.KVCache` after it. A segment's memory is freed when the last stream reading it closes
+or re-anchors past it. Attention reads a segment once per layer for all the chunks of a step that list it and merges
+it with each chunk's private part by log-sum-exp, so a choice's verdicts equal those of an independent stream with
+the same ids (up to float summation order).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardproxy.guard.checkpoint import Checkpoint, load_checkpoint
-from guardproxy.guard.dtypes import torch_dtype
+from guardproxy.guard.dtypes import QUANTIZED, torch_dtype
 from guardproxy.guard.errors import EngineClosed, EngineOverloaded, StreamClosed
 from guardproxy.guard.labels import GuardLabels, Verdict, verdicts
 from guardproxy.guard.model import Chunk, GuardModel
@@ -96,11 +104,20 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Reply:
-    """Where a job's results go: its future and what the finished chunks produced."""
+    """Where a job's results go: its future and what the finished chunks produced. ``waiter``: the asyncio future
+    an :meth:`GuardStream.afeed` awaits (set on its own loop, see :func:`_deliver`), or None."""
 
     future: concurrent.futures.Future
     want_logits: bool = False
     outs: list = field(default_factory=list)
+    waiter: asyncio.Future | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail the job now (any thread); its waiter gets the error on its own loop."""
+        if not self.future.done():
+            self.future.set_exception(exc)
+        if self.waiter is not None:
+            _post(self.waiter.get_loop(), [(self.waiter, None, exc)])
 
     def collect(self, item: Planned, logits: dict[str, torch.Tensor], rows: slice, labels: GuardLabels) -> None:
         """Keep what a chunk produced: logits rows, a verdict per fed id, or the prompt verdict at its last id."""
@@ -156,8 +173,14 @@ class GuardStream:
         return self._engine._submit(self, ids).result()
 
     async def afeed(self, ids: list[int]) -> list[Verdict]:
-        """Async :meth:`feed`; resolved from the engine thread (``asyncio.wrap_future`` -> call_soon_threadsafe)."""
-        return await asyncio.wrap_future(self._engine._submit(self, ids))
+        """Async :meth:`feed`. The engine thread hands every result of one step to each event loop in one
+        ``call_soon_threadsafe`` (:func:`_deliver`), not one wake-up per future."""
+        waiter = asyncio.get_running_loop().create_future()
+        fut = self._engine._submit(self, ids, waiter=waiter)
+        if fut.done():  # nothing to score (or already scored): the waiter is not needed
+            waiter.cancel()
+            return fut.result()
+        return await waiter
 
     def feed_logits(self, ids: list[int]) -> dict[str, torch.Tensor]:
         """Like :meth:`feed` but returns the raw float32 logits of all four heads at each fed position:
@@ -165,8 +188,9 @@ class GuardStream:
         return self._engine._submit(self, ids, want_logits=True).result()
 
     def fork(self, admission: "Admission | None" = None) -> "GuardStream":
-        """A new stream with a copy of this stream's KV cache and history (n > 1 choices after one prompt prefill).
-        With an ``admission`` holding a reserved stream, the copy takes it (no stream-count check).
+        """A new stream continuing from this stream's context and history (n > 1 choices after one prompt prefill),
+        sharing its KV cache (no copy, no KV budget used; see "KV sharing" in the module docstring). With an
+        ``admission`` holding a reserved stream, the fork takes it (no stream-count check).
 
         Raises:
             RuntimeError: this stream has work in flight. EngineOverloaded / StreamClosed / EngineClosed.
@@ -232,6 +256,8 @@ class GuardEngine:
             ``max_context - max_context // 4 - 6``). See "Re-anchor cost" in :mod:`guardproxy.guard.scheduler`.
         pack_weights: projection weights in oneDNN's prepacked layout (``GuardModel(pack=...)``; default: the large
             ones on CPU float32). Batches of 4-16 streams step 1.5-2x faster; a lone stream ~8% slower.
+        quantize: ``"int8"``: decoder projections as int8 dynamic-quantised matmuls and a bfloat16 KV cache
+            (``GuardModel(quantize=...)``; CPU, float32 checkpoint tensors). Usually set through ``from_pretrained(dtype="int8")``.
     Raises:
         ValueError: ``max_context < 32`` or ``reanchor_window`` outside ``1 .. max_context - max_context // 4 - 6``.
         TokenizerMismatch: the checkpoint's tokenizer disagrees with :mod:`guardproxy.guard.tokens`.
@@ -249,6 +275,7 @@ class GuardEngine:
         num_threads: int | None = None,
         reanchor_window: int | None = None,
         pack_weights: bool | None = None,
+        quantize: str | None = None,
     ):
         cfg = checkpoint.config
         self.config = cfg
@@ -259,7 +286,8 @@ class GuardEngine:
             reanchor_window=reanchor_window,
         )  # fmt: skip
         self._num_threads = num_threads
-        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights)
+        self.model = GuardModel(cfg, checkpoint.state_dict, max_positions=self.max_context, pack=pack_weights,
+                                quantize=quantize)  # fmt: skip
         self.device, self.dtype = self.model.device, self.model.dtype
         self.renderer = None
         try:
@@ -283,12 +311,18 @@ class GuardEngine:
 
         Device/dtype default: CUDA + bfloat16 when available, else CPU + float32 (bfloat16 on CPU only when asked:
         it misses the float32 parity and the oneDNN weight packing). ``dtype`` may be a ``torch.dtype`` or its name
-        (:data:`guardproxy.guard.dtypes.DTYPE_NAMES`, as in the server config).
+        (:data:`guardproxy.guard.dtypes.ENGINE_DTYPE_NAMES`, as in the server config); ``"int8"`` loads float32 and
+        quantises the decoder projections (``quantize="int8"``, CPU only).
         Raises:
             guardproxy.guard.checkpoint.CheckpointError subclasses (see ``load_checkpoint``; TokenizerMismatch);
             ValueError for an unknown dtype name.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str) and dtype in QUANTIZED:
+            if device.type != "cpu":
+                raise ValueError(f"dtype {dtype!r} runs on CPU only, device is {device}")
+            kw.setdefault("quantize", dtype)
+            dtype = QUANTIZED[dtype]
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -331,6 +365,9 @@ class GuardEngine:
 
         Raises:
             EngineOverloaded: they do not all fit beside the live and reserved streams. EngineClosed.
+
+        KV positions are not reserved here: the prompt is counted when it is opened, forks of it share it and hold
+        none, and each choice's response ids are counted when they are fed.
         """
         with self._cv:
             if self._closed:
@@ -358,7 +395,8 @@ class GuardEngine:
         """A snapshot of the counters (see :class:`EngineStats`)."""
         with self._cv:
             sc = self._sched
-            alloc = sum(s.handle._cache.k.numel() * 2 * s.handle._cache.k.element_size() for s in sc.live.values())
+            segs = {id(g): g.handle for s in sc.live.values() for g in s.segments if g.handle is not None}
+            alloc = sum(s.handle._cache.nbytes for s in sc.live.values()) + sum(h.nbytes for h in segs.values())
             return EngineStats(
                 live_streams=len(sc.live), reserved_streams=sc.reserved, max_streams=sc.max_streams, kv_tokens_used=sc.kv_used,
                 kv_budget_tokens=sc.kv_budget_tokens, kv_bytes_allocated=alloc, pending_streams=len(sc.pending),
@@ -417,7 +455,8 @@ class GuardEngine:
             stream.close()
             raise
 
-    def _submit(self, stream: GuardStream, ids, want_logits: bool = False) -> concurrent.futures.Future:
+    def _submit(self, stream: GuardStream, ids, want_logits: bool = False,
+                waiter: asyncio.Future | None = None) -> concurrent.futures.Future:
         ids = [int(t) for t in ids]
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
@@ -428,7 +467,7 @@ class GuardEngine:
             if not ids:
                 fut.set_result(self._empty_logits() if want_logits else [])
                 return fut
-            self._sched.feed(stream._state, ids, _Reply(fut, want_logits))
+            self._sched.feed(stream._state, ids, _Reply(fut, want_logits, waiter=waiter))
             self._cv.notify()
         return fut
 
@@ -442,10 +481,13 @@ class GuardEngine:
             if self._closed:
                 raise EngineClosed("engine closed")
             reserved = admission is not None and admission.left > 0
-            state = self._sched.fork(parent._state, reserved=reserved)  # StreamClosed / RuntimeError / Overloaded
+            state, frozen = self._sched.fork(parent._state, reserved=reserved)  # StreamClosed/RuntimeError/Overloaded
             if reserved:
                 admission.left -= 1
-            return GuardStream(self, state, parent._cache.clone())
+            if frozen is not None:  # the parent's private positions become the shared segment
+                frozen.handle = parent._cache.freeze()
+                parent._cache = self.model.new_cache(self.max_context - frozen.end, base=frozen.end)
+            return GuardStream(self, state, self.model.new_cache(self.max_context - state.base, base=state.base))
 
     def _close_stream(self, stream: GuardStream) -> None:
         with self._cv:
@@ -453,8 +495,8 @@ class GuardEngine:
 
     def _drop(self, stream: GuardStream, exc: Exception) -> None:  # caller holds the lock
         for job in self._sched.close(stream._state):
-            if job.payload is not None and not job.payload.future.done():
-                job.payload.future.set_exception(exc)
+            if job.payload is not None:
+                job.payload.fail(exc)
         stream._cache = None  # a step in flight keeps its own reference until it ends
 
     # ---- engine thread ----------------------------------------------------------------------------------------
@@ -489,24 +531,33 @@ class GuardEngine:
             last_step_s = time.monotonic() - t0
             with self._cv:
                 done = self._commit(plan, chunks, logits, err)
-            for fut, value, exc in done:
-                if not fut.done():
-                    fut.set_exception(exc) if exc is not None else fut.set_result(value)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for reply, value, exc in done:
+                if not reply.future.done():
+                    reply.future.set_exception(exc) if exc is not None else reply.future.set_result(value)
+                if reply.waiter is not None:
+                    by_loop.setdefault(reply.waiter.get_loop(), []).append((reply.waiter, value, exc))
+            for loop, items in by_loop.items():
+                _post(loop, items)
 
     def _plan(self) -> tuple[list[Planned], list[Chunk]]:  # caller holds the lock
         """The scheduler's next step and, per chunk, the cache it runs on (held by the step even if its stream
-        closes meanwhile). A re-anchor keeps only a prefix of the cache: its length is set to the chunk's start."""
+        closes meanwhile). A re-anchor keeps only a prefix of the cache: its length is set to the chunk's start (a
+        re-anchor that dropped shared segments gets a private cache based where the kept ones end)."""
         plan = self._sched.schedule()
         chunks = []
         for item in plan:
-            cache = item.stream.handle._cache
-            cache.length = item.start
-            cache.ensure(item.start + item.n)
-            chunks.append(Chunk(cache, item.start, item.n))
+            s = item.stream
+            cache = s.handle._cache
+            if cache.base != s.base:
+                cache = s.handle._cache = self.model.new_cache(self.max_context - s.base, base=s.base)
+            cache.length = item.start - cache.base
+            cache.ensure(item.start - cache.base + item.n)
+            chunks.append(Chunk(cache, item.start, item.n, tuple(g.handle for g in s.segments)))
         return plan, chunks
 
     def _commit(self, plan: list[Planned], chunks: list[Chunk], logits, err):  # caller holds the lock
-        """Hand the step's outputs to the jobs, let the scheduler account for it; returns (future, value, error)
+        """Hand the step's outputs to the jobs, let the scheduler account for it; returns (reply, value, error)
         for every job that finished or failed."""
         off = 0
         for item, chunk in zip(plan, chunks):
@@ -514,12 +565,27 @@ class GuardEngine:
             off += item.n
             if item.stream.closed:
                 continue
-            chunk.cache.length = item.start + (item.n if err is None else 0)
+            chunk.cache.length = item.start - chunk.cache.base + (item.n if err is None else 0)
             if err is None and item.job.payload is not None:
                 item.job.payload.collect(item, logits, rows, self.labels)
         done = []
         for job in self._sched.commit(plan, failed=err is not None):
             if job.payload is not None:
-                done.append((job.payload.future, None, err) if err is not None else
-                            (job.payload.future, job.payload.value(job.kind), None))  # fmt: skip
+                done.append((job.payload, None, err) if err is not None else
+                            (job.payload, job.payload.value(job.kind), None))  # fmt: skip
         return done
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Schedule :func:`_deliver` of ``items`` on ``loop`` (from any thread); a closed loop has no one waiting."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:
+        pass
+
+
+def _deliver(items: list) -> None:
+    """On the waiters' loop: set each ``(waiter, value, error)`` (a waiter cancelled meanwhile is skipped)."""
+    for waiter, value, exc in items:
+        if not waiter.done():
+            waiter.set_exception(exc) if exc is not None else waiter.set_result(value)

@@ -8,9 +8,16 @@ queue of :class:`Job` (a prompt prefill, fed response ids, or a re-anchor refill
 job of as many streams as fit.
 
 **Admission** (fail fast, never an unbounded queue): at most ``max_streams`` live streams and ``kv_budget_tokens``
-KV positions *held* in total. A stream holds its cache positions plus the ids of its queued jobs
-(``held == len(ctx) + remaining ids``), reserved when the work is submitted, so a running stream can never run out of
-budget. :meth:`Scheduler.open` / :meth:`~Scheduler.fork` past either bound and a :meth:`~Scheduler.feed` that would
+KV positions *held* in total. A stream holds its private cache positions plus the ids of its queued jobs
+(``held == len(ctx) - base + remaining ids``), reserved when the work is submitted, so a running stream can never run
+out of budget.
+
+**Shared prefixes** (block sharing in the spirit of vLLM's and nano-vllm's block managers, at the granularity of a
+fork): :meth:`Scheduler.fork` turns the parent's private positions into a :class:`Segment`, an immutable run of
+positions that the parent and every fork read (copy-on-write by construction: each stream writes only its private
+positions after its last segment, ``base``). A segment's positions count against ``kv_budget_tokens`` once, while any
+live stream refers to it, so a fork costs no KV positions and the ``n`` choices of a request hold
+``prompt + n x response`` positions, not ``n x (prompt + response)``. :meth:`Scheduler.open` / :meth:`~Scheduler.fork` past either bound and a :meth:`~Scheduler.feed` that would
 push the total past the budget raise :class:`~guardproxy.guard.errors.EngineOverloaded` and change nothing. A caller
 that needs several streams (a prompt and the forks of its choices) reserves them first, all at once
 (:meth:`Scheduler.reserve`): reserved streams count against ``max_streams`` until they are opened, forked or
@@ -60,6 +67,7 @@ __all__ = [
     "Job",
     "Planned",
     "Scheduler",
+    "Segment",
     "StreamState",
     "anchor_sequence",
     "common_prefix_len",
@@ -141,27 +149,54 @@ class Job:
         return len(self.ids) - self.done
 
 
+@dataclass(eq=False)
+class Segment:
+    """Positions ``start .. end - 1`` shared read-only by the streams that list it in ``segments``.
+
+    Attributes:
+        refs: live streams listing it (its positions count against the budget while ``refs > 0``).
+        handle: the engine's tensors for these positions (opaque here).
+    """
+
+    start: int
+    end: int
+    refs: int = 0
+    handle: Any = None
+
+    @property
+    def size(self) -> int:
+        """Positions in the segment."""
+        return self.end - self.start
+
+
 class StreamState:
     """One stream as the scheduler sees it.
 
     Attributes:
         prompt_ids: the (cut) prompt the stream was opened with.
         ctx: ids whose keys/values the cache holds, position 0 first (the cache length is ``len(ctx)``).
-        held: KV positions reserved: ``len(ctx)`` plus the remaining ids of ``jobs``.
+        segments: shared :class:`Segment` s holding positions ``0 .. base - 1``, in order (empty: all private).
+        held: KV positions reserved: private positions ``len(ctx) - base`` plus the remaining ids of ``jobs``.
         jobs: queued :class:`Job`, head first.
         head: the first ``ANCHOR_HEADER_LEN`` response ids. tail: the last ``window`` response ids after them.
         closed: set by :meth:`Scheduler.close`. handle: the engine's object for this stream (opaque here).
     """
 
-    def __init__(self, prompt_ids: list[int], window: int, ctx=(), head=(), tail=()):
+    def __init__(self, prompt_ids: list[int], window: int, ctx=(), head=(), tail=(), segments=()):
         self.prompt_ids = list(prompt_ids)
         self.ctx: list[int] = list(ctx)
-        self.held = len(self.ctx)
+        self.segments: list[Segment] = list(segments)
+        self.held = len(self.ctx) - self.base
         self.jobs: collections.deque[Job] = collections.deque()
         self.head: list[int] = list(head)
         self.tail: collections.deque[int] = collections.deque(tail, maxlen=window)
         self.closed = False
         self.handle: Any = None
+
+    @property
+    def base(self) -> int:
+        """First private position (the end of the last shared segment, 0 without any)."""
+        return self.segments[-1].end if self.segments else 0
 
     def record_response(self, ids: list[int]) -> None:
         """Note fed ids that ran: the first ``ANCHOR_HEADER_LEN`` go to ``head``, the rest to ``tail`` (last W)."""
@@ -220,7 +255,8 @@ class Scheduler:
 
     Attributes:
         live: live streams by ``id()``. pending: streams with queued jobs, in arrival order.
-        kv_used: KV positions held in total (the sum of ``held``). reserved: streams reserved, not yet opened.
+        kv_used: KV positions held in total (the sum of ``held`` plus the size of every segment a live stream
+        lists, each counted once). reserved: streams reserved, not yet opened.
         counters: :class:`Counters`.
     """
 
@@ -330,25 +366,44 @@ class Scheduler:
         self._enqueue(s, job)
         return job
 
-    def fork(self, parent: StreamState, *, reserved: bool = False) -> StreamState:
-        """Admit a copy of an idle stream (same context, response head/tail); it holds ``len(parent.ctx)`` positions.
-        ``reserved``: the copy is one of the streams :meth:`reserve` counted.
+    def fork(self, parent: StreamState, *, reserved: bool = False) -> tuple[StreamState, Segment | None]:
+        """Admit a stream reading an idle stream's context (same ids, response head/tail) without copying it.
+
+        The parent's private positions become a new shared :class:`Segment` (returned, for the engine to move its
+        keys/values there; None when the parent had none); the fork lists the parent's segments and holds no
+        positions of its own yet. The KV positions in use do not change, so a fork is refused only by
+        ``max_streams``. ``reserved``: the fork is one of the streams :meth:`reserve` counted.
 
         Raises:
             StreamClosed: the parent is closed. RuntimeError: the parent has queued work, or ``reserved`` but none
-            is. EngineOverloaded: ``max_streams`` live (or reserved) or the copy does not fit the budget.
+            is. EngineOverloaded: ``max_streams`` live (or reserved).
         """
         if parent.closed:
             raise StreamClosed("stream closed")
         if parent.jobs:
             raise RuntimeError("fork() while the stream has work in flight; fork after open/feed returned")
-        self._refuse_if_full(len(parent.ctx), new_stream=True, reserved=reserved)
+        self._refuse_if_full(0, new_stream=True, reserved=reserved)
         if reserved:
             self.reserved -= 1
-        child = StreamState(parent.prompt_ids, self.window, parent.ctx, parent.head, parent.tail)
+        frozen = None
+        if len(parent.ctx) > parent.base:
+            frozen = Segment(parent.base, len(parent.ctx), refs=1)
+            parent.segments.append(frozen)
+            parent.held -= frozen.size  # the same positions, now counted once as a segment
+        child = StreamState(parent.prompt_ids, self.window, parent.ctx, parent.head, parent.tail, parent.segments)
+        for seg in child.segments:
+            seg.refs += 1
         self.live[id(child)] = child
-        self.kv_used += child.held
-        return child
+        return child, frozen
+
+    def _release_segments(self, s: StreamState, keep: int = 0) -> None:
+        """Drop ``s``'s references to its segments from index ``keep`` on; a segment no stream lists any more
+        releases its positions."""
+        for seg in s.segments[keep:]:
+            seg.refs -= 1
+            if seg.refs == 0:
+                self.kv_used -= seg.size
+        del s.segments[keep:]
 
     def close(self, s: StreamState) -> list[Job]:
         """Drop a stream and release what it holds. Idempotent.
@@ -363,6 +418,7 @@ class Scheduler:
         self.pending.pop(id(s), None)
         self.kv_used -= s.held
         s.held = 0
+        self._release_segments(s)
         jobs = list(s.jobs)
         s.jobs.clear()
         return jobs
@@ -435,6 +491,7 @@ class Scheduler:
     # ---- context limit ------------------------------------------------------------------------------------------
     def reanchor(self, s: StreamState) -> list[int]:
         """Re-anchor a stream whose cache is full: ``ctx`` keeps the prefix it shares with :func:`anchor_sequence`
+        (whole shared segments only: one the kept prefix ends inside is dropped and its kept ids re-run privately)
         and the rest of that sequence is queued first as an :data:`ANCHOR` job (no output).
 
         Returns:
@@ -442,10 +499,16 @@ class Scheduler:
         """
         seq = anchor_sequence(s.prompt_ids, s.head, s.tail, self.anchor_prompt_limit)
         keep = common_prefix_len(s.ctx, seq)
-        released = len(s.ctx) - keep
+        if keep < s.base:  # the kept prefix ends inside the shared segments: keep whole segments only
+            s.held -= len(s.ctx) - s.base
+            self.kv_used -= len(s.ctx) - s.base
+            n = sum(1 for seg in s.segments if seg.end <= keep)
+            self._release_segments(s, n)
+            keep = s.base
+        else:
+            s.held -= len(s.ctx) - keep
+            self.kv_used -= len(s.ctx) - keep
         s.ctx = seq[:keep]
-        s.held -= released
-        self.kv_used -= released
         if keep < len(seq):
             job = Job(ANCHOR, seq[keep:])
             s.jobs.appendleft(job)

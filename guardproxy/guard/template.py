@@ -42,7 +42,10 @@ its ids, each one a sequence of whole or cut turns.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +278,31 @@ def _reasoning_and_content(message: dict) -> tuple[str, str]:
     return "", content
 
 
+_TOKENIZERS: "OrderedDict[str, _GILFreeEncode]" = OrderedDict()
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _load_tokenizer(path: Path) -> "_GILFreeEncode":
+    """The checked BPE tokenizer of the ``tokenizer.json`` at ``path``, parsed once per process for each content
+    (keyed by its sha256; parsing the 11 MB file takes seconds, hashing it milliseconds; the last 4 are kept).
+    Encoding is read-only, so renderers share it. Raises as :class:`ChatRenderer` says (failures are not kept)."""
+    raw = path.read_bytes()
+    key = hashlib.sha256(raw).hexdigest()
+    with _TOKENIZERS_LOCK:
+        if key in _TOKENIZERS:
+            _TOKENIZERS.move_to_end(key)
+            return _TOKENIZERS[key]
+    data = json.loads(raw.decode("utf-8"))
+    check_tokenizer(data, str(path))
+    data["added_tokens"] = []  # no added-token matching: control ids only ever come from the renderer
+    tok = _GILFreeEncode(Tokenizer.from_str(json.dumps(data)))
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS[key] = tok
+        while len(_TOKENIZERS) > 4:
+            _TOKENIZERS.popitem(last=False)
+    return tok
+
+
 class _GILFreeEncode:
     """A ``tokenizers.Tokenizer`` whose ``encode`` releases the GIL while it runs.
 
@@ -426,10 +454,7 @@ class ChatRenderer:
     ASSISTANT_HEADER = list(tokens.ASSISTANT_HEADER)
 
     def __init__(self, tokenizer_json: str | Path):
-        data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
-        check_tokenizer(data, str(tokenizer_json))
-        data["added_tokens"] = []  # no added-token matching: control ids only ever come from the renderer
-        self.tokenizer = _GILFreeEncode(Tokenizer.from_str(json.dumps(data)))
+        self.tokenizer = _load_tokenizer(Path(tokenizer_json))
 
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:

@@ -17,7 +17,13 @@ from guardproxy.moderation.channels import Kind, Piece
 from guardproxy.moderation.decider import Action, Decider
 from guardproxy.moderation.retokenizer import Retokenizer, TokenSpan
 
-__all__ = ["ChoiceModerator", "moderated"]
+__all__ = ["ChoiceModerator", "channel_of", "moderated"]
+
+
+def channel_of(kind: Kind) -> str:
+    """The policy channel (``response.channels.<name>``) of a piece kind: ``content``, ``reasoning`` or
+    ``tool_arguments`` (a tool call's arguments, ``("tool", key)``)."""
+    return "tool_arguments" if isinstance(kind, tuple) else kind
 
 
 def moderated(policy: Policy, kind: Kind) -> bool:
@@ -34,12 +40,18 @@ class ChoiceModerator:
         renderer: the guard's ``ChatRenderer`` (its tokenizer).
         policy: the tenant's policy.
         buffered: release mode of the decider (see :class:`~guardproxy.moderation.decider.Decider`).
+        shadows: ``(name, policy, buffered)`` of each shadow policy: a decider of its own is given the same text
+            and verdicts (what the acting decider has scored; nothing after its cut) and its actions are kept in
+            :attr:`shadow_actions` as ``(name, action)``, never applied.
     """
 
-    def __init__(self, index: int, renderer: Any, policy: Policy, *, buffered: bool):
+    def __init__(self, index: int, renderer: Any, policy: Policy, *, buffered: bool,
+                 shadows: Sequence[tuple[str, Policy, bool]] = ()):
         self.index = index
         self.policy = policy
         self.decider = Decider(policy, buffered=buffered)
+        self.shadows = [(name, Decider(p, buffered=b)) for name, p, b in shadows]
+        self.shadow_actions: list[tuple[str, Action]] = []
         self._retok = Retokenizer(renderer)
         self._pending: list[TokenSpan] = [TokenSpan(i, 0, 0) for i in ASSISTANT_HEADER]
         self._inflight: list[TokenSpan] = []
@@ -49,8 +61,9 @@ class ChoiceModerator:
         """The choice's next piece (arrival order). A channel the policy does not moderate keeps its global offsets
         but is never read by the guard."""
         read = moderated(self.policy, piece.kind)
-        self.decider.text(piece.text, unit=piece.kind if isinstance(piece.kind, tuple) else None,
-                          segment=piece.kind if read else None)
+        unit = piece.kind if isinstance(piece.kind, tuple) else None
+        for d in [self.decider] + [d for _, d in self.shadows]:
+            d.text(piece.text, unit=unit, channel=channel_of(piece.kind), segment=piece.kind if read else None)
         kind = piece.kind if read else "unmoderated"
         self._pending += self._retok.push(kind, piece.text, name=piece.name)
 
@@ -58,7 +71,8 @@ class ChoiceModerator:
         """End of the choice: the rest of its ids and the closing ``<|im_end|>`` become pending. Idempotent."""
         if not self.finished:
             self.finished = True
-            self.decider.text_end()
+            for d in [self.decider] + [d for _, d in self.shadows]:
+                d.text_end()
             self._pending += self._retok.finish()
 
     @property
@@ -96,7 +110,18 @@ class ChoiceModerator:
         spans, self._inflight = self._inflight, []
         if len(verdicts) != len(spans):
             raise ValueError(f"{len(verdicts)} verdicts for {len(spans)} ids")
+        ending = self.finished and not self._pending
+        for name, d in self.shadows:
+            acts = d.feed(zip(spans, verdicts)) if spans and not d.done else []
+            if ending and not d.finished:
+                acts += d.finish()
+            self.shadow_actions += [(name, a) for a in acts]
         actions = self.decider.feed(zip(spans, verdicts)) if spans and not self.decider.done else []
-        if self.finished and not self._pending and not self.decider.finished:
+        if ending and not self.decider.finished:
             actions += self.decider.finish()
         return actions
+
+    def take_shadow_actions(self) -> list[tuple[str, Action]]:
+        """The shadow actions decided since the last call."""
+        out, self.shadow_actions = self.shadow_actions, []
+        return out

@@ -16,8 +16,8 @@ setting) or Safe (loose) before any of this.
 
 Actions (global char offsets of the choice, ``[start, end)``):
 
-* ``Allow`` / ``Flag``: emitted when a run first debounces, and again if a later token of the same run raises the
-  action (allow -> flag). Span: run start .. end of the debounced token.
+* ``Allow`` / ``Flag`` / ``Escalate``: emitted when a run first debounces, and again if a later token of the same run
+  raises the action (allow -> flag -> escalate). Span: run start .. end of the debounced token.
 * ``Redact``: the span runs from the first token of the tier's run to the last token of the run; it is emitted when
   the run is closed, i.e. by the first token below the tier (a Safe token for Controversial, a Safe or
   Controversial token for Unsafe), a cut, or :meth:`finish`. If a lower holding tier's run still contains the span
@@ -62,7 +62,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Optional, Protocol, Union
+from typing import Any, Iterable, Mapping, Optional, Protocol, Union
 
 import regex
 
@@ -74,15 +74,18 @@ from guardproxy.moderation.detectors import DETECTOR_LEVEL, Match, Scanner, comp
 __all__ = [
     "Allow",
     "Flag",
+    "Escalate",
     "Redact",
     "Cut",
     "Action",
     "Decider",
     "PromptDecision",
     "PromptDetection",
+    "ShadowDecision",
     "decide_prompt",
     "detect_prompt",
     "prompt_texts",
+    "risk_level",
     "SpanLike",
     "VerdictLike",
 ]
@@ -225,6 +228,12 @@ class Flag(_Detection):
 
 
 @dataclass(frozen=True)
+class Escalate(Flag):
+    """A debounced detection to annotate, log and send for review (a review event); the text is released
+    unchanged. Offsets in chars."""
+
+
+@dataclass(frozen=True)
 class Redact(_Detection):
     """Replace the chars ``[start, end)`` with ``mask`` (buffered release only)."""
 
@@ -240,7 +249,7 @@ class Cut(_Detection):
     at: int
 
 
-Action = Union[Allow, Flag, Redact, Cut]
+Action = Union[Allow, Flag, Escalate, Redact, Cut]
 
 
 @dataclass
@@ -272,6 +281,36 @@ def _probability(verdict: VerdictLike, level: str) -> float:
     return math.nan
 
 
+def risk_level(stage: Any, verdict: VerdictLike, category: Optional[str], channel: Optional[str] = None) -> str:
+    """The risk level a verdict counts as under a stage's probability thresholds (``unsafe_at``,
+    ``controversial_at``; :meth:`guardproxy.config.PromptPolicy.threshold`), per category and channel:
+
+    * Unsafe when P(Unsafe) >= ``unsafe_at``; with no ``unsafe_at``, when the argmax level is Unsafe.
+    * else Controversial when P(Controversial) >= ``controversial_at``; with no ``controversial_at``, when the
+      argmax level is Controversial or Unsafe (an Unsafe argmax below a raised ``unsafe_at`` counts as
+      Controversial).
+    * else Safe.
+
+    With no threshold set this is the argmax level. A verdict without the probability a threshold needs is read by
+    its argmax level for that tier.
+
+    Raises:
+        ValueError: unknown risk label.
+    """
+    level = canonical_level(verdict.risk_level)
+    if level is None:
+        raise ValueError(f"unknown risk level {verdict.risk_level!r}")
+    u_at, c_at = stage.threshold("Unsafe", category, channel), stage.threshold("Controversial", category, channel)
+    if u_at is None and c_at is None:
+        return level
+    pu, pc = _probability(verdict, "Unsafe"), _probability(verdict, "Controversial")
+    if (pu >= u_at) if u_at is not None and not math.isnan(pu) else level == "Unsafe":
+        return "Unsafe"
+    if (pc >= c_at) if c_at is not None and not math.isnan(pc) else level != "Safe":
+        return "Controversial"
+    return "Safe"
+
+
 class Decider:
     """Debounce + response policy for one choice. See the module doc for the exact rules.
 
@@ -300,6 +339,7 @@ class Decider:
         self._text_len = 0
         self._unit: object = None  # the unit (a tool call) the latest text belongs to
         self._units: list[list] = []  # [start, end or None while open] of every unit, in order
+        self._channels: list[tuple[int, Optional[str]]] = []  # (start, channel) where the channel changes
         self._unscored_unit = 0  # index of the first unit not scored through its end
         self._bound = 0
         detectors = compiled(policy)
@@ -350,8 +390,13 @@ class Decider:
             return self._units[i]
         return None
 
-    def text(self, text: str, unit: object = None, segment: object = "content") -> None:
+    def text(self, text: str, unit: object = None, channel: Optional[str] = None,
+             segment: object = "content") -> None:
         """The next characters of the choice (every piece, moderated or not, in global-offset order).
+
+        ``channel``: ``content`` / ``reasoning`` / ``tool_arguments``, the section of ``policy.response.channels``
+        whose rules apply to tokens starting in this text (a token covering no char, template glue, belongs to the
+        text before it).
 
         ``segment``: the channel the text belongs to, for the policy's detectors (a match never spans two; ``None``:
         text the detectors do not read, e.g. a channel the policy does not moderate).
@@ -366,6 +411,8 @@ class Decider:
             self._unit = unit
             if unit is not None:
                 self._units.append([self._text_len, None])
+        if text and (not self._channels or self._channels[-1][1] != channel):
+            self._channels.append((self._text_len, channel))
         self._words.push(text)
         self._text_len += len(text)
         if self._scan is not None:
@@ -383,6 +430,17 @@ class Decider:
         detectors or after :meth:`text_end`). The caller pushes no token ending past it, so a detection is known
         before the token completing it is pushed, in a streamed and a whole response alike."""
         return self._scan.decided if self._scan is not None else math.inf
+
+    def _channel_at(self, span: SpanLike) -> Optional[str]:
+        """The channel of a token: of its first char, or (no char) of the char before it."""
+        at = span.start if span.end > span.start else span.start - 1
+        i = bisect.bisect_right(self._channels, at, key=lambda c: c[0]) - 1
+        return self._channels[max(i, 0)][1] if self._channels else None
+
+    def span_text(self, start: int, end: int, limit: int) -> str:
+        """The choice's chars ``[start, end)`` as received, at most ``limit`` of them (the decider keeps the text
+        from about 4096 chars before its release bound on; older chars are not returned)."""
+        return self._words._slice(start, min(end, start + limit))
 
     @property
     def done(self) -> bool:
@@ -404,9 +462,9 @@ class Decider:
         self._n += 1
         if self.cut is not None:
             return []
-        level = canonical_level(verdict.risk_level)
-        if level is None:
-            raise ValueError(f"unknown risk level {verdict.risk_level!r}")
+        channel = self._channel_at(span)
+        category = canonical_category(verdict.category) or verdict.category
+        level = risk_level(self.policy.response, verdict, category, channel)
         if level == "Controversial" and self.policy.controversial_as != "controversial":
             level = self.policy.controversial_as.capitalize()
         detected: list[Action] = []
@@ -443,7 +501,7 @@ class Decider:
 
         fired = next((t for t in reversed(_TIERS) if (r := self._runs[t]) is not None and r.length >= self.k), None)
         if fired is not None:
-            out += self._apply(fired, i, span, verdict)
+            out += self._apply(fired, i, span, verdict, category, channel)
         if self.cut is None and self._region is not None and not self._region_held():
             out += self._clipped(self._close_region())
         self._update_safe()
@@ -469,11 +527,11 @@ class Decider:
         return out
 
     # -- internals ----------------------------------------------------------------------------------------------------
-    def _apply(self, tier: str, i: int, span: SpanLike, verdict: VerdictLike) -> list[Action]:
+    def _apply(self, tier: str, i: int, span: SpanLike, verdict: VerdictLike, category: str,
+               channel: Optional[str]) -> list[Action]:
         run = self._runs[tier]
         assert run is not None
-        category = canonical_category(verdict.category) or verdict.category
-        action = self.policy.response.action(tier, category)
+        action = self.policy.response.action(tier, category, channel)
         prob = _probability(verdict, tier)
         out: list[Action] = []
         if action == "cut":
@@ -503,7 +561,7 @@ class Decider:
             sev = ACTION_SEVERITY[action]
             if sev > run.severity:
                 run.severity = sev
-                cls = Flag if action == "flag" else Allow
+                cls = {"flag": Flag, "escalate": Escalate}.get(action, Allow)
                 # a flag changes no text: its span starts at the word's start in either release mode
                 out.append(cls(tier, category, i, prob, start=self._words.start(run.start, 0, self._max_end), end=span.end))
         return out
@@ -539,7 +597,7 @@ class Decider:
         assert r is not None
         self._region = None
         return Redact(r.level, r.category, r.token_index, r.probability, start=self._word_start(r.start),
-                      end=r.end if end is None else end, mask=self.policy.mask.replace("{category}", r.category))
+                      end=r.end if end is None else end, mask=self.policy.mask_for(r.category))
 
     def _word_start(self, at: int) -> int:
         """``at`` moved back to its word's start in buffered release (never below the release bound given)."""
@@ -644,7 +702,7 @@ class Decider:
             return out + [self.cut]
         if action == "redact":
             return self._clipped(Redact(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end,
-                                        mask=self.policy.mask.replace("{category}", name)))
+                                        mask=self.policy.mask_for(name)))
         cls = Flag if action == "flag" else Allow
         return [cls(DETECTOR_LEVEL, name, i, 1.0, start=m.start, end=end)]
 
@@ -652,6 +710,40 @@ class Decider:
         """The first char of the earliest waiting match that changes the text (redact or cut), if any."""
         starts = [m.start for m in self._waiting if m.detector.spec.response in ("redact", "cut")]
         return min(starts) if starts else None
+
+
+@dataclass(frozen=True)
+class ShadowDecision:
+    """What a shadow policy would have done (recorded only, never applied).
+
+    Attributes:
+        policy: the shadow policy's name.
+        stage: ``prompt`` or ``response``.
+        choice: the choice index (0 for the prompt).
+        action: the action it would have taken (``allow``, ``flag``, ``redact``, ``cut``, ``block``).
+        level / category / probability: the detection (risk level under its thresholds, canonical category, P).
+        token: index of the scored token that decided it in the choice (template glue counted), None for the prompt.
+        start / end: global char offsets of its span in the choice (a cut: both its point), None for the prompt.
+    """
+
+    policy: str
+    stage: str
+    choice: int
+    action: str
+    level: str
+    category: str
+    probability: float
+    token: Optional[int] = None
+    start: Optional[int] = None
+    end: Optional[int] = None
+
+    @classmethod
+    def of(cls, policy: str, choice: int, action: Action) -> "ShadowDecision":
+        """The record of a decider action of a shadow policy on ``choice``."""
+        kind = {Allow: "allow", Flag: "flag", Escalate: "escalate", Redact: "redact", Cut: "cut"}[type(action)]
+        start, end = (action.at, action.at) if isinstance(action, Cut) else (action.start, action.end)
+        return cls(policy, "response", choice, kind, action.level, action.category, action.probability,
+                   action.token_index, start, end)
 
 
 @dataclass(frozen=True)
@@ -665,15 +757,15 @@ class PromptDecision:
 
 
 def decide_prompt(policy: Policy, verdict: VerdictLike) -> PromptDecision:
-    """Apply ``policy.prompt`` to the prompt verdict (query head; no debounce: one verdict per prompt).
+    """Apply ``policy.prompt`` to the prompt verdict (query head; no debounce: one verdict per prompt): its level
+    under the prompt thresholds (:func:`risk_level`), then the action matrix. ``level`` is that level,
+    ``probability`` the verdict's P(level).
 
     Raises:
         ValueError: unknown risk label.
     """
-    level = canonical_level(verdict.risk_level)
-    if level is None:
-        raise ValueError(f"unknown risk level {verdict.risk_level!r}")
     category = canonical_category(verdict.category) or verdict.category
+    level = risk_level(policy.prompt, verdict, category)
     return PromptDecision(policy.prompt.action(level, category), level, category, _probability(verdict, level))
 
 

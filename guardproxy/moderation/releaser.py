@@ -110,6 +110,8 @@ class _Choice:
     finish_ok: bool = False  # the chunk carrying finish_reason may go out (the choice was scored through its end)
     finished: bool = False
     legacy: bool = False
+    cut_text: str = ""  # appended to the choice after a cut
+    cut_text_added: bool = False
 
 
 class Releaser:
@@ -244,15 +246,17 @@ class Releaser:
         ch.redactions = merge_redaction(ch.redactions, start, end, mask, per_char)
         return start, end
 
-    def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None) -> list[bytes]:
+    def cut(self, choice: int, reason: str = "content_filter", annotation: dict | None = None,
+            text: str = "") -> list[bytes]:
         """End ``choice`` now: drop everything of it not yet emitted and emit its final chunk with
-        ``finish_reason=reason`` (plus the ``annotation`` fields on its choice object, if given). A no-op for a
-        choice already finished or cut (returns what became sendable). Whole mode: recorded for
-        :meth:`completion` (the text before the released offset stays), returns ``[]``."""
+        ``finish_reason=reason`` (plus the ``annotation`` fields on its choice object, if given; ``text``, if
+        any, as that chunk's content). A no-op for a choice already finished or cut (returns what became
+        sendable). Whole mode: recorded for :meth:`completion` (the text before the released offset stays, then
+        ``text``), returns ``[]``."""
         ch = self._choices.setdefault(choice, _Choice())
         if ch.cut or ch.finished or self._finished:
             return self._pump()
-        ch.cut, ch.reason = True, reason
+        ch.cut, ch.reason, ch.cut_text = True, reason, text
         if self.whole:
             ch.notes.update(annotation or {})
             return []
@@ -261,7 +265,7 @@ class Releaser:
                 self._by_ref.pop(id(e.obj), None)
         self._queue = [e for e in self._queue if e.choice != choice]
         self._held.pop(choice, None)
-        return [self._own_chunk(choice, reason, annotation)] + self._pump()
+        return [self._own_chunk(choice, reason, annotation, text)] + self._pump()
 
     def allow_finish(self, choice: int) -> list[bytes]:
         """Let the chunk carrying ``choice``'s ``finish_reason`` go out (once its text is released). Returns what
@@ -283,14 +287,15 @@ class Releaser:
         self._queue.append(_Entry(choice, raw=self._own_chunk(choice, None, fields)))
         return self._pump()
 
-    def _own_chunk(self, choice: int, reason: str | None, fields: dict | None) -> bytes:
-        """A chunk the proxy writes itself for ``choice``, with the request's id/object/created/model."""
+    def _own_chunk(self, choice: int, reason: str | None, fields: dict | None, text: str = "") -> bytes:
+        """A chunk the proxy writes itself for ``choice``, with the request's id/object/created/model (``text``:
+        its content)."""
         ch = self._choices[choice]
         final: dict[str, Any] = {"index": choice}
         if ch.legacy:
-            final.update(text="", logprobs=None, finish_reason=reason)
+            final.update(text=text, logprobs=None, finish_reason=reason)
         else:
-            final.update(delta={}, logprobs=None, finish_reason=reason)
+            final.update(delta={"content": text} if text else {}, logprobs=None, finish_reason=reason)
         final.update(fields or {})
         top = {"id": "", "object": "text_completion" if ch.legacy else "chat.completion.chunk", **self._top}
         return encode_data({**top, "choices": [final]})
@@ -325,6 +330,8 @@ class Releaser:
             if ch.cut:
                 e.obj["finish_reason"] = ch.reason
                 _drop_cut_tool_calls(e.obj, kept_whole)
+                if ch.cut_text and not ch.cut_text_added:
+                    ch.cut_text_added = _append_text(e.obj, ch.cut_text)
             if (ch.cut or ch.redactions) and e.obj.get("logprobs") is not None:
                 e.obj["logprobs"] = None  # its tokens would show what was cut or redacted
             e.obj.update(ch.notes)
@@ -525,6 +532,19 @@ def _minimal(src: dict, new: dict[Path, str]) -> dict:
                 dst = dst.setdefault(k, [] if isinstance(path[i + 1], int) else {})
         dst[path[-1]] = text
     return out
+
+
+def _append_text(choice_obj: dict, text: str) -> bool:
+    """Append ``text`` to a whole completion's choice (``message.content``, or the legacy ``text``); False when the
+    object is neither (another entry of the choice holds its text)."""
+    msg = choice_obj.get("message")
+    if isinstance(msg, dict):
+        msg["content"] = (msg.get("content") if isinstance(msg.get("content"), str) else "") + text
+        return True
+    if isinstance(choice_obj.get("text"), str):
+        choice_obj["text"] += text
+        return True
+    return False
 
 
 def _drop_cut_tool_calls(choice_obj: dict, kept_whole: dict[Path, bool]) -> None:

@@ -32,15 +32,16 @@ raises :class:`GuardFailure` (the caller refuses the request or ends the stream 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guardproxy.config import Policy
+from guardproxy.config import ESCALATION_TEXT_CHARS, Policy
 from guardproxy.guard.errors import EngineOverloaded
 from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
-from guardproxy.moderation.decider import Action, Cut, Flag, Redact
+from guardproxy.moderation.decider import Action, Cut, Escalate, Flag, Redact, ShadowDecision
 from guardproxy.moderation.releaser import Releaser
 from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
 from guardproxy.wire.errors import content_filter_annotation, error_frame
@@ -92,9 +93,11 @@ class Decision:
 
     Attributes:
         choice: the choice index.
-        action: ``"flag"``, ``"redact"`` or ``"cut"``.
+        action: ``"flag"``, ``"escalate"``, ``"redact"`` or ``"cut"``.
         level / category / probability: the debounced detection (risk level, canonical category, P(level)).
         start / end: global char offsets of the span (a cut: both the cut point).
+        token: index of the scored token that decided it (template glue counted).
+        text: the span's text, only for an escalation of a policy with ``escalation.include_text`` (never logged).
     """
 
     choice: int
@@ -104,22 +107,33 @@ class Decision:
     probability: float
     start: int
     end: int
+    token: int = -1
+    text: str | None = None
 
     @classmethod
     def of(cls, choice: int, action: Action) -> "Decision | None":
         """The decision a decider action records on ``choice`` (an ``Allow`` records none; a cut's span is its
         point)."""
         if isinstance(action, Cut):
-            return cls(choice, "cut", action.level, action.category, action.probability, action.at, action.at)
+            return cls(choice, "cut", action.level, action.category, action.probability, action.at, action.at,
+                       action.token_index)
         if isinstance(action, (Redact, Flag)):
-            kind = "redact" if isinstance(action, Redact) else "flag"
-            return cls(choice, kind, action.level, action.category, action.probability, action.start, action.end)
+            kind = "redact" if isinstance(action, Redact) else "escalate" if isinstance(action, Escalate) else "flag"
+            return cls(choice, kind, action.level, action.category, action.probability, action.start, action.end,
+                       action.token_index)
         return None
 
     def annotation(self) -> dict:
         """The choice fields that describe this decision (``policy.annotations: true``)."""
         return content_filter_annotation(self.action, self.level, self.category, self.probability, self.start,
                                          self.end)
+
+
+def with_text(d: Decision | None, action: Action, decider: Any, policy: Policy) -> Decision | None:
+    """``d`` with the span's text for a review event, when it is an escalation and the policy opts in."""
+    if d is None or not isinstance(action, Escalate) or not policy.escalation.include_text:
+        return d
+    return dataclasses.replace(d, text=decider.span_text(d.start, d.end, ESCALATION_TEXT_CHARS))
 
 
 class ResponseModerator:
@@ -131,11 +145,16 @@ class ResponseModerator:
         n: choices the client asked for (a response is over once that many are cut).
         max_choices: upstream choice indices must lie in ``[0, max_choices)``.
         whole: a whole completion (:meth:`add_completion` / :meth:`completion`) instead of a stream.
+        shadows: ``(name, policy)`` of the shadow policies decided on the same verdicts (:attr:`shadow_decisions`).
     Raises (from :meth:`add` / :meth:`eof`): ``guardproxy.wire.chunks.BadChunk`` for data the guard cannot read.
     """
 
-    def __init__(self, renderer: Any, policy: Policy, *, n: int = 1, max_choices: int, whole: bool = False):
+    def __init__(self, renderer: Any, policy: Policy, *, n: int = 1, max_choices: int, whole: bool = False,
+                 shadows: Sequence[tuple[str, Policy]] = ()):
         self.renderer, self.policy, self.n, self.max_choices = renderer, policy, n, max_choices
+        self.shadows = [(name, p, whole or p.release == "buffered") for name, p in shadows]
+        self.shadow_decisions: list[ShadowDecision] = []
+        self._shadow_reported = 0
         self.whole = whole
         self.buffered = whole or policy.release == "buffered"
         self.splitter = ChannelSplitter("message" if whole else "delta")
@@ -171,6 +190,11 @@ class ResponseModerator:
     def new_decisions(self) -> list[Decision]:
         """The decisions made since the last call (all of them are in :attr:`decisions`)."""
         new, self._reported = self.decisions[self._reported:], len(self.decisions)
+        return new
+
+    def new_shadow_decisions(self) -> list[ShadowDecision]:
+        """The shadow decisions made since the last call (all of them are in :attr:`shadow_decisions`)."""
+        new, self._shadow_reported = self.shadow_decisions[self._shadow_reported:], len(self.shadow_decisions)
         return new
 
     # -- streamed input --------------------------------------------------------------------------------------------
@@ -267,7 +291,7 @@ class ResponseModerator:
             cm = self.choices.get(p.choice)
             if cm is None:
                 cm = self.choices[p.choice] = ChoiceModerator(p.choice, self.renderer, self.policy,
-                                                              buffered=self.buffered)
+                                                              buffered=self.buffered, shadows=self.shadows)
             elif cm.finished:
                 raise BadChunk(f"text for choice {p.choice} after its finish_reason")
             cm.push(p)
@@ -294,15 +318,16 @@ class ResponseModerator:
 
     def _apply(self, cm: ChoiceModerator, actions: list[Action]) -> list[bytes]:
         rel, c = self.releaser, cm.index
+        self.shadow_decisions += [ShadowDecision.of(name, c, a) for name, a in cm.take_shadow_actions()]
         notes = self.policy.annotations
         out: list[bytes] = []
         for a in actions:
-            d = Decision.of(c, a)
+            d = with_text(Decision.of(c, a), a, cm.decider, self.policy)
             if d is None:
                 continue
             if isinstance(a, Cut):
                 out += rel.release(c, a.at)
-                out += rel.cut(c, annotation=d.annotation() if notes else None)
+                out += rel.cut(c, annotation=d.annotation() if notes else None, text=self.policy.messages.cut_text)
                 self.decisions.append(d)
                 return out
             if isinstance(a, Redact) and rel.redact(c, a.start, a.end, a.mask) is None:

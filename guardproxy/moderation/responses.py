@@ -40,9 +40,9 @@ from typing import Any
 from guardproxy.config import Policy
 from guardproxy.moderation.channels import FieldSpan, Kind, Piece
 from guardproxy.moderation.choice import ChoiceModerator
-from guardproxy.moderation.decider import Action, Cut, Redact
+from guardproxy.moderation.decider import Action, Cut, Redact, ShadowDecision
 from guardproxy.moderation.events import Entry, EventReleaser, Slots, reasoning_mirror, render_response
-from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure
+from guardproxy.moderation.response import UNMODERATED_COMMENT, Decision, guard_failure, with_text
 from guardproxy.wire.chunks import BadChunk, read_event
 from guardproxy.wire.responses import (
     DONE_EVENTS, LIFECYCLE_EVENTS, TERMINAL_EVENTS, TOOL_ITEMS, Slot, check_event, event_texts, get_path,
@@ -67,10 +67,14 @@ class ResponsesModerator:
     line that is no SSE.
     """
 
-    def __init__(self, renderer: Any, policy: Policy, *, whole: bool = False):
+    def __init__(self, renderer: Any, policy: Policy, *, whole: bool = False,
+                 shadows: Sequence[tuple[str, Policy]] = ()):
         self.policy, self.whole = policy, whole
         self.buffered = whole or policy.release == "buffered"
-        self.choice = ChoiceModerator(0, renderer, policy, buffered=self.buffered)
+        self.choice = ChoiceModerator(0, renderer, policy, buffered=self.buffered,
+                                      shadows=[(n, p, whole or p.release == "buffered") for n, p in shadows])
+        self.shadow_decisions: list[ShadowDecision] = []
+        self._shadow_reported = 0
         self.releaser = EventReleaser(buffered=self.buffered)
         self.slots: Slots = self.releaser.slots
         self.unmoderated = False
@@ -290,11 +294,17 @@ class ResponsesModerator:
             out += self.releaser.eof() + self.releaser.allow_finish()
         return out
 
+    def new_shadow_decisions(self) -> list[ShadowDecision]:
+        """The shadow decisions made since the last call (all of them are in :attr:`shadow_decisions`)."""
+        new, self._shadow_reported = self.shadow_decisions[self._shadow_reported:], len(self.shadow_decisions)
+        return new
+
     def _apply(self, actions: list[Action]) -> list[bytes]:
         rel, notes = self.releaser, self.policy.annotations
+        self.shadow_decisions += [ShadowDecision.of(n, 0, a) for n, a in self.choice.take_shadow_actions()]
         out: list[bytes] = []
         for a in actions:
-            d = Decision.of(0, a)
+            d = with_text(Decision.of(0, a), a, self.choice.decider, self.policy)
             if d is None or (isinstance(a, Redact) and rel.redact(a.start, a.end, a.mask) is None):
                 continue
             self.decisions.append(d)

@@ -14,7 +14,7 @@ Routes:
                                                       ``invalid_path`` (:func:`guardproxy.server.relay.check_route`)
     GET /healthz                                      alive
     GET /readyz                                       guard model loaded, an upstream configured, not draining
-                                                      (else 503)
+                                                      (else 503); ``version``: the configuration version in force
     GET /metrics                                      Prometheus text format
 
 Every response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a fresh uuid4 hex).
@@ -34,6 +34,10 @@ interrupted (:meth:`guardproxy.server.upstream.Upstream.interrupt`): each reques
 :class:`guardproxy.server.upstream.ShuttingDown` from its next upstream wait, so a response not started yet is
 503 ``shutting_down``, an SSE stream of a moderated route ends with an error frame and ``[DONE]`` and any other
 relayed body is aborted. What has not finished :data:`STOP_GRACE` seconds later has its connection closed.
+
+Hot reload (:mod:`guardproxy.server.reload`): each request takes the current :class:`~guardproxy.server.reload.Snapshot`
+once, when it starts (tenant, policy, upstream client, limits), and holds its upstream client
+(:meth:`~guardproxy.server.reload.UpstreamClients.lease`) to its end, whatever a reload puts in force meanwhile.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardproxy.config import Config
+from guardproxy.server.review import ReviewSender
 from guardproxy.tenants import Tenant, TenantRegistry, extract_api_key
 from guardproxy.server import handler, responses
 from guardproxy.server.conversations import ConversationStore
@@ -57,6 +62,7 @@ from guardproxy.server import relay as relays
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
 from guardproxy.server.metrics import Metrics
+from guardproxy.server.reload import Snapshot, UpstreamClients
 from guardproxy.server.relay import MODERATED, shutting_down
 from guardproxy.wire.errors import ProxyError
 from guardproxy.server.upstream import ShuttingDown, Upstream, UpstreamError, build_upstreams
@@ -110,27 +116,47 @@ class ProxyState:
     """Everything the handlers share for the life of the server.
 
     Attributes:
-        config: the validated server config.
+        snapshot: the configuration version in force (config, tenants, upstream clients); a reload replaces it
+            (:class:`guardproxy.server.reload.ConfigReloader`), a request keeps the one it started with.
         engine: the guard engine (``None`` until loaded: /readyz answers 503 and moderated routes 503).
-        upstreams: upstream name (as in the config) -> pooled client.
-        tenants: API key -> tenant.
         metrics: Prometheus metrics of this server (own registry).
         lifecycle: requests in flight and the drain state.
         conversations: the Responses API conversations kept for ``previous_response_id`` (``responses.*``).
+        review: the sender of review events (``review_webhook``), or None.
+        clients: every upstream client still in use (the snapshot's, and those a reload replaced until their last
+            request ends).
     """
 
-    config: Config
+    snapshot: Snapshot
     engine: Any
-    upstreams: dict[str, Upstream]
-    tenants: TenantRegistry
     metrics: Metrics = field(default_factory=Metrics)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     conversations: ConversationStore | None = None
+    review: ReviewSender | None = None
+    clients: UpstreamClients | None = None
 
     def __post_init__(self) -> None:
         if self.conversations is None:
             store = self.config.responses
             self.conversations = ConversationStore(store.max_per_tenant, store.max_age)
+        if self.clients is None:
+            self.clients = UpstreamClients(self.snapshot.upstreams.values())
+        self.metrics.config.info({"version": self.snapshot.version})
+
+    @property
+    def config(self) -> Config:
+        """The config in force."""
+        return self.snapshot.config
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        """Upstream name -> client, in force."""
+        return self.snapshot.upstreams
+
+    @property
+    def tenants(self) -> TenantRegistry:
+        """API key -> tenant, in force."""
+        return self.snapshot.tenants
 
     @property
     def max_body_bytes(self) -> int:
@@ -148,8 +174,8 @@ def client_key(request: web.Request) -> str | None:
     return extract_api_key(request.headers.get("Authorization")) or extract_api_key(request.headers.get("api-key"))
 
 
-def resolve_tenant(state: ProxyState, request: web.Request) -> Tenant:
-    """The tenant of a request (sha256 of the key, looked up in the config's tenants).
+def resolve_tenant(state: ProxyState | Snapshot, request: web.Request) -> Tenant:
+    """The tenant of a request (sha256 of the key, looked up in the tenants of ``state``'s version).
 
     Raises:
         ProxyError: 401 when the key is missing or unknown (and no anonymous tenant is configured).
@@ -255,9 +281,32 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-def _upstream(state: ProxyState, tenant: Tenant) -> Upstream:
+#: The request header that selects one of the tenant's ``selectable_policies``.
+POLICY_HEADER = "x-guard-policy"
+
+
+def select_policy(tenant: Tenant, request: web.Request) -> Any:
+    """``(name, policy)`` the request selects with :data:`POLICY_HEADER` (one of the tenant's
+    ``selectable_policies`` or its own policy), or None without the header.
+
+    Raises:
+        ProxyError: 400 ``invalid_policy`` for a name the tenant does not list, or the header given twice (the
+            value is not echoed).
+    """
+    values = request.headers.getall(POLICY_HEADER, [])
+    if not values:
+        return None
+    choice = tenant.select(values[0].strip()) if len(values) == 1 else None
+    if choice is None:
+        allowed = ", ".join([tenant.policy_name, *tenant.selectable])
+        raise ProxyError(400, f"The {POLICY_HEADER} header names no policy this API key may select (selectable: "
+                         f"{allowed}).", code="invalid_policy", param=POLICY_HEADER)
+    return choice
+
+
+def _upstream(snapshot: Snapshot, tenant: Tenant) -> Upstream:
     try:
-        return state.upstreams[tenant.upstream_name]
+        return snapshot.upstreams[tenant.upstream_name]
     except KeyError:
         raise ProxyError(503, f"Upstream {tenant.upstream_name!r} is not configured.", code="no_upstream") from None
 
@@ -266,15 +315,19 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, /v1/completions (:mod:`.handler`) and /v1/responses (:mod:`.responses`):
     authenticate, validate, moderate."""
     state = request.app[STATE]
-    tenant = resolve_tenant(state, request)
-    body = await read_json(request)
-    legacy = request.path == "/v1/completions"
-    ctx = RequestContext(
-        request_id=request[REQUEST_ID], tenant=tenant, upstream=_upstream(state, tenant), engine=state.engine,
-        metrics=state.metrics, limits=state.config.limits)
-    if request.path == "/v1/responses":
-        return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
-    return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
+    snapshot = state.snapshot  # this request's version, to its end
+    tenant = resolve_tenant(snapshot, request)
+    selected = select_policy(tenant, request)
+    with state.clients.lease(_upstream(snapshot, tenant)) as upstream:
+        body = await read_json(request)
+        legacy = request.path == "/v1/completions"
+        ctx = RequestContext(
+            request_id=request[REQUEST_ID], tenant=tenant, upstream=upstream, engine=state.engine,
+            metrics=state.metrics, limits=snapshot.config.limits, selected=selected[1] if selected else None,
+            selected_name=selected[0] if selected else None, upstreams=snapshot.upstreams, review=state.review)
+        if request.path == "/v1/responses":
+            return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
+        return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)
 
 
 async def method_not_allowed(request: web.Request) -> web.StreamResponse:
@@ -288,10 +341,11 @@ async def relay(request: web.Request) -> web.StreamResponse:
     (:func:`guardproxy.server.relay.check_route`) before its body is read, then relayed
     (:func:`guardproxy.server.relay.relay`)."""
     state = request.app[STATE]
-    up = _upstream(state, resolve_tenant(state, request))
-    route = relays.check_route(request, up)
-    return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID],
-                              state.config.limits.max_upstream_body_bytes)
+    snapshot = state.snapshot
+    with state.clients.lease(_upstream(snapshot, resolve_tenant(snapshot, request))) as up:
+        route = relays.check_route(request, up)
+        return await relays.relay(request, up, route, await read_body(request), request[REQUEST_ID],
+                                  snapshot.config.limits.max_upstream_body_bytes)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -301,13 +355,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the guard model is loaded, an upstream is configured and the server is not draining; 503 otherwise
-    (``status``: ``ready``, ``not_ready`` or ``shutting_down``)."""
+    (``status``: ``ready``, ``not_ready`` or ``shutting_down``). ``version``: the configuration version in force
+    (:func:`guardproxy.server.reload.config_version`)."""
     state = request.app[STATE]
+    snapshot = state.snapshot
     draining = state.lifecycle.draining
-    checks = {"guard_model": state.engine is not None, "upstream": bool(state.upstreams), "accepting": not draining}
+    checks = {"guard_model": state.engine is not None, "upstream": bool(snapshot.upstreams), "accepting": not draining}
     ok = all(checks.values())
     status = "ready" if ok else ("shutting_down" if draining else "not_ready")
-    return json_response({"status": status, "checks": checks}, status=200 if ok else 503)
+    return json_response({"status": status, "checks": checks, "version": snapshot.version},
+                         status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -330,8 +387,10 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
     counters = Metrics(engine=engine)
     if upstreams is None:
         upstreams = build_upstreams(config, lambda name, s: counters.upstream_pool_wait.labels(upstream=name).observe(s))
-    app[STATE] = ProxyState(config=config, engine=engine, upstreams=upstreams, tenants=TenantRegistry(config),
-                            metrics=counters)
+    review = None
+    if config.review_webhook is not None:
+        review = ReviewSender(config.review_webhook, lambda outcome: counters.review_events.labels(outcome).inc())
+    app[STATE] = ProxyState(snapshot=Snapshot.of(config, upstreams), engine=engine, metrics=counters, review=review)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -340,15 +399,22 @@ def create_app(config: Config, engine: Any, upstreams: dict[str, Upstream] | Non
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_route("*", "/v1/{tail:.+}", relay)
     for name, u in config.upstreams.items():
-        if u.passthrough_routes:
-            log.info("upstream %s: relaying UNMODERATED on %s", name,
-                     ", ".join(f"{r.method} {r.path}" for r in u.passthrough_routes))
+        relays.announce_passthrough(name, u)
 
     async def _close_upstreams(app: web.Application) -> None:
-        for up in app[STATE].upstreams.values():
-            await up.aclose()
+        await app[STATE].clients.aclose()
 
+    async def _start_review(app: web.Application) -> None:
+        if app[STATE].review is not None:
+            await app[STATE].review.start()
+
+    async def _close_review(app: web.Application) -> None:
+        if app[STATE].review is not None:
+            await app[STATE].review.close()
+
+    app.on_startup.append(_start_review)
     app.on_cleanup.append(_close_upstreams)
+    app.on_cleanup.append(_close_review)
     return app
 
 
@@ -445,7 +511,7 @@ async def drain(app: web.Application, timeout: float, *, cut_short: asyncio.Even
         return 0
     left = lifecycle.in_flight
     log.warning("drain timeout: stopping %d request(s) still in flight", left)
-    for up in state.upstreams.values():
+    for up in state.clients.live():
         up.interrupt()
     if not await lifecycle.wait_idle(STOP_GRACE):
         log.warning("%d request(s) still in flight %gs later: closing their connections", lifecycle.in_flight,

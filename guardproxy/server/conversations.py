@@ -77,6 +77,11 @@ class ConversationStore:
         entry = self._expire(tenant).get(response_id)
         return None if entry is None else entry[1]
 
+    def forget(self, tenant: str) -> None:
+        """Drop every entry of ``tenant`` (a tenant removed from the configuration)."""
+        for rid in self._entries.pop(tenant, {}):
+            self._owners.pop(rid, None)
+
     def owner(self, response_id: str) -> str | None:
         """The tenant whose live entry holds ``response_id``, or None."""
         tenant = self._owners.get(response_id)

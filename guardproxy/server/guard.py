@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any, Callable, TypeVar
 
+from guardproxy.moderation.decider import ShadowDecision
 from guardproxy.moderation.response import ResponseModerator, guard_failure
 from guardproxy.server.context import RequestContext
 
@@ -30,17 +31,18 @@ async def off_loop(size: int, limit: int, fn: Callable[[], T]) -> T:
 
 
 class ChoiceStreams:
-    """The guard streams of one response, one per choice index ``0 .. n-1``: choice 0 continues on the prompt stream
-    (no copy of its KV cache), choices ``1 .. n-1`` on forks of it made here, before any response id is fed, from the
-    request's reserved streams.
+    """The guard streams of one response, one per choice index ``0 .. n-1``: choice 0 continues on the prompt stream,
+    choices ``1 .. n-1`` on forks of it made here, before any response id is fed, from the request's reserved streams;
+    all of them read the prompt's KV cache from one shared copy (``GuardStream.fork``).
 
     Args:
         prompt_stream: the engine stream holding the prefilled prompt (``GuardStream``).
         n: choices of the request.
         admission: the request's reserved streams (``guardproxy.guard.engine.Admission``), or None.
     Raises:
-        the engine's errors when a fork cannot be made (``EngineOverloaded`` when its KV copy does not fit): the
-        caller applies the fail mode before the response starts. Nothing stays open then.
+        the engine's errors when a fork cannot be made (``EngineOverloaded`` past ``max_streams`` without a reserved
+        stream, ``EngineClosed``): the caller applies the fail mode before the response starts. Nothing stays open
+        then.
     """
 
     def __init__(self, prompt_stream: Any, n: int, admission: Any = None):
@@ -106,9 +108,23 @@ def guard_failed(ctx: RequestContext, mod: ResponseModerator, exc: BaseException
 
 
 def report_decisions(ctx: RequestContext, mod: ResponseModerator) -> None:
-    """Log and count the decisions the moderator made since the last call."""
+    """Log and count the decisions the moderator made since the last call, and its shadow decisions."""
     tenant = ctx.tenant.name
     for d in mod.new_decisions():
         ctx.metrics.response_actions.labels(tenant=tenant, action=d.action, category=d.category).inc()
         log.info("request %s: choice %d %s [%d, %d) (%s, %s)", ctx.request_id, d.choice, d.action, d.start, d.end,
                  d.level, d.category)
+        if d.action == "escalate":
+            ctx.escalate("response", d.level, d.category, d.probability, choice=d.choice, token=d.token,
+                         start=d.start, end=d.end, text=d.text)
+    for s in mod.new_shadow_decisions():
+        record_shadow(ctx, s)
+
+
+def record_shadow(ctx: RequestContext, s: ShadowDecision) -> None:
+    """Log and count one shadow decision (``guardproxy_shadow_decisions``); the wire is not touched."""
+    ctx.metrics.shadow_decisions.labels(tenant=ctx.tenant.name, policy=s.policy, stage=s.stage, action=s.action,
+                                        risk_level=s.level, category=s.category).inc()
+    where = f" choice {s.choice} token {s.token} chars [{s.start}, {s.end})" if s.stage == "response" else ""
+    log.info("request %s: shadow policy %s: %s %s%s (%s, %s)", ctx.request_id, s.policy, s.stage, s.action, where,
+             s.level, s.category)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import orjson
+
 from aiohttp import web
 
 from guardproxy.server.context import RequestContext
@@ -95,7 +97,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     def send() -> asyncio.Task:
         return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
                                                        params=request.rel_url.raw_query_string or None))
-    if not policy.moderates_prompt and not policy.moderates_response:  # nothing a verdict could change
+    if not ctx.moderates_prompt and not ctx.moderates_response:  # nothing a verdict could change or record
         resp = await send()
         try:
             pure = {**(headers or {}), "x-guard-status": POLICY_UNMODERATED}
@@ -105,11 +107,19 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     try:
         if policy.prompt_mode == "parallel":
             up_task = send()
-        scored = policy.moderates_response or respond_always
+        scored = ctx.moderates_response or respond_always
         outcome = await check_prompt(ctx, conversations, n if scored else 1)
         out_headers = {**(headers or {}), **guard_headers(outcome, policy)}
         if outcome.action == "block":
-            return json_response(prompt_blocked(outcome.verdict), 400, out_headers)
+            msgs, d = policy.messages, outcome.decision
+            body = prompt_blocked(outcome.verdict, d.level, message=msgs.refusal_text(d.level, d.category),
+                                  status=msgs.refusal_status)
+            return json_response(body, msgs.refusal_status, out_headers)
+        if outcome.action == "route":
+            if up_task is not None:  # the request already sent to the tenant's upstream is not wanted
+                _discard(up_task)
+            up_task = asyncio.ensure_future(_send_routed(ctx, request, raw, policy.route))
+            out_headers["x-guard-route"] = route_header(policy.route)
         if up_task is None:
             up_task = send()
         try:
@@ -125,7 +135,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
             return await relay_unmoderated(ctx, request, resp, unread, stream_end())
         try:
             streams = ChoiceStreams(outcome.stream, n, outcome.admission)
-        except Exception as e:  # the forks' KV copies do not fit: the fail mode decides, before any byte
+        except Exception as e:  # a fork cannot be made (engine closed or full): the fail mode decides, before any byte
             return await relay_unmoderated(ctx, request, resp, {**(headers or {}), **guard_headers(
                 guard_unavailable(ctx, e, "response"), policy)}, stream_end())
         return await respond(resp, streams, out_headers)
@@ -138,6 +148,32 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
             await resp.aclose()
         if outcome is not None:
             outcome.close()
+
+
+def route_header(target) -> str:
+    """The ``x-guard-route`` value of a routed request: ``upstream=NAME; model=M`` (the parts the route sets)."""
+    parts = [f"upstream={target.upstream}"] if target.upstream else []
+    return "; ".join(parts + ([f"model={target.model}"] if target.model else []))
+
+
+async def _send_routed(ctx: RequestContext, request: web.Request, raw: bytes, target) -> UpstreamResponse:
+    """The request sent where the policy's ``route`` says: its upstream (default the tenant's), its ``model``
+    instead of the client's (the body re-encoded with only that field changed)."""
+    upstream = ctx.upstreams[target.upstream] if target.upstream else ctx.upstream
+    content = raw
+    if target.model is not None:
+        body = orjson.loads(raw)
+        body["model"] = target.model
+        content = orjson.dumps(body)
+    return await upstream.send("POST", request.path, headers=request.headers, content=content,
+                               params=request.rel_url.raw_query_string or None)
+
+
+def _discard(task: asyncio.Task) -> None:
+    """Cancel an upstream request no longer wanted; a response that still arrives is closed."""
+    if not task.done():
+        task.cancel()
+    task.add_done_callback(_close_response_when_done)
 
 
 def _close_response_when_done(t: asyncio.Task) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -70,6 +70,11 @@ class Metrics:
         self.response_actions = Counter("guardproxy_response_actions",
                                         "Response actions taken (flag, redact, cut) per choice",
                                         ["tenant", "action", "category"], registry=r)
+        self.review_events = Counter("guardproxy_review_events", "Review events of the escalate action, by outcome "
+                                     "(sent, failed, dropped)", ["outcome"], registry=r)
+        self.shadow_decisions = Counter(
+            "guardproxy_shadow_decisions", "What shadow policies would have done (nothing of it is applied)",
+            ["tenant", "policy", "stage", "action", "risk_level", "category"], registry=r)
         self.guard_failures = Counter("guardproxy_guard_failures", "Guard overloaded / failed, by fail mode",
                                       ["kind", "fail_mode"], registry=r)
         self.upstream_errors = Counter("guardproxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
@@ -81,6 +86,16 @@ class Metrics:
                                             "Time a request waited for a connection of its upstream's pool",
                                             ["upstream"], registry=r,
                                             buckets=(.0001, .001, .005, .01, .05, .1, .5, 1, 5, 10, 30))
+        self.config_reloads = Counter("guardproxy_config_reloads",
+                                      "Configuration reloads that put a new version in force", registry=r)
+        self.config_reload_errors = Counter("guardproxy_config_reload_errors",
+                                            "Configuration reloads rejected (the last good version stays in force)",
+                                            registry=r)
+        self.config_last_reload_successful = Gauge("guardproxy_config_last_reload_successful",
+                                                   "Whether the last configuration reload passed validation (1) or "
+                                                   "was rejected (0)", registry=r)
+        self.config_last_reload_successful.set(1)
+        self.config = Info("guardproxy_config", "The configuration version in force", registry=r)
         self.engine_collector = EngineCollector(engine)
         r.register(self.engine_collector)
 

@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from guardproxy.config import ACTION_SEVERITY
-from guardproxy.guard.labels import RISK_LEVELS, canonical_level
+from guardproxy.config import ACTION_SEVERITY, ESCALATION_TEXT_CHARS
+from guardproxy.guard.labels import RISK_LEVELS
 from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
-from guardproxy.moderation.decider import decide_prompt, detect_prompt
+from guardproxy.server.guard import record_shadow
+from guardproxy.moderation.decider import PromptDecision, ShadowDecision, decide_prompt, detect_prompt
 from guardproxy.moderation.response import guard_failure
 from guardproxy.wire.errors import ProxyError
 
@@ -43,14 +44,18 @@ class PromptOutcome:
             choices fork it), or None when unmoderated.
         verdict: the prompt verdict (query head; the worst window's), a detector's
             :class:`~guardproxy.moderation.decider.PromptDetection` when a detector decided, or None when unmoderated.
-        action: "allow" / "flag" / "block", or "unmoderated" (guard overloaded/failed with fail_mode open).
+        action: "allow" / "flag" / "escalate" / "route" / "block", or "unmoderated" (guard overloaded/failed with
+            fail_mode open).
         admission: the engine streams reserved for the request's choices (forks take them), or None.
+        decision: the policy's reading of the verdict (:class:`~guardproxy.moderation.decider.PromptDecision`:
+            action, risk level under its thresholds, canonical category), or None when unmoderated.
     """
 
     stream: Any
     verdict: Any
     action: str
     admission: Any = None
+    decision: Any = None
 
     def close(self) -> None:
         """Free the prompt stream and the streams reserved but not taken. Idempotent."""
@@ -133,9 +138,10 @@ async def request_windows(ctx: RequestContext, conversations: list[list[dict]]) 
 
 
 def _severity(policy: Any, verdict: Any) -> tuple[int, int]:
-    """How bad a window's verdict is: (severity of the policy's action, risk level Safe < Controversial < Unsafe)."""
-    level = canonical_level(verdict.risk_level)
-    return ACTION_SEVERITY[decide_prompt(policy, verdict).action], RISK_LEVELS.index(level) if level else 0
+    """How bad a window's verdict is: (severity of the policy's action, risk level Safe < Controversial < Unsafe, as
+    the policy's thresholds read it)."""
+    decision = decide_prompt(policy, verdict)
+    return ACTION_SEVERITY[decision.action], RISK_LEVELS.index(decision.level)
 
 
 async def _open(ctx: RequestContext, window: Any, admission: Any) -> tuple[Any, Any]:
@@ -186,7 +192,8 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
                                            category=detected.category).inc()
         log.info("request %s tenant %s: prompt block (detector %s)", ctx.request_id, ctx.tenant.name,
                  detected.category)
-        return PromptOutcome(None, detected, "block")
+        return PromptOutcome(None, detected, "block", None,
+                             PromptDecision("block", detected.risk_level, detected.category, 1.0))
     t0 = time.monotonic()
     try:
         admission = ctx.engine.admit(n)
@@ -202,20 +209,43 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
         admission.close()
         return guard_unavailable(ctx, e, "prompt")
     ctx.metrics.guard_latency.labels(stage="prompt").observe(time.monotonic() - t0)
-    action = decide_prompt(policy, verdict).action
-    ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=verdict.risk_level,
-                                       category=verdict.category if verdict.risk_level != "Safe" else "").inc()
+    decision = decide_prompt(policy, verdict)
+    action = decision.action
+    ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action=action, risk_level=decision.level,
+                                       category=decision.category if decision.level != "Safe" else "").inc()
     if action != "allow" or len(windows) > 1:
         log.info("request %s tenant %s: prompt %s (%s, %s) over %d window(s)", ctx.request_id, ctx.tenant.name,
-                 action, verdict.risk_level, verdict.category, len(windows))
+                 action, decision.level, decision.category, len(windows))
+    for name, shadow in ctx.shadows:
+        sd = decide_prompt(shadow, verdict)
+        record_shadow(ctx, ShadowDecision(name, "prompt", 0, sd.action, sd.level, sd.category, sd.probability))
     if detected is not None and ACTION_SEVERITY[detected.action] > ACTION_SEVERITY[action]:
         action, verdict = detected.action, detected  # a detector's flag over a model verdict that allows
+        decision = PromptDecision(action, detected.risk_level, detected.category, 1.0)
         log.info("request %s tenant %s: prompt %s (detector %s)", ctx.request_id, ctx.tenant.name, action,
                  detected.category)
-    outcome = PromptOutcome(gstream, verdict, action, admission)
+    if action == "escalate":
+        text = last_user_text(conversations)[:ESCALATION_TEXT_CHARS] if policy.escalation.include_text else None
+        ctx.escalate("prompt", decision.level, decision.category, decision.probability, text=text)
+    outcome = PromptOutcome(gstream, verdict, action, admission, decision)
     if action == "block":
         outcome.close()
     return outcome
+
+
+def last_user_text(conversations: list[list[dict]]) -> str:
+    """The text of the last user turn of the last conversation (string content, or its text parts joined); ``""``
+    when there is none."""
+    for message in reversed(conversations[-1] if conversations else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                               and isinstance(p.get("text"), str))
+            return ""
+    return ""
 
 
 def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:
@@ -223,9 +253,10 @@ def guard_headers(outcome: PromptOutcome, policy: Any) -> dict[str, str]:
     if outcome.action == "unmoderated":
         return {"x-guard-status": "unmoderated; guard unavailable (fail_mode open)"}
     h = {"x-guard-status": "moderated"}
-    if outcome.action == "flag" or policy.annotations:
+    if outcome.action in ("flag", "escalate", "route") or policy.annotations:
+        level = outcome.decision.level if outcome.decision is not None else outcome.verdict.risk_level
         h["x-guard-prompt-action"] = outcome.action
-        h["x-guard-prompt-risk-level"] = outcome.verdict.risk_level
-        if outcome.verdict.risk_level != "Safe":  # a Safe verdict's category is only the argmax of nothing found
+        h["x-guard-prompt-risk-level"] = level
+        if level != "Safe":  # a Safe verdict's category is only the argmax of nothing found
             h["x-guard-prompt-category"] = outcome.verdict.category
     return h

@@ -69,6 +69,15 @@ _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 _PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 
 
+def announce_passthrough(name: str, settings) -> None:
+    """Log the routes upstream ``name`` (its :class:`guardproxy.config.Upstream` settings) relays unmoderated
+    besides the built-in ones: the operator's decision, said at start-up and whenever a reload gives it new
+    settings."""
+    if settings.passthrough_routes:
+        log.info("upstream %s: relaying UNMODERATED on %s", name,
+                 ", ".join(f"{r.method} {r.path}" for r in settings.passthrough_routes))
+
+
 def shutting_down() -> ProxyError:
     """503 ``shutting_down``: the server is draining (send with ``Retry-After``)."""
     return ProxyError(503, "guardproxy is shutting down; retry the request.", code="shutting_down",
@@ -227,7 +236,11 @@ async def relay(request: web.Request, up: Upstream, route: tuple[str, str], raw:
 
 class ChatEnd:
     """How a relayed chat (or legacy completions) SSE stream ends: ``[DONE]``; a failure writes an error data frame
-    (the SDKs raise on a truthy ``error``) and then ``[DONE]``."""
+    (the SDKs raise on a truthy ``error``) and then ``[DONE]``. Only a ``[DONE]`` event matters to it, so reads
+    without those bytes need not be decoded into events (:attr:`needle`, :meth:`SSEDecoder.skip`)."""
+
+    #: Bytes every event that :meth:`feed` acts on contains (None: every event matters).
+    needle: bytes | None = b"[DONE]"
 
     def __init__(self) -> None:
         self.ended = False
@@ -250,6 +263,8 @@ class ResponsesEnd:
     """How a relayed Responses API stream ends: a terminal event (``response.completed`` / ``.incomplete`` /
     ``.failed``) or an ``error`` event; one that ended otherwise gets an ``error`` event numbered after the
     upstream's last ``sequence_number`` (the SDKs raise on it)."""
+
+    needle: bytes | None = None  # every event's sequence number counts
 
     def __init__(self) -> None:
         self.ended = False
@@ -303,7 +318,7 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
     try:
         async for data in resp.aiter_bytes() if is_sse else _body(resp, limit):
             await out.write(data)
-            if dec is not None and not end.ended:
+            if dec is not None and not end.ended and (end.needle is None or not dec.skip(data, end.needle)):
                 for ev in dec.feed(data):
                     end.feed(ev)
         if dec is not None and not end.ended:  # an upstream that ends unterminated still ends here

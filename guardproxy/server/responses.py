@@ -127,8 +127,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     """
     req = parse(body)
     require_engine(ctx)
-    policy = ctx.policy
-    if not policy.moderates_prompt and not policy.moderates_response:  # relayed as is: no earlier turns needed
+    if not ctx.moderates_prompt and not ctx.moderates_response:  # relayed as is: no earlier turns needed
         earlier, headers = [], {}
     else:
         earlier, headers = await earlier_turns(ctx, request, req, store)
@@ -136,7 +135,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
                                      "tools": req.tools})
 
     async def respond(resp: UpstreamResponse, streams: ChoiceStreams, out_headers: dict) -> web.StreamResponse:
-        mod = ResponsesModerator(ctx.engine.renderer, ctx.policy, whole=not req.stream)
+        mod = ResponsesModerator(ctx.engine.renderer, ctx.policy, whole=not req.stream, shadows=ctx.shadows)
         if req.stream:
             stream: Any = resp.aiter_bytes()
             if "text/event-stream" not in resp.content_type:

@@ -83,7 +83,7 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
     """Relay a chat (or legacy completions) SSE response through the guard (see the module docstring). Always
     ends with ``[DONE]``. ``streams``: the choices' guard streams (closed here); ``body``: the upstream body
     iterator (default ``resp.aiter_bytes()``)."""
-    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n)
+    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, shadows=ctx.shadows)
     return await relay_moderated(ctx, request, resp, mod, streams, headers, body)
 
 

@@ -66,7 +66,8 @@ async def _moderated(ctx: RequestContext, req: ParsedRequest, resp: UpstreamResp
     headers = {"x-request-id": ctx.request_id, **headers}
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         return json_response(body, 200, headers)
-    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, whole=True)
+    mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, whole=True,
+                            shadows=ctx.shadows)
     return await moderate_body(ctx, mod, body, lambda: mod.add_completion(body), mod.completion, size, streams,
                                headers)
 

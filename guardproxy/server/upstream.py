@@ -19,6 +19,8 @@ Hop-by-hop headers (RFC 9110 section 7.6.1, plus those named in ``Connection``) 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
@@ -35,7 +37,8 @@ HOP_BY_HOP = frozenset({
 })
 #: Request headers the proxy never copies from the client (credentials, and fields httpx sets itself).
 CLIENT_CREDENTIALS = frozenset({"authorization", "api-key", "x-api-key", "cookie"})
-_RECOMPUTED_REQUEST = frozenset({"host", "content-length", "accept-encoding", "expect"})
+_RECOMPUTED_REQUEST = frozenset({"host", "content-length", "accept-encoding", "expect",
+                                 "x-guard-policy"})  # the proxy's own request header (the policy a request selects)
 #: Response headers dropped: the proxy decodes the body (httpx undoes gzip) and re-frames it.
 _RECOMPUTED_RESPONSE = frozenset({"content-length", "content-encoding", "date", "server"})
 
@@ -153,6 +156,31 @@ class UpstreamResponse:
             await self._resp.aclose()
 
 
+@functools.lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """The TLS context every upstream client shares: httpx's default (certifi's CA bundle, or ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR``), built once. Building one reads and parses the whole CA bundle (tens of milliseconds of CPU,
+    with the GIL held), which a reload that builds many clients would otherwise pay per client."""
+    return httpx.create_ssl_context()
+
+
+class _Deadline:
+    """One :meth:`Upstream.wait` in progress: its task, its timer, and why it was ended (``None`` while it runs,
+    ``"timeout"`` or ``"shutdown"``): :meth:`fire` records the first reason and cancels the task."""
+
+    __slots__ = ("task", "timer", "reason")
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.timer: asyncio.TimerHandle | None = None
+        self.reason: str | None = None
+
+    def fire(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.task.cancel()
+
+
 class Upstream:
     """One upstream and its pooled ``httpx.AsyncClient``.
 
@@ -169,7 +197,7 @@ class Upstream:
         self._observe_pool_wait = observe_pool_wait
         self._base_path = httpx.URL(self.base_url).raw_path.decode("ascii").rstrip("/")
         self._interrupted = False
-        self._stopped: asyncio.Future | None = None  # done once interrupted; made in the running loop
+        self._waiting: set[_Deadline] = set()  # the waits in progress: interrupt() ends them
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=None, write=settings.idle_timeout,
                                   pool=settings.pool_timeout),
@@ -177,6 +205,7 @@ class Upstream:
                                 max_keepalive_connections=settings.max_connections),
             transport=transport,
             follow_redirects=False,
+            verify=tls_context(),
         )
 
     def url(self, path: str) -> str:
@@ -205,11 +234,13 @@ class Upstream:
     def interrupt(self) -> None:
         """Stop this upstream for good: waiting and later requests and body reads raise :class:`ShuttingDown`."""
         self._interrupted = True
-        if self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
+        for deadline in list(self._waiting):
+            deadline.fire("shutdown")
 
     async def wait(self, aw: Awaitable[T], timeout: float) -> T:
-        """``await aw`` for at most ``timeout`` seconds, unless :meth:`interrupt` comes first.
+        """``await aw`` in the calling task for at most ``timeout`` seconds, unless :meth:`interrupt` comes first.
+        Both end it by cancelling the task at its ``await`` (a :class:`_Deadline`); a cancellation from elsewhere
+        still propagates as one. No task or future is made per call: a body read costs one timer.
 
         Raises:
             asyncio.TimeoutError: ``aw`` did not finish in time (it is cancelled).
@@ -219,20 +250,24 @@ class Upstream:
             if asyncio.iscoroutine(aw):
                 aw.close()
             raise ShuttingDown()
-        if self._stopped is None:
-            self._stopped = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(aw)
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(asyncio.current_task())
+        deadline.timer = loop.call_at(loop.time() + timeout, deadline.fire, "timeout")
+        self._waiting.add(deadline)
         try:
-            done, _ = await asyncio.wait((task, self._stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled from outside: the awaited work goes too, before the caller closes things
-            await _cancel(task)
-            raise
-        if task in done:
-            return task.result()
-        await _cancel(task)
-        if self._stopped.done():
-            raise ShuttingDown()
-        raise asyncio.TimeoutError
+            return await aw
+        except asyncio.CancelledError:
+            if deadline.reason is None:
+                raise
+            uncancel = getattr(deadline.task, "uncancel", None)  # Python >= 3.11 counts cancellations
+            if uncancel is not None and uncancel() > 0:
+                raise  # cancelled from elsewhere as well
+            if deadline.reason == "timeout":
+                raise asyncio.TimeoutError from None
+            raise ShuttingDown() from None
+        finally:
+            deadline.timer.cancel()
+            self._waiting.discard(deadline)
 
     async def send(self, method: str, path: str, *, headers: Mapping[str, str], content: bytes | None = None,
                    params: str | None = None) -> UpstreamResponse:
@@ -279,17 +314,6 @@ def build_upstreams(config, observe_pool_wait: Callable[[str, float], None] | No
     def observer(name: str) -> Callable[[float], None] | None:
         return None if observe_pool_wait is None else (lambda s: observe_pool_wait(name, s))
     return {name: Upstream(u, observe_pool_wait=observer(name)) for name, u in config.upstreams.items()}
-
-
-async def _cancel(task: asyncio.Future) -> None:
-    """Cancel ``task`` and wait until it has finished (a cancellation of the caller meanwhile propagates); a
-    response it still produced is closed, an exception it raised is dropped."""
-    task.cancel()
-    await asyncio.wait((task,))
-    if task.cancelled() or task.exception() is not None:
-        return
-    if isinstance(task.result(), httpx.Response):
-        await task.result().aclose()
 
 
 def too_large(limit: int) -> ProxyError:

@@ -55,31 +55,34 @@ def openai_error(message: str, *, type: str = "invalid_request_error", param: st
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def content_filter_result(verdict: Any) -> dict:
+def content_filter_result(verdict: Any, level: str | None = None) -> dict:
     """Inner filter result for a guard verdict: ``{"guard": {"filtered", "risk_level", "category", ...}}``.
 
     ``verdict`` is a :class:`guardproxy.guard.labels.Verdict` (or anything with ``risk_level``, ``category``,
-    ``probs`` and ``category_prob``).
+    ``probs`` and ``category_prob``); ``level``: the risk level the policy read it as (its thresholds), default the
+    verdict's own.
     """
+    level = level or verdict.risk_level
     return {"guard": {
         "filtered": True,
-        "risk_level": verdict.risk_level,
+        "risk_level": level,
         "category": verdict.category,
-        "risk_probability": round(float(verdict.probs.get(verdict.risk_level, 0.0)), 6),
+        "risk_probability": round(float(verdict.probs.get(level, 0.0)), 6),
         "category_probability": round(float(verdict.category_prob), 6),
     }}
 
 
-def prompt_blocked(verdict: Any) -> dict:
-    """Azure-shaped body for a refused prompt (send with HTTP 400, before any SSE byte)."""
+def prompt_blocked(verdict: Any, level: str | None = None, *, message: str | None = None, status: int = 400) -> dict:
+    """Azure-shaped body for a refused prompt (send with HTTP ``status``, before any SSE byte). ``level``: see
+    :func:`content_filter_result`; ``message``: the policy's refusal text (default: one naming level and category)."""
     return {"error": {
-        "message": (f"The prompt was filtered by the content policy (risk level {verdict.risk_level}, "
-                    f"category {verdict.category})."),
-        "type": "invalid_request_error",
+        "message": message or (f"The prompt was filtered by the content policy (risk level "
+                               f"{level or verdict.risk_level}, category {verdict.category})."),
+        "type": _TYPE_BY_STATUS.get(status, "invalid_request_error"),
         "param": "prompt",
         "code": "content_filter",
-        "status": 400,
-        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": content_filter_result(verdict)},
+        "status": status,
+        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": content_filter_result(verdict, level)},
     }}
 
 
@@ -97,11 +100,12 @@ def content_filter_annotation(action: str, level: str, category: str, probabilit
     in the choice's moderated characters, its global offsets; for a cut both are the cut point). SDKs ignore both.
 
     Args:
-        action: ``"flag"``, ``"redact"`` or ``"cut"`` (only a flag leaves the text unfiltered).
+        action: ``"flag"``, ``"escalate"``, ``"redact"`` or ``"cut"`` (a flag and an escalation leave the text
+            unfiltered).
     """
     return {
         "content_filter_results": {"guard": {
-            "filtered": action != "flag", "action": action, "risk_level": level, "category": category,
+            "filtered": action not in ("flag", "escalate"), "action": action, "risk_level": level, "category": category,
             "risk_probability": round(float(probability), 6)}},
         "content_filter_offsets": {"start_offset": start, "end_offset": end},
     }

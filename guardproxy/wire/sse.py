@@ -125,6 +125,19 @@ class SSEDecoder:
             raise self._failed
         return self._text(self._utf8.decode(data))
 
+    def skip(self, data: bytes, unless: bytes) -> bool:
+        """Take one read without building its events, when that provably loses nothing the caller looks for: the
+        decoder sits between events (no partial line, field, character or CR pending; the first read was fed), and
+        ``data`` holds only whole events (it ends with a blank line ``\n\n``, has no CR, is no longer than
+        ``max_event_size``) none of which can contain ``unless`` (those bytes do not occur in it). The decoder is
+        then between events again, as :meth:`feed` would have left it. Returns False, consuming nothing, otherwise:
+        :meth:`feed` it then. (A pure relay looking only for ``[DONE]`` skips nearly every read this way.)"""
+        if (self._failed or not self._started or self._line or self._fields or self._skip_lf
+                or not data.endswith(b"\n\n") or len(data) > self.max_event_size or b"\r" in data
+                or unless in data or self._utf8.getstate()[0]):
+            return False
+        return True
+
     def close(self) -> list[Event]:
         """End of stream: flush a pending partial character, an unterminated last line and a last event not
         followed by a blank line. Returns those events."""

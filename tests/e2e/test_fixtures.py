@@ -140,7 +140,7 @@ async def test_fixture_through_proxy(engine, sse_manifest, name, size):
             check(reassemble(chunks), want, error)
 
             # raw bytes: comments relayed, exactly one terminator at the very end
-            async with httpx.AsyncClient(timeout=30) as h:
+            async with httpx.AsyncClient(timeout=120) as h:
                 r = await h.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {TEST_KEY}"},
                                  json={"model": model, "messages": MESSAGES, "stream": True, "n": n})
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -184,7 +184,7 @@ async def test_fixture_through_the_pure_relay_of_a_policy_that_moderates_nothing
     async with FakeUpstream() as fake:
         model = fake.script("m", SSE(fixture_bytes(name)))
         async with RunningProxy(proxy_config(fake.base_url, allow_all), engine) as proxy:
-            async with httpx.AsyncClient(timeout=30) as h:
+            async with httpx.AsyncClient(timeout=120) as h:
                 r = await h.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {TEST_KEY}"},
                                  json={"model": model, "messages": MESSAGES, "stream": True, "n": n})
     raw = fixture_bytes(name)

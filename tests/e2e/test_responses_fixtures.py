@@ -22,6 +22,10 @@ from guardproxy.testing.fake_upstream import (
 from guardproxy.testing.harness import AUTH, typed_events
 from guardproxy.testing.responses import unparsed
 
+# Moderated, but no action edits a byte: flags without annotations (the moderated path, event by event).
+FLAG_ONLY = {"prompt": {"controversial": "allow", "unsafe": "allow"},
+             "response": {"controversial": "flag", "unsafe": "flag"}}
+# Every action allow: the pure relay path (the guard is not called).
 ALLOW_ALL = {"prompt": {"controversial": "allow", "unsafe": "allow"},
              "response": {"controversial": "allow", "unsafe": "allow"}}
 NAMES = sorted(p.stem for p in RESPONSES_FIXTURES.glob("*.sse"))
@@ -66,17 +70,20 @@ def test_manifest_lists_every_fixture(manifest):
     assert {m["upstream"] for m in manifest.values()} == {"OpenAI", "vLLM", "Ollama"}
 
 
+@pytest.mark.parametrize("policy", ["moderated", "pure_relay"])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("name", NAMES)
-async def test_stream_relayed_byte_identical(engine, name, size):
+async def test_stream_relayed_byte_identical(engine, name, size, policy):
     body = fixture_bytes(name, RESPONSES_FIXTURES)
     async with FakeUpstream() as fake:
         model = fake.script(name, SSE(body, write_size=SIZES[size]))
-        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+        config = proxy_config(fake.base_url, FLAG_ONLY if policy == "moderated" else ALLOW_ALL)
+        async with RunningProxy(config, engine) as proxy:
             async with httpx.AsyncClient(timeout=30) as h:
                 r = await h.post(proxy.base_url + "/responses", headers=AUTH,
                                  json={"model": model, "input": "Tell me something.", "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-guard-status"].startswith("unmoderated" if policy == "pure_relay" else "moderated")
     assert r.content == body
 
 
@@ -119,7 +126,7 @@ async def test_sdk_stream_accumulates_the_upstream_output(engine, manifest, name
     want = manifest[name]
     async with FakeUpstream() as fake:
         model = fake.script(name, SSE(fixture_bytes(name, RESPONSES_FIXTURES), write_size=SIZES[size]))
-        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+        async with RunningProxy(proxy_config(fake.base_url, FLAG_ONLY), engine) as proxy:
             got = [await sdk_async(proxy.base_url, model),
                    await asyncio.to_thread(sdk_sync, proxy.base_url, model)]
     upstream = upstream_events(name)
@@ -143,7 +150,7 @@ async def test_sdk_json_response_equals_the_upstream(engine, name):
     body = terminal(name)
     async with FakeUpstream() as fake:
         model = fake.script(name, JSON(body))
-        async with RunningProxy(proxy_config(fake.base_url, ALLOW_ALL), engine) as proxy:
+        async with RunningProxy(proxy_config(fake.base_url, FLAG_ONLY), engine) as proxy:
             client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
             r = await client.responses.create(model=model, input="Tell me something.")
             await client.close()

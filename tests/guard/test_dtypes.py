@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guardproxy.config import GuardSettings
-from guardproxy.guard.dtypes import DTYPE_NAMES, torch_dtype
+from guardproxy.guard.dtypes import DTYPE_NAMES, ENGINE_DTYPE_NAMES, torch_dtype
 
 
 def test_each_name_maps_to_the_torch_dtype_of_that_name():
@@ -19,11 +19,12 @@ def test_each_name_maps_to_the_torch_dtype_of_that_name():
 
 
 def test_the_server_config_accepts_exactly_auto_and_the_names():
-    for name in ("auto", *DTYPE_NAMES):
+    assert ENGINE_DTYPE_NAMES == DTYPE_NAMES + ("int8",)
+    for name in ("auto", *ENGINE_DTYPE_NAMES):
         s = GuardSettings(dtype=name)
         assert s.engine_kwargs()["dtype"] == (None if name == "auto" else name)
-    for bad in ("fp8", "float64", "Float32", ""):
-        with pytest.raises(pydantic.ValidationError, match="expected auto, float32, bfloat16 or float16"):
+    for bad in ("fp8", "float64", "Float32", "", "qint8"):
+        with pytest.raises(pydantic.ValidationError, match="expected auto, float32, bfloat16, float16 or int8"):
             GuardSettings(dtype=bad)
 
 

@@ -62,13 +62,17 @@ def test_kv_budget_counts_prompt_and_fed_tokens(engine):
     assert engine.stats().kv_tokens_used == 70
     assert len(a.feed(_ids(3, 50))) == 50  # exactly at the budget
     assert engine.stats().kv_tokens_used == 120
+    c = a.fork()  # at the budget a fork still fits: it shares a's positions
+    assert engine.stats().kv_tokens_used == 120 and c.context_ids == a.context_ids
     with pytest.raises(EngineOverloaded):
-        a.fork()
-    a.close()
+        c.feed([5])  # a fork's own ids count
+    a.close(), c.close()
+    assert engine.stats().kv_tokens_used == 0
     b, _ = engine.open(_ids(2, 60))
-    c = b.fork()  # fork holds a copy of the prompt KV
-    assert engine.stats().kv_tokens_used == 120
-    assert c.context_ids == b.context_ids
+    c = b.fork()
+    assert engine.stats().kv_tokens_used == 60
+    c.feed(_ids(4, 30)), b.feed(_ids(5, 30))
+    assert engine.stats().kv_tokens_used == 120  # the prompt once, each choice's ids
     b.close(), c.close()
 
 

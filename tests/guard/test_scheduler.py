@@ -52,11 +52,17 @@ def drain(s: Scheduler) -> int:
 
 def check_accounting(s: Scheduler) -> None:
     """The invariants every operation keeps."""
+    segments = {}
     for st_ in s.live.values():
-        assert st_.held == len(st_.ctx) + sum(j.remaining for j in st_.jobs)
+        assert st_.held == len(st_.ctx) - st_.base + sum(j.remaining for j in st_.jobs)
         assert len(st_.ctx) <= s.max_context and not st_.closed
         assert (id(st_) in s.pending) == bool(st_.jobs)
-    assert s.kv_used == sum(st_.held for st_ in s.live.values())
+        ends = [0] + [g.end for g in st_.segments]
+        assert [g.start for g in st_.segments] == ends[:-1] and st_.base <= len(st_.ctx)  # contiguous from 0
+        segments.update((id(g), g) for g in st_.segments)
+    for g in segments.values():  # each shared segment counted once, referenced by exactly its live readers
+        assert g.refs == sum(g in st_.segments for st_ in s.live.values()) and g.size > 0
+    assert s.kv_used == sum(st_.held for st_ in s.live.values()) + sum(g.size for g in segments.values())
     assert s.kv_used <= s.kv_budget_tokens and len(s.live) <= s.max_streams
     assert set(s.pending) <= set(s.live)
 
@@ -72,8 +78,8 @@ def test_max_streams_refuses_open_and_fork_and_close_frees_a_slot():
         s.fork(a)
     assert s.counters.rejected == 2 and len(s.live) == 2 and s.kv_used == 20
     assert s.close(b) == [] and s.close(b) == []  # idempotent
-    c = s.fork(a)
-    assert c.ctx == a.ctx and s.kv_used == 20
+    c, _ = s.fork(a)
+    assert c.ctx == a.ctx and s.kv_used == 10
     check_accounting(s)
 
 
@@ -90,13 +96,21 @@ def test_kv_budget_counts_prompt_and_fed_ids_and_refuses_without_changing_anythi
     assert s.kv_used == 120
     drain(s)
     assert len(a.ctx) == 120 and a.held == 120
+    c, seg = s.fork(a)  # at the budget a fork still fits: it shares the parent's positions
+    assert s.kv_used == 120 and (seg.start, seg.end, seg.refs) == (0, 120, 2) and a.held == c.held == 0
     with pytest.raises(EngineOverloaded):
-        s.fork(a)
-    assert s.close(a) == [] and s.kv_used == 0
+        s.feed(c, [1])  # what a fork feeds is its own
+    check_accounting(s)
+    assert s.close(a) == [] and s.kv_used == 120  # the segment lives on while c reads it
+    assert s.close(c) == [] and s.kv_used == 0
     b = s.open(_ids(2, 60))
     drain(s)
-    c = s.fork(b)  # a fork holds a copy of the parent's positions
-    assert s.kv_used == 120 and c.held == 60 and c.ctx == b.ctx
+    c, _ = s.fork(b)
+    s.feed(c, _ids(4, 30))
+    s.feed(b, _ids(5, 30))
+    assert s.kv_used == 120 and c.held == b.held == 30  # prompt once + each choice's own ids
+    drain(s)
+    assert c.ctx[:60] == b.ctx[:60] and c.ctx[60:] != b.ctx[60:]
     check_accounting(s)
 
 
@@ -123,7 +137,7 @@ def test_fork_refuses_a_stream_with_work_in_flight():
     drain(s)
     s.feed(a, ASSISTANT_HEADER + (7, 8))
     drain(s)
-    c = s.fork(a)
+    c, _ = s.fork(a)
     assert (c.head, list(c.tail), c.prompt_ids) == (a.head, list(a.tail), a.prompt_ids) == (
         list(ASSISTANT_HEADER), [7, 8], a.prompt_ids)
     c.tail.append(9)
@@ -330,7 +344,7 @@ def test_random_operations_keep_the_accounting_exact(ops, budget, chunk, window)
             elif op == "feed" and target is not None:
                 s.feed(target, _ids(k, n))
             elif op == "fork" and target is not None and not target.jobs:
-                streams.append(s.fork(target))
+                streams.append(s.fork(target)[0])
             elif op == "close" and target is not None:
                 s.close(target)
             elif op in ("step", "fail") and s.pending:
@@ -347,6 +361,7 @@ def test_random_operations_keep_the_accounting_exact(ops, budget, chunk, window)
         check_accounting(s)
     for x in streams:
         s.close(x)
+        check_accounting(s)
     assert s.kv_used == 0 and not s.live
 
 
@@ -361,7 +376,7 @@ def test_reserved_streams_are_all_or_nothing_and_count_until_taken_or_given_back
         s.open(_turn(2, 5))  # reserved slots are not free for others
     prompt = s.open(_turn(3, 5), reserved=True)
     drain(s)
-    forks = [s.fork(prompt, reserved=True), s.fork(prompt, reserved=True)]
+    forks = [s.fork(prompt, reserved=True)[0], s.fork(prompt, reserved=True)[0]]
     assert s.reserved == 0 and len(s.live) == 4
     with pytest.raises(RuntimeError):
         s.fork(prompt, reserved=True)  # nothing reserved any more

@@ -139,6 +139,27 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 
 # ---------------------------------------------------------------- known ids
+def test_a_tokenizer_file_is_parsed_once_per_content(tokenizer_dir, tmp_path):
+    """Renderers over byte-identical tokenizer files share one parsed tokenizer; another content gets its own, and
+    a file that fails the control-token check raises every time (a failure is not kept)."""
+    raw = (tokenizer_dir / "tokenizer.json").read_bytes()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_bytes(raw)
+    first, copy = ChatRenderer(tokenizer_dir / "tokenizer.json"), ChatRenderer(tmp_path / "a" / "tokenizer.json")
+    assert copy.tokenizer is first.tokenizer
+    data = json.loads(raw)
+    data["model"]["vocab"]["zzqqzzqq"] = max(data["model"]["vocab"].values()) + 1  # same ids, another content
+    (tmp_path / "b.json").write_text(json.dumps(data), encoding="utf-8")
+    other = ChatRenderer(tmp_path / "b.json")
+    assert other.tokenizer is not first.tokenizer and other.encode_text("hello") == first.encode_text("hello")
+    bad = json.loads(raw)
+    bad["added_tokens"] = [t for t in bad["added_tokens"] if t["content"] != "<|im_end|>"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            ChatRenderer(tmp_path / "bad.json")
+
+
 def test_known_ids(renderer):
     assert renderer.encode_text("Hello world") == [9707, 1879]
     assert renderer.encode_text("user") == [872]

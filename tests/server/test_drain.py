@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from guardproxy.guard.errors import EngineOverloaded
-from guardproxy.server.app import STOP_GRACE, drain
+from guardproxy.server.app import STATE, STOP_GRACE, drain
 from guardproxy.testing.fake_upstream import RunningProxy, chunk, proxy_config, wait_idle
 from guardproxy.testing.harness import USER, frames, wait_until, well_formed
 from tests.server.raw import RecordingUpstream, Seen, port_of, raw_request
@@ -104,7 +104,8 @@ async def test_drain_refuses_new_requests_and_lets_those_in_flight_finish(engine
             await asyncio.sleep(0.05)
             ready = await raw_request(port, "GET", "/readyz")
             assert ready.status == 503 and ready.json() == {
-                "status": "shutting_down", "checks": {"guard_model": True, "upstream": True, "accepting": False}}
+                "status": "shutting_down", "checks": {"guard_model": True, "upstream": True, "accepting": False},
+                "version": proxy.app[STATE].snapshot.version}
             assert (await raw_request(port, "GET", "/healthz")).status == 200
             assert_shutting_down(await post(port, "short"))
             assert_shutting_down(await raw_request(port, "GET", "/v1/models"))

@@ -176,7 +176,9 @@ async def test_a_trigger_late_in_a_response_beyond_the_context_is_cut(small_engi
 
 async def test_healthz_answers_within_100ms_while_a_4mb_prompt_is_checked(small_engine):
     """A 4 MB body (ASCII JSON: CJK text as \\u escapes, 690k characters, 460k tokens, about 2 s of tokenizer time
-    on a busy CPU) is rendered while /healthz is polled: every answer within 100 ms."""
+    on a busy CPU) is rendered while /healthz is polled: every answer within 100 ms, or, on a machine so loaded that
+    the check takes far longer, within a tenth of the check's own time (a render on the event loop would hold one
+    answer for all of it)."""
     text = "中文字" * 230_000
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
     assert len(body) > 4_000_000
@@ -189,7 +191,7 @@ async def test_healthz_answers_within_100ms_while_a_4mb_prompt_is_checked(small_
                 await h.get(root + "/healthz")  # warm the connection
                 big = asyncio.ensure_future(h.post(p.base_url + "/chat/completions", content=body,
                                                    headers={**AUTH, "Content-Type": "application/json"}))
-                latencies = []
+                latencies, started = [], time.monotonic()
                 while not big.done():
                     t0 = time.monotonic()
                     r = await h.get(root + "/healthz")
@@ -197,8 +199,9 @@ async def test_healthz_answers_within_100ms_while_a_4mb_prompt_is_checked(small_
                     assert r.status_code == 200
                     await asyncio.sleep(0.02)
                 r = await big
+                total = time.monotonic() - started
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text[:300]
-    assert len(latencies) >= 10 and max(latencies) < 0.1, (len(latencies), max(latencies))
+    assert len(latencies) >= 10 and max(latencies) < max(0.1, total / 10), (len(latencies), max(latencies), total)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

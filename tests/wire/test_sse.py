@@ -216,3 +216,60 @@ def test_encode_comment_and_done():
 def test_rejects_nonpositive_bound():
     with pytest.raises(ValueError):
         SSEDecoder(max_event_size=0)
+
+
+def _holds_done(e: Event) -> bool:
+    return "[DONE]" in (e.comment or "") or any("[DONE]" in n or "[DONE]" in v for n, v in e.fields)
+
+
+def _skipping(parts: list[bytes]) -> tuple[list[Event], int]:
+    """Decode ``parts`` as the pure relay does (:meth:`SSEDecoder.skip` first, looking for ``[DONE]``)."""
+    dec, out, skipped = SSEDecoder(), [], 0
+    for part in parts:
+        if dec.skip(part, b"[DONE]"):
+            skipped += 1
+        else:
+            out += dec.feed(part)
+    return out + dec.close(), skipped
+
+
+def _check_skipping(parts: list[bytes]) -> int:
+    full = decode(b"".join(parts))
+    got, skipped = _skipping(parts)
+    it = iter(full)
+    assert all(any(e == f for f in it) for e in got)  # what it builds, the full decoder builds too, in order
+    assert [e for e in got if _holds_done(e)] == [e for e in full if _holds_done(e)]  # and nothing with [DONE] is lost
+    return skipped
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(FIXTURE_FILES), st.lists(st.integers(0, 1 << 16), max_size=40), st.booleans())
+def test_skip_loses_no_done_event_at_any_splitting_of_the_fixtures(path, cuts, at_events):
+    raw = path.read_bytes()
+    if at_events:  # reads on event boundaries too, where skip applies
+        ends = [i + 2 for i in range(len(raw)) if raw.startswith(b"\n\n", i)]
+        cuts = cuts + [ends[c % len(ends)] for c in cuts] if ends else cuts
+    _check_skipping(splits(raw, cuts))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b"data: {\"a\": 1}\n\n", b"data: [DONE]\n\n", b"data:[DONE]\n\n", b": ping\n\n",
+                                 b"data: [DONE]\r\n\r\n", b"data: x\ndata: [DONE]\n\n", b"id: [DONE]\n\n", b"data: \xe6",
+                                 b"\x97\xa5\n\n", b"data: y\n", b"\n", b"\r", b"\xef\xbb\xbfdata: z\n\n"]), max_size=12),
+       st.lists(st.integers(0, 1 << 10), max_size=6))
+def test_skip_loses_no_done_event_in_any_stream(pieces, cuts):
+    raw = b"".join(pieces)
+    _check_skipping(splits(raw, cuts) + pieces)
+
+
+def test_skip_takes_whole_events_without_done_and_refuses_the_rest():
+    dec = SSEDecoder()
+    assert not dec.skip(b"data: {}\n\n", b"[DONE]")  # the first read is always decoded (BOM)
+    assert dec.feed(b"data: {}\n\n")[0].data == "{}"
+    assert dec.skip(b"data: {\"a\": 1}\n\ndata: {}\n\n", b"[DONE]")
+    for refused in (b"data: [DONE]\n\n", b"data: {}\r\n\r\n", b"data: {}\n", b"data: {}"):
+        assert not dec.skip(refused, b"[DONE]")
+    dec.feed(b"data: {")  # mid-event: nothing is skipped until the event is complete
+    assert not dec.skip(b"}\n\n", b"[DONE]")
+    assert [e.data for e in dec.feed(b"}\n\n")] == ["{}"]
+    assert not SSEDecoder(max_event_size=4).skip(b"data: {}\n\n", b"[DONE]")
