@@ -122,3 +122,34 @@ async def test_detector_blocks_a_prompt_without_echoing_it(engine):
     assert err.body["innererror"]["content_filter_result"]["guard"]["category"] == "credit_card"
     assert number not in err.response.text and number[:4] not in err.response.text
     await wait_idle(engine)
+
+
+async def test_the_shipped_pii_redact_policy_masks_what_its_detectors_find(engine):
+    """policies/pii-redact.yaml: an email, a card, an IBAN and an API key in one answer, one char per delta, each
+    replaced by its category's mask on the socket and in the JSON answer alike; the text around them intact."""
+    from pathlib import Path
+
+    from guardproxy.config import load_policy
+
+    policy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "pii-redact.yaml").model_dump(mode="json")
+    card = card_number(random.Random(7))
+    secrets = {"email": "jane.doe@example.org", "credit_card": " ".join(card[i:i + 4] for i in range(0, 16, 4)),
+               "iban": "GB82 WEST 1234 5698 7654 32", "api_key": "sk-" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4"}
+    text = "Mail " + secrets["email"] + ", pay " + secrets["credit_card"] + " or " + secrets["iban"] + \
+        ", key " + secrets["api_key"] + " done."
+    want = text
+    for name, value in secrets.items():
+        want = want.replace(value, f"[{name}]")
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(sse_body(content_chunks(list(text))), per_event=True))
+        whole = fake.script("whole", JSON({"id": "x", "object": "chat.completion", "created": 1, "model": "whole",
+                                           "choices": [{"index": 0, "finish_reason": "stop",
+                                                        "message": {"role": "assistant", "content": text}}]}))
+        async with RunningProxy(proxy_config(fake.base_url, policy), engine) as proxy:
+            got, finish = await sse_text(port_of(proxy.base_url), model)
+            client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+            r = await client.chat.completions.create(model=whole, messages=USER)
+            await client.close()
+    assert got == want and finish == "stop"
+    assert r.choices[0].message.content == want
+    await wait_idle(engine)
