@@ -6,7 +6,7 @@ import json
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.guard.normalize import JsonStringDecoder, removed, view
@@ -195,7 +195,12 @@ def check_spans(spans: list[TokenSpan], pieces, hf) -> None:
             mine = "".join(c for c, a in units if s.start <= min(a) and max(a) < s.end
                            and not (min(a) < prev_end and min(a) in shared))
             want = unicodedata.normalize("NFC", view(mine)).encode()
-            assert any(stream.startswith(want, q) for q in range(b0, b1)), (s, want, stream[b0:b1])
+            # an expansion whose last char NFC composes with the marks after it ("ﬁ" + U+0344 reads "f" + "ḯ")
+            # is split between two tokens: each holds a piece of the view of all the chars it spans
+            own = [u for u in units if s.start <= min(u[1]) and max(u[1]) < s.end]
+            whole = unicodedata.normalize("NFC", view("".join(c for c, _ in own))).encode()
+            split_view = any(min(a) in shared for _, a in own) and stream[b0:b1] in whole
+            assert split_view or any(stream.startswith(want, q) for q in range(b0, b1)), (s, want, stream[b0:b1])
             prev_end = s.end
 
 
@@ -227,6 +232,8 @@ def test_any_split_of_content_equals_whole_encoding(hf, tok, data, text):
 
 @PROPS
 @given(case=turn())
+@example(case=({"role": "assistant", "content": "\ufb01\u0344", "reasoning_content": ""},
+               [("content", "\ufb01\u0344", None)]))  # "fi" ligature + a mark NFC composes with its "i"
 def test_reasoning_content_tools_equal_template(hf, tok, case):
     msg, pieces = case
     spans, r = run(tok, pieces)
