@@ -3,7 +3,7 @@ the configured ``review_webhook``, with bounded retries; a request only puts an 
 
 An event names the tenant, the request id, the stage (``prompt`` / ``response``), the risk level, category and
 probability of the detection and, for a response, the choice, the decisive token's index and the char offsets of
-the span; it never holds text (prompt or answer). Delivery: one attempt plus ``retries`` more for a connection
+the span; it holds no text (prompt or answer) unless the policy sets ``escalation.include_text``. Delivery: one attempt plus ``retries`` more for a connection
 error, a timeout, a 429 or a 5xx, waiting ``backoff`` seconds doubled each time; any other status is final. Every
 outcome is counted in ``guardproxy_review_events_total{outcome}`` (``sent``, ``failed``: retries exhausted or a
 final status, ``dropped``: the queue was full) and failures are logged.
