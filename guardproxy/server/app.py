@@ -43,6 +43,7 @@ once, when it starts (tenant, policy, upstream client, limits), and holds its up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -318,13 +319,17 @@ async def moderated(request: web.Request) -> web.StreamResponse:
     snapshot = state.snapshot  # this request's version, to its end
     tenant = resolve_tenant(snapshot, request)
     selected = select_policy(tenant, request)
-    with state.clients.lease(_upstream(snapshot, tenant)) as upstream:
+    with contextlib.ExitStack() as leases:
+        upstream = leases.enter_context(state.clients.lease(_upstream(snapshot, tenant)))
         body = await read_json(request)
         legacy = request.path == "/v1/completions"
         ctx = RequestContext(
             request_id=request[REQUEST_ID], tenant=tenant, upstream=upstream, engine=state.engine,
             metrics=state.metrics, limits=snapshot.config.limits, selected=selected[1] if selected else None,
             selected_name=selected[0] if selected else None, upstreams=snapshot.upstreams, review=state.review)
+        route = ctx.policy.route  # the upstream a `route` action may send the request to is held as well
+        if route is not None and route.upstream in snapshot.upstreams:
+            leases.enter_context(state.clients.lease(snapshot.upstreams[route.upstream]))
         if request.path == "/v1/responses":
             return await responses.handle(ctx, request, body, request[RAW_BODY], state.conversations)
         return await handler.handle(ctx, request, body, request[RAW_BODY], legacy=legacy)

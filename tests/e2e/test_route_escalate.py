@@ -204,3 +204,29 @@ async def test_text_only_when_the_policy_opts_in(engine, stream):
     assert p["text"] == prompt
     assert a["text"] == "I like marzipan a lot."[a["start"]:a["end"]] and a["text"].startswith(PII_TRIGGER)
     await wait_idle(engine)
+
+
+async def test_a_routed_request_holds_the_route_upstream_client_to_its_end(engine):
+    """A reload may retire the route's upstream client while a routed stream runs: the request holds that client
+    (and the tenant's) until it ends, so the client is not closed under it."""
+    from guardproxy.server.app import STATE
+
+    policy = {"prompt": {"controversial": "route"}, "route": {"upstream": "safe"}, "prompt_mode": "sequential"}
+    async with FakeUpstream() as main, FakeUpstream() as safe:
+        safe.script("client-model", SSE(sse_body(SAFE_ANSWER), write_size=8, delay=0.05))
+        async with RunningProxy(config({"main": main.base_url, "safe": safe.base_url}, policy), engine) as proxy:
+            state = proxy.app[STATE]
+            route_client = state.snapshot.upstreams["safe"]
+            async with httpx.AsyncClient(timeout=30) as h:
+                async with h.stream("POST", proxy.base_url + "/chat/completions", headers=AUTH, json={
+                        "model": "client-model", "stream": True,
+                        "messages": [{"role": "user", "content": f"I like {PII_TRIGGER}."}]}) as r:
+                    chunks = r.aiter_bytes()
+                    first = await chunks.__anext__()
+                    held = state.clients.users(route_client)
+                    body = first + b"".join([b async for b in chunks])
+            after = state.clients.users(route_client)
+    assert r.headers["x-guard-route"] == "upstream=safe"
+    assert held == 1 and after == 0
+    assert texts(well_formed(body))[0] == {0: "Fine."}
+    await wait_idle(engine)
