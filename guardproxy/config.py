@@ -522,6 +522,11 @@ class Policy(_Strict):
 # --------------------------------------------------------------------------------------------------------------------
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _plain_name(v: object) -> bool:
+    """Is ``v`` a plain name (a tenant, policy or file stem): letters, digits, ``_``, ``-``, ``.``, no ``..``?"""
+    return isinstance(v, str) and bool(_NAME_RE.match(v)) and ".." not in v
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -780,17 +785,10 @@ class TenantConfig(_Strict):
     # a policy decided on the same verdicts at the same time, recorded only (logs, metrics), never acting
     shadow: Optional[str] = None
 
-    @field_validator("name", "policy")
+    @field_validator("name", "policy", "shadow")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
-        return v
-
-    @field_validator("shadow")
-    @classmethod
-    def _shadow_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and (not _NAME_RE.match(v) or ".." in v):
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _plain_name(v):
             raise ValueError(f"{v!r} is not a plain name (letters, digits, '_', '-', '.')")
         return v
 
@@ -798,7 +796,7 @@ class TenantConfig(_Strict):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         for i, name in enumerate(v):
-            if not _NAME_RE.match(name) or ".." in name:
+            if not _plain_name(name):
                 raise ValueError(f"[{i}] {name!r} is not a plain name (letters, digits, '_', '-', '.')")
         return v
 
@@ -1053,7 +1051,7 @@ class PolicyResolver:
             if not isinstance(data, dict):
                 raise ConfigError(f"{where}: a policy must be a mapping, got {type(data).__name__}")
             return PolicySource(name, where, data)
-        if not _NAME_RE.match(name) or ".." in name:
+        if not _plain_name(name):
             return None
         found = next((p for p in self.candidates(name) if p.is_file()), None)
         if found is None:
@@ -1082,7 +1080,7 @@ class PolicyResolver:
             parent = cur.parent
             line = cur.lines.get((EXTENDS,))
             at = f"{cur.where}{f', line {line}' if line else ''}"
-            if not isinstance(parent, str) or not _NAME_RE.match(parent) or ".." in parent:
+            if not _plain_name(parent):
                 raise ConfigError(f"{at}:\n{EXTENDS}: expected a policy name (letters, digits, '_', '-', '.'), "
                                   f"got {parent!r}")
             names = [s.name for s in chain]
