@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
@@ -104,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=150, help="tokens per answer")
     p.add_argument("--seconds", type=float, default=8.0, help="counted seconds per window")
     p.add_argument("--max-streams", type=int, default=64, help="guard.max_streams")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    r = run(args)
-    print(json.dumps(r, indent=2) if args.json else table(r))
-    return 0
+    return common.cli(p, argv, run, table)
 
 
 if __name__ == "__main__":

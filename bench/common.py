@@ -482,6 +482,16 @@ def wait_quiet(procs: list[Proc], idle: float = 0.05, timeout: float = 30.0) -> 
             return
 
 
+def cli(parser, argv: list[str] | None, run, table) -> int:
+    """A benchmark's command line: ``parser`` (plus ``--json``) parses ``argv``, ``run(args)`` measures, and its
+    result is printed as ``table(result)`` (markdown) or, with ``--json``, as JSON. Returns the exit status 0."""
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    r = run(args)
+    print(json.dumps(r, indent=2) if args.json else table(r))
+    return 0
+
+
 def fmt(x: float | None, digits: int = 1) -> str:
     """A table cell: ``-`` for None."""
     return "-" if x is None else f"{x:.{digits}f}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--proxy-streams", type=int, default=4)
     p.add_argument("--no-proxy", action="store_true", help="only the in-process moderator")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    r = run(args)
-    print(json.dumps(r, indent=2) if args.json else table(r))
-    return 0
+    return common.cli(p, argv, run, table)
 
 
 if __name__ == "__main__":

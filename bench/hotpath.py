@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import re
 import shutil
 import subprocess
@@ -106,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=500)
     p.add_argument("--rate-hz", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    r = run(args)
-    print(json.dumps(r, indent=2) if args.json else table(r))
-    return 0
+    return common.cli(p, argv, run, table)
 
 
 if __name__ == "__main__":

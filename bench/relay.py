@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
@@ -178,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=500, help="content chunks per answer")
     p.add_argument("--setup-litellm", action="store_true", help="install LiteLLM into its own venv first")
     p.add_argument("--baseline", help="a git revision whose proxy runs beside this one (configs off@base, tiny@base)")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    r = run(args)
-    print(json.dumps(r, indent=2) if args.json else table(r))
-    return 0
+    return common.cli(p, argv, run, table)
 
 
 if __name__ == "__main__":
