@@ -5,7 +5,6 @@ threshold moving the decision exactly at the boundary on the real engine's proba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -14,23 +13,9 @@ from hypothesis import strategies as st
 from guardproxy.config import CHANNELS, ConfigError, Policy
 from guardproxy.guard.labels import CATEGORIES
 from guardproxy.moderation.decider import Cut, Decider, Flag, Redact, decide_prompt, risk_level
+from tests.moderation.fakes import Span, Verdict
 
 RESPONSE_CATS = [c for c in CATEGORIES if c != "Jailbreak"]
-
-
-@dataclass(frozen=True)
-class Span:
-    id: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class Verdict:
-    risk_level: str
-    category: str = "Violent"
-    probs: dict = field(default_factory=dict)
-    category_prob: float = 1.0
 
 
 #: The issue's example: Jailbreak prompts block, PII anywhere redacted, political Controversial flagged, anything

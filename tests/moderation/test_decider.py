@@ -7,7 +7,6 @@ included), k, hold_back and policies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import pytest
 import regex
@@ -16,22 +15,9 @@ from hypothesis import strategies as st
 
 from guardproxy.config import Policy
 from guardproxy.moderation.decider import MAX_WORD_BACK, Allow, Cut, Decider, Flag, Redact, decide_prompt
+from tests.moderation.fakes import Span, Verdict
 
 LEVEL = {"S": "Safe", "C": "Controversial", "U": "Unsafe"}
-
-
-@dataclass(frozen=True)
-class Span:
-    id: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class Verdict:
-    risk_level: str
-    category: str = "Violent"
-    probs: dict = field(default_factory=dict)
 
 
 def make_policy(**kw) -> Policy:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardproxy.config import Policy
@@ -19,6 +18,7 @@ from guardproxy.moderation.detectors import LOOKAHEAD, Scanner, compiled, iban_v
 from guardproxy.moderation.response import ResponseModerator
 from guardproxy.testing.harness import frames, texts
 from guardproxy.wire.sse import SSEDecoder, encode_data
+from tests.moderation.fakes import Span
 
 # -- checksums -------------------------------------------------------------------------------------------------------
 
@@ -307,13 +307,6 @@ def test_random_text_scan_is_linear_enough():
         sc.push(ch)
         assert sc._n - sc.decided <= 256 + LOOKAHEAD  # never more than max_chars + LOOKAHEAD held
     sc.close()
-
-
-@dataclass(frozen=True)
-class Span:
-    id: int
-    start: int
-    end: int
 
 
 @settings(max_examples=60, deadline=None)
