@@ -485,10 +485,15 @@ class Policy(_Strict):
         return self
 
     @property
+    def detects_prompt(self) -> bool:
+        """Does a detector act on the prompt (a ``prompt`` action other than ``allow``, not an allow list)?"""
+        return any(d.prompt != "allow" and not d.exempt for d in self.detectors.values())
+
+    @property
     def moderates_prompt(self) -> bool:
         """Can the prompt verdict change anything (some prompt action is not ``allow``)?"""
         return any(a != "allow" for lvl in ("Controversial", "Unsafe") for a in self.prompt.actions_for_level(lvl)) \
-            or any(d.prompt != "allow" and not d.exempt for d in self.detectors.values())
+            or self.detects_prompt
 
     @property
     def moderates_response(self) -> bool:

@@ -811,7 +811,7 @@ def detect_prompt(policy: Policy, conversations: Iterable[Iterable[Mapping]]) ->
     """The most severe prompt action of the policy's detectors over every text of ``conversations`` (the first
     detector reaching it), or None when none acts (no detector with a ``prompt`` action matched, or its matches lie
     inside exempt ones)."""
-    if not any(d.prompt != "allow" and not d.exempt for d in policy.detectors.values()):
+    if not policy.detects_prompt:
         return None
     best: Optional[PromptDetection] = None
     for m in prompt_matches(policy, prompt_texts(conversations)):

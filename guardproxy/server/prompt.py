@@ -186,7 +186,8 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
         ProxyError: 400 from :func:`request_windows`; see :func:`guard_unavailable` for the 503s.
     """
     policy = ctx.policy
-    detected = detect_prompt(policy, conversations)
+    # the scan reads every prompt string (up to limits.max_body_bytes): off the event loop, like the rendering
+    detected = await asyncio.to_thread(detect_prompt, policy, conversations) if policy.detects_prompt else None
     if detected is not None and detected.action == "block":  # refused before the guard is asked
         ctx.metrics.prompt_verdicts.labels(tenant=ctx.tenant.name, action="block", risk_level=detected.risk_level,
                                            category=detected.category).inc()
