@@ -64,6 +64,7 @@ class RequestContext:
         if text is not None:
             event["text"] = text
         self.review.submit(event)
+
     @property
     def chosen(self) -> tuple[str, Policy]:
         """``(name, policy)`` the request runs under as written: the selected one, else the tenant's."""

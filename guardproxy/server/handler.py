@@ -35,7 +35,7 @@ from guardproxy.server.relay import ChatEnd, ResponsesEnd, relay_unmoderated
 from guardproxy.server.request import parse_request
 from guardproxy.server.streamed import sniff_stream, stream_moderated
 from guardproxy.server.unary import json_moderated
-from guardproxy.server.upstream import UpstreamError, UpstreamResponse
+from guardproxy.server.upstream import Upstream, UpstreamError, UpstreamResponse
 from guardproxy.wire.errors import ProxyError, prompt_blocked
 
 __all__ = ["handle"]
@@ -94,9 +94,10 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
     outcome: PromptOutcome | None = None
     resp: UpstreamResponse | None = None
 
-    def send() -> asyncio.Task:
-        return asyncio.ensure_future(ctx.upstream.send("POST", request.path, headers=request.headers, content=raw,
-                                                       params=request.rel_url.raw_query_string or None))
+    def send(upstream: Upstream | None = None, content: bytes = raw) -> asyncio.Task:
+        return asyncio.ensure_future((upstream or ctx.upstream).send(
+            "POST", request.path, headers=request.headers, content=content,
+            params=request.rel_url.raw_query_string or None))
     if not ctx.moderates_prompt and not ctx.moderates_response:  # nothing a verdict could change or record
         resp = await send()
         try:
@@ -118,7 +119,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
         if outcome.action == "route":
             if up_task is not None:  # the request already sent to the tenant's upstream is not wanted
                 _discard(up_task)
-            up_task = asyncio.ensure_future(_send_routed(ctx, request, raw, policy.route))
+            up_task = send(*routed(ctx, raw, policy.route))
             out_headers["x-guard-route"] = route_header(policy.route)
         if up_task is None:
             up_task = send()
@@ -141,9 +142,7 @@ async def moderate_request(ctx: RequestContext, request: web.Request, raw: bytes
         return await respond(resp, streams, out_headers)
     finally:
         if up_task is not None and resp is None:  # the upstream response was never taken over: close it too
-            if not up_task.done():
-                up_task.cancel()
-            up_task.add_done_callback(_close_response_when_done)
+            _discard(up_task)
         if resp is not None:
             await resp.aclose()
         if outcome is not None:
@@ -156,17 +155,15 @@ def route_header(target) -> str:
     return "; ".join(parts + ([f"model={target.model}"] if target.model else []))
 
 
-async def _send_routed(ctx: RequestContext, request: web.Request, raw: bytes, target) -> UpstreamResponse:
-    """The request sent where the policy's ``route`` says: its upstream (default the tenant's), its ``model``
-    instead of the client's (the body re-encoded with only that field changed)."""
+def routed(ctx: RequestContext, raw: bytes, target) -> tuple[Upstream, bytes]:
+    """Where the policy's ``route`` sends the request: its upstream (default the tenant's) and the body, with its
+    ``model`` instead of the client's (re-encoded with only that field changed) when the route names one."""
     upstream = ctx.upstreams[target.upstream] if target.upstream else ctx.upstream
-    content = raw
-    if target.model is not None:
-        body = orjson.loads(raw)
-        body["model"] = target.model
-        content = orjson.dumps(body)
-    return await upstream.send("POST", request.path, headers=request.headers, content=content,
-                               params=request.rel_url.raw_query_string or None)
+    if target.model is None:
+        return upstream, raw
+    body = orjson.loads(raw)
+    body["model"] = target.model
+    return upstream, orjson.dumps(body)
 
 
 def _discard(task: asyncio.Task) -> None:
