@@ -8,6 +8,8 @@ ids taken are the assistant header (``"\\n<|im_start|>assistant\\n<think>"``), t
 
 from __future__ import annotations
 
+import bisect
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,13 +85,7 @@ class ChoiceModerator:
     def _takeable(self) -> int:
         """How many pending ids may be scored now: those ending where every detector match is known (see
         :attr:`Decider.decided`)."""
-        limit = self.decider.decided
-        if not self._pending or self._pending[-1].end <= limit:
-            return len(self._pending)
-        n = 0
-        while n < len(self._pending) and self._pending[n].end <= limit:
-            n += 1
-        return n
+        return bisect.bisect_right(self._pending, self.decider.decided, key=lambda t: t.end)  # ends never decrease
 
     def take(self) -> list[int]:
         """The pending ids, now in flight: score them and pass the verdicts to :meth:`scored` (an empty list
