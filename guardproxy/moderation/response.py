@@ -199,18 +199,26 @@ class ResponseModerator:
 
     # -- streamed input --------------------------------------------------------------------------------------------
     def add(self, events: Sequence[Event]) -> list[bytes]:
-        """Take decoded upstream events; returns the bytes that may go out now."""
+        """Take decoded upstream events; returns the bytes that may go out now.
+
+        Raises:
+            BadChunk: an event the guard cannot read; its ``sendable`` holds what the events before it released.
+        """
         out: list[bytes] = []
-        for ev in events:
-            if self.releaser.upstream_done and ev.kind != "comment":
-                continue  # after [DONE]: ignored, never parsed
-            chunk = read_event(ev, self.max_choices)
-            pieces, sendable = hold(self.splitter, self.releaser, chunk)
-            out += sendable
-            self._push(pieces)
-            for j, ch in enumerate(chunk.choices):
-                if ch.get("finish_reason") is not None:
-                    out += self._finish_choice(choice_index(ch, j))
+        try:
+            for ev in events:
+                if self.releaser.upstream_done and ev.kind != "comment":
+                    continue  # after [DONE]: ignored, never parsed
+                chunk = read_event(ev, self.max_choices)
+                pieces, sendable = hold(self.splitter, self.releaser, chunk)
+                out += sendable
+                self._push(pieces)
+                for j, ch in enumerate(chunk.choices):
+                    if ch.get("finish_reason") is not None:
+                        out += self._finish_choice(choice_index(ch, j))
+        except BadChunk as e:
+            e.sendable = out
+            raise
         return out + self._release_unheld()
 
     def eof(self, events: Sequence[Event] = ()) -> list[bytes]:

@@ -123,22 +123,30 @@ class ResponsesModerator:
 
     # -- streamed input ----------------------------------------------------------------------------------------------
     def add(self, events: Sequence[Event]) -> list[bytes]:
-        """Take decoded upstream events; returns the bytes that may go out now."""
+        """Take decoded upstream events; returns the bytes that may go out now.
+
+        Raises:
+            BadChunk: an event the guard cannot read; its ``sendable`` holds what the events before it released.
+        """
         out: list[bytes] = []
-        for ev in events:
-            if ev.kind == "comment":
-                out += self.releaser.comment(ev.comment or "")
-                continue
-            if ev.is_done:
-                self.releaser.saw_done = True
-                out += self._end()
-                continue
-            if self._over or self.all_cut:
-                continue  # after the terminal event, or after the cut closed the response
-            chunk = read_event(ev, 1)
-            if chunk.obj is None:  # an event without data (an id: line, a retry:): nothing to relay
-                continue
-            out += self._take(chunk)
+        try:
+            for ev in events:
+                if ev.kind == "comment":
+                    out += self.releaser.comment(ev.comment or "")
+                    continue
+                if ev.is_done:
+                    self.releaser.saw_done = True
+                    out += self._end()
+                    continue
+                if self._over or self.all_cut:
+                    continue  # after the terminal event, or after the cut closed the response
+                chunk = read_event(ev, 1)
+                if chunk.obj is None:  # an event without data (an id: line, a retry:): nothing to relay
+                    continue
+                out += self._take(chunk)
+        except BadChunk as e:
+            e.sendable = out
+            raise
         return out + self._release_unheld()
 
     def eof(self, events: Sequence[Event] = ()) -> list[bytes]:

@@ -318,9 +318,11 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
     try:
         async for data in resp.aiter_bytes() if is_sse else _body(resp, limit):
             await out.write(data)
-            if dec is not None and not end.ended and (end.needle is None or not dec.skip(data, end.needle)):
-                for ev in dec.feed(data):
-                    end.feed(ev)
+            if dec is not None and not end.ended:
+                taken = 0 if end.needle is None else dec.skip(data, end.needle)
+                if taken < len(data):
+                    for ev in dec.feed(data[taken:] if taken else data):
+                        end.feed(ev)
         if dec is not None and not end.ended:  # an upstream that ends unterminated still ends here
             for ev in dec.close():
                 end.feed(ev)

@@ -73,6 +73,19 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         yield data
 
 
+def _before_failure(mod: Any, e: Exception) -> list[bytes]:
+    """What the events of the failing read that came before the failure release (one read holds many events):
+    the events an :class:`SSEError` completed are taken, the bytes a :class:`BadChunk` interrupted are kept."""
+    if isinstance(e, BadChunk):
+        return e.sendable
+    if isinstance(e, SSEError) and e.events:
+        try:
+            return mod.add(e.events)
+        except BadChunk as bad:
+            return bad.sendable
+    return []
+
+
 def _guard_error(e: GuardFailure) -> tuple[str, str, str]:
     return f"The content guard is {e.kind}; the stream was stopped.", "service_unavailable", "guard_unavailable"
 
@@ -135,6 +148,7 @@ async def relay_moderated(ctx: RequestContext, request: web.Request, resp: Upstr
             kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")
             ctx.metrics.upstream_errors.labels(kind=kind).inc()
             log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
+            await write(_before_failure(mod, e))
             await write(await drain([], (f"Upstream error: {e}", "server_error", f"upstream_{kind}")))
         except GuardFailure as e:
             await resp.aclose()

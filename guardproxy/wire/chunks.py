@@ -125,7 +125,14 @@ def choice_index(choice: dict, position: int) -> int:
 class BadChunk(ValueError):
     """A chunk the proxy cannot moderate: ``choices`` not a list of objects, a choice ``index`` outside ``[0, n)``,
     or a text container (``delta``, ``tool_calls``, ``function``, ``custom``, ``function_call``, ``audio``,
-    ``reasoning_details``) of the wrong type."""
+    ``reasoning_details``) of the wrong type.
+
+    Attributes:
+        sendable: set by the moderator that met it in a batch of events: the bytes the events before it released
+            (they may go out before the stream ends with an error); empty otherwise.
+    """
+
+    sendable: list[bytes] = []
 
 
 def normalize_chunk(obj: dict, n: int, *, stream: bool = False) -> bool:

@@ -54,7 +54,16 @@ _EOL = re.compile(r"\r\n|\r|\n")
 
 
 class SSEError(ValueError):
-    """The upstream byte stream is not acceptable SSE (an event or a line exceeds the configured size bound)."""
+    """The upstream byte stream is not acceptable SSE (an event or a line exceeds the configured size bound).
+
+    Attributes:
+        events: the events the failing :meth:`SSEDecoder.feed` completed before the failure, in order (they are
+            well-formed and may still be acted on); empty when raised again by a later call.
+    """
+
+    def __init__(self, message: str, events: list["Event"] | None = None):
+        super().__init__(message)
+        self.events = events or []
 
 
 @dataclass(frozen=True)
@@ -120,30 +129,49 @@ class SSEDecoder:
         self._failed: SSEError | None = None
 
     def feed(self, data: bytes) -> list[Event]:
-        """Decode one read; returns the events completed by it (possibly none, possibly many)."""
-        if self._failed:
-            raise self._failed
-        return self._text(self._utf8.decode(data))
+        """Decode one read; returns the events completed by it (possibly none, possibly many).
 
-    def skip(self, data: bytes, unless: bytes) -> bool:
-        """Take one read without building its events, when that provably loses nothing the caller looks for: the
-        decoder sits between events (no partial line, field, character or CR pending; the first read was fed), and
-        ``data`` holds only whole events (it ends with a blank line ``\n\n``, has no CR, is no longer than
-        ``max_event_size``) none of which can contain ``unless`` (those bytes do not occur in it). The decoder is
-        then between events again, as :meth:`feed` would have left it. Returns False, consuming nothing, otherwise:
-        :meth:`feed` it then. (A pure relay looking only for ``[DONE]`` skips nearly every read this way.)"""
-        if (self._failed or not self._started or self._line or self._fields or self._skip_lf
-                or not data.endswith(b"\n\n") or len(data) > self.max_event_size or b"\r" in data
-                or unless in data or self._utf8.getstate()[0]):
-            return False
-        return True
+        Raises:
+            SSEError: the bound is exceeded; its ``events`` are those this read completed before that.
+        """
+        if self._failed:
+            raise SSEError(str(self._failed))
+        out: list[Event] = []
+        try:
+            self._text(self._utf8.decode(data), out)
+        except SSEError as e:
+            e.events = out
+            raise
+        return out
+
+    def skip(self, data: bytes, unless: bytes) -> int:
+        """Take the leading whole events of one read without building them, where that provably loses nothing the
+        caller looks for: the decoder sits between events (no partial line, field, character or CR pending; the
+        first read was fed), and the bytes taken end with a blank line ``\n\n``, hold no CR, are no longer than
+        ``max_event_size`` and stop before the first occurrence of ``unless`` (so none of the events taken can
+        contain it). The decoder is then between events again, as :meth:`feed` would have left it.
+
+        Returns:
+            How many bytes of ``data`` it took: 0 (none) up to ``len(data)`` (all); :meth:`feed` the rest. (A pure
+            relay looking only for ``[DONE]`` takes nearly every read whole this way, and the last one up to the
+            event that holds ``[DONE]``.)
+        """
+        if self._failed or not self._started or self._line or self._fields or self._skip_lf or self._utf8.getstate()[0]:
+            return 0
+        end = len(data)
+        for stop in (unless, b"\r"):
+            at = data.find(stop, 0, end)
+            if at >= 0:
+                end = at
+        taken = data.rfind(b"\n\n", 0, end) + 2
+        return taken if 2 <= taken <= self.max_event_size else 0
 
     def close(self) -> list[Event]:
         """End of stream: flush a pending partial character, an unterminated last line and a last event not
         followed by a blank line. Returns those events."""
         if self._failed:
-            raise self._failed
-        out = self._text(self._utf8.decode(b"", final=True))
+            raise SSEError(str(self._failed))
+        out = self._text(self._utf8.decode(b"", final=True), [])
         if self._line:
             line = "".join(self._line)
             self._line, self._line_len = [], 0
@@ -154,8 +182,8 @@ class SSEDecoder:
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------
-    def _text(self, text: str) -> list[Event]:
-        out: list[Event] = []
+    def _text(self, text: str, out: list[Event]) -> list[Event]:
+        """Decode ``text``, appending completed events to ``out`` (returned)."""
         if not text:
             return out
         if not self._started:

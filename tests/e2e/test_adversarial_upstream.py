@@ -299,6 +299,15 @@ async def test_upstream_that_never_sends_a_newline_is_bounded(engine):
     assert fs[-1]["error"]["code"] == "upstream_bad_sse" and len(r.content) < 4096
 
 
+async def test_events_in_the_read_that_overflows_the_bound_still_go_out(engine):
+    """Whole events before an oversized line in the same read are moderated and released, then the error."""
+    body = sse_body([chunk({"content": "Hello "}), chunk({"content": "there."})], done=False)
+    body += b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"a" * 8_000
+    r = await relay(engine, body, limits={"max_sse_event_bytes": 4096})  # one write of 8 KB: one read
+    fs = well_formed(r.content)
+    assert fs[-1]["error"]["code"] == "upstream_bad_sse" and texts(fs)[0].get(0) == "Hello there."
+
+
 async def test_enormous_number_of_tiny_events(engine):
     """20 000 one-character chunks in a few big reads: everything relayed, in time linear in the number of events
     (measured against 2 000 events in the same run: 10x the events may take at most 25x the time; quadratic work

@@ -380,12 +380,13 @@ async def test_controversial_earlier_turn_flags_the_prompt(engine):
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["abort", "bad_event", "eof"])
-async def test_a_broken_upstream_stream_ends_with_an_error_event_the_sdk_raises(engine, how):
+@pytest.mark.parametrize("write_size", [11, None])  # None: the events and the failure arrive in one read
+async def test_a_broken_upstream_stream_ends_with_an_error_event_the_sdk_raises(engine, how, write_size):
     events = response_events([{"type": "message", "deltas": ["Half ", "an ", "answer"]}], end=None)
     if how == "bad_event":
         events.append({"type": "response.audio.transcript.delta", "sequence_number": len(events), "delta": "unread"})
     async with FakeUpstream() as fake:
-        fake.script("m", SSE(sse(events), write_size=11, abort=how == "abort"))
+        fake.script("m", SSE(sse(events), write_size=write_size, abort=how == "abort"))
         async with RunningProxy(proxy_config(fake.base_url), engine) as proxy:
             r = await post(proxy, {"model": "m", "input": SAFE, "stream": True})
             client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)

@@ -213,6 +213,17 @@ def test_encode_comment_and_done():
     assert DONE == b"data: [DONE]\n\n" and decode(DONE)[0].is_done
 
 
+def test_a_failing_read_hands_over_the_events_before_the_failure():
+    dec = SSEDecoder(max_event_size=64)
+    with pytest.raises(SSEError) as e:
+        dec.feed(b"data: a\n\n: ping\n\ndata: " + b"x" * 100)
+    assert [(ev.data, ev.comment) for ev in e.value.events] == [("a", None), (None, " ping")]
+    for later in (lambda: dec.feed(b"data: b\n\n"), dec.close):  # unusable afterwards; nothing handed twice
+        with pytest.raises(SSEError) as again:
+            later()
+        assert again.value.events == []
+
+
 def test_rejects_nonpositive_bound():
     with pytest.raises(ValueError):
         SSEDecoder(max_event_size=0)
@@ -226,10 +237,10 @@ def _skipping(parts: list[bytes]) -> tuple[list[Event], int]:
     """Decode ``parts`` as the pure relay does (:meth:`SSEDecoder.skip` first, looking for ``[DONE]``)."""
     dec, out, skipped = SSEDecoder(), [], 0
     for part in parts:
-        if dec.skip(part, b"[DONE]"):
-            skipped += 1
-        else:
-            out += dec.feed(part)
+        taken = dec.skip(part, b"[DONE]")
+        assert 0 <= taken <= len(part)
+        skipped += taken == len(part)
+        out += dec.feed(part[taken:])
     return out + dec.close(), skipped
 
 
@@ -264,12 +275,18 @@ def test_skip_loses_no_done_event_in_any_stream(pieces, cuts):
 
 def test_skip_takes_whole_events_without_done_and_refuses_the_rest():
     dec = SSEDecoder()
-    assert not dec.skip(b"data: {}\n\n", b"[DONE]")  # the first read is always decoded (BOM)
+    assert dec.skip(b"data: {}\n\n", b"[DONE]") == 0  # the first read is always decoded (BOM)
     assert dec.feed(b"data: {}\n\n")[0].data == "{}"
-    assert dec.skip(b"data: {\"a\": 1}\n\ndata: {}\n\n", b"[DONE]")
+    two = b"data: {\"a\": 1}\n\ndata: {}\n\n"
+    assert dec.skip(two, b"[DONE]") == len(two)
     for refused in (b"data: [DONE]\n\n", b"data: {}\r\n\r\n", b"data: {}\n", b"data: {}"):
-        assert not dec.skip(refused, b"[DONE]")
+        assert dec.skip(refused, b"[DONE]") == 0
+    # whole events before the one that holds [DONE], or before a CR, are taken; the rest is left to feed()
+    assert dec.skip(two + b"data: [DONE]\n\n", b"[DONE]") == len(two)
+    assert dec.skip(two + b"data: x\ndata: [DONE]\n\n", b"[DONE]") == len(two)
+    assert dec.skip(two + b"data: {}\r\n\r\n", b"[DONE]") == len(two)
+    assert dec.skip(two + b"data: {", b"[DONE]") == len(two)
     dec.feed(b"data: {")  # mid-event: nothing is skipped until the event is complete
-    assert not dec.skip(b"}\n\n", b"[DONE]")
+    assert dec.skip(b"}\n\n", b"[DONE]") == 0
     assert [e.data for e in dec.feed(b"}\n\n")] == ["{}"]
-    assert not SSEDecoder(max_event_size=4).skip(b"data: {}\n\n", b"[DONE]")
+    assert SSEDecoder(max_event_size=4).skip(b"data: {}\n\n", b"[DONE]") == 0
