@@ -92,8 +92,100 @@ def response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in upstream_headers.items() if k.lower() not in drop}
 
 
+#: Body bytes :class:`ReadAhead` gathers before it stops reading until they are taken (the upstream's TCP window
+#: then holds the rest back).
+READ_AHEAD_BYTES = 256 * 1024
+
+
+class ReadAhead:
+    """An httpx response body read in a task of its own, what arrived gathered until the consumer takes it.
+
+    httpx yields one piece per chunk of the upstream's chunked encoding, which for an SSE stream is one event. Taken
+    together, the pieces that arrived since the consumer last took (at least all those parsed from one network
+    read) leave as one ``bytes``: a fast upstream then costs one client write, one event-decoder call and one
+    moderation round per read instead of per event, and a consumer busy with the guard finds everything that came
+    meanwhile. At most about :data:`READ_AHEAD_BYTES` are held; the reader then waits until they are taken.
+
+    The reading task is never cancelled: a cancellation inside httpx's read can leave the connection open for good
+    (httpcore closes it under a lock that the same cancellation interrupts). To end it, :meth:`stop` it, close the
+    response (that ends a read in progress) and await :meth:`ended_wait`.
+
+    Attributes:
+        task: the reading task.
+        error: the exception that ended the body, once it ended with one (``None`` otherwise).
+        ended: the body ended (EOF or :attr:`error`); what is gathered may still be taken.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes]):
+        self._body = body
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._ready: asyncio.Future | None = None  # the consumer waits on it for bytes or the end
+        self._room: asyncio.Future | None = None  # the reader waits on it when READ_AHEAD_BYTES are held
+        self._stopped = False
+        self.error: BaseException | None = None
+        self.ended = False
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for data in self._body:
+                if self._stopped:
+                    break
+                if data:
+                    self._pieces.append(data)
+                    self._size += len(data)
+                    self._wake()
+                    if self._size >= READ_AHEAD_BYTES:
+                        self._room = asyncio.get_running_loop().create_future()
+                        await self._room
+                        if self._stopped:
+                            break
+        except Exception as e:  # handed to the consumer, which raises it after the bytes before it
+            self.error = e
+        finally:
+            self.ended = True
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once bytes can be taken or the body ended."""
+        if not self._pieces and not self.ended:
+            self._ready = asyncio.get_running_loop().create_future()
+            await self._ready
+
+    @property
+    def held(self) -> int:
+        """Bytes gathered and not taken yet."""
+        return self._size
+
+    def take(self) -> bytes:
+        """Everything gathered so far, joined (``b""`` when nothing is), and let the reader read on."""
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces.clear()
+        self._size = 0
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        return data
+
+    def stop(self) -> None:
+        """Make the reader stop at its next step (a wait for room ends at once); a read in progress ends when the
+        response is closed."""
+        self._stopped = True
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    async def ended_wait(self) -> None:
+        """Return once the reading task ended (after :meth:`stop` and the response's close: at once)."""
+        if not self.task.done():
+            await self.task
+
+
 class UpstreamResponse:
-    """A streamed upstream response. Iterate :meth:`aiter_bytes`; always :meth:`aclose` (idempotent).
+    """A streamed upstream response. Iterate :meth:`aiter_bytes` (once); always :meth:`aclose` (idempotent).
 
     Attributes:
         status: HTTP status code.
@@ -108,6 +200,7 @@ class UpstreamResponse:
         self._upstream = upstream
         self._settings = upstream.settings
         self._deadline = deadline  # monotonic time by which the first body byte must arrive
+        self._reader: ReadAhead | None = None
         self.status = resp.status_code
         self.headers = response_headers(resp.headers)
         self.content_type = resp.headers.get("content-type", "")
@@ -117,43 +210,67 @@ class UpstreamResponse:
         self.closed = False
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (decoded if gzip).
+        """Body bytes as they arrive (decoded if gzip), each piece everything that arrived since the previous one
+        (:class:`ReadAhead`: a read-ahead task, at most :data:`READ_AHEAD_BYTES` ahead). The first byte is due by
+        ``first_byte_timeout`` from the request; after that, ``idle_timeout`` bounds each wait for more.
 
         Raises:
             UpstreamError: on timeout or a dropped connection; :class:`ShuttingDown` once the upstream was
                 interrupted (the response is closed first in every case).
         """
-        it = self._resp.aiter_bytes().__aiter__()
+        reader = self._reader = ReadAhead(self._resp.aiter_bytes())
         first = True
         while True:
-            timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
-            try:
-                data = await self._upstream.wait(it.__anext__(), timeout)
-            except StopAsyncIteration:
-                return
-            except asyncio.TimeoutError:
-                await self.aclose()
-                what = "first byte" if first else "next read"
-                raise UpstreamError("timeout", f"upstream sent nothing for {timeout:.1f}s (waiting for {what})") from None
-            except ShuttingDown:
-                await self.aclose()
-                raise
-            except httpx.HTTPError as e:
-                await self.aclose()
-                raise UpstreamError("protocol", f"upstream connection failed mid-body: {type(e).__name__}") from None
+            if not reader.ended:
+                timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
+                try:
+                    await self._upstream.wait(reader.wait(), timeout)
+                except asyncio.TimeoutError:
+                    await self.aclose()
+                    what = "first byte" if first else "next read"
+                    raise UpstreamError("timeout", f"upstream sent nothing for {timeout:.1f}s (waiting for {what})") from None
+                except ShuttingDown:
+                    await self.aclose()
+                    raise
+            data = reader.take()
             if data:
                 first = False
                 yield data
+            elif reader.ended:
+                if reader.error is None:
+                    return
+                await self.aclose()
+                if isinstance(reader.error, httpx.HTTPError):
+                    raise UpstreamError("protocol",
+                                        f"upstream connection failed mid-body: {type(reader.error).__name__}") from None
+                raise reader.error
 
     async def aread(self) -> bytes:
         """The whole body (same timeouts as :meth:`aiter_bytes`)."""
         return b"".join([b async for b in self.aiter_bytes()])
 
     async def aclose(self) -> None:
-        """Close the response, returning or dropping its connection; idempotent."""
+        """Stop reading and close the response, returning or dropping its connection; idempotent. The close runs
+        to its end in a task of its own even when the caller is cancelled meanwhile (a client that went away
+        cancels its handler): httpcore, interrupted half-way through closing, would keep the connection open for
+        good."""
         if not self.closed:
             self.closed = True
-            await self._resp.aclose()
+            if self._reader is not None:
+                self._reader.stop()
+            closing = asyncio.ensure_future(self._close())
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+            await asyncio.shield(closing)
+
+    async def _close(self) -> None:
+        await self._resp.aclose()  # a read in progress in the reading task ends with it
+        if self._reader is not None:
+            await self._reader.ended_wait()
+
+
+#: Closes of upstream responses in progress (referenced until they end, whoever stopped waiting for them).
+_CLOSING: set[asyncio.Future] = set()
 
 
 @functools.lru_cache(maxsize=1)

@@ -149,6 +149,12 @@ class FakeUpstream:
         return model
 
     @property
+    def connections(self) -> int:
+        """Client connections open to this upstream now, idle keep-alive ones included (each has one handler task
+        on this loop)."""
+        return len(self._runner.server.connections) if self._runner is not None and self._runner.server else 0
+
+    @property
     def live_streams(self) -> int:
         """Streamed responses currently being written."""
         return self._live

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from guardproxy.config import Upstream as UpstreamSettings
 from guardproxy.server.upstream import (
-    ShuttingDown, Upstream, UpstreamError, request_headers, response_headers,
+    READ_AHEAD_BYTES, ReadAhead, ShuttingDown, Upstream, UpstreamError, request_headers, response_headers,
 )
 from guardproxy.testing.fake_upstream import JSON, SSE, FakeUpstream, content_chunks, fixture_bytes, sse_body
 
@@ -121,17 +121,117 @@ async def test_first_byte_timeout():
             await up.aclose()
 
 
-async def test_mid_body_abort_is_typed():
+async def test_mid_body_abort_is_typed_after_the_bytes_before_it():
+    body = b"".join(b'data: {"i": %d}\n\n' % i for i in range(50))
     async with FakeUpstream() as fake:
-        fake.script("abort", SSE(b"data: {}\n\n", abort=True))
+        fake.script("abort", SSE(body, per_event=True, abort=True))
         up = Upstream(UpstreamSettings(base_url=fake.base_url))
         try:
             resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "abort"}')
+            got = []
             with pytest.raises(UpstreamError) as e:
-                await resp.aread()
-            assert e.value.kind == "protocol"
+                async for data in resp.aiter_bytes():
+                    got.append(data)
+            assert e.value.kind == "protocol" and b"".join(got) == body and resp.closed
         finally:
             await up.aclose()
+
+
+def _reading_tasks() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "ReadAhead._run"]
+
+
+async def test_events_that_arrived_while_the_consumer_was_busy_leave_as_one_piece():
+    """An upstream writing 400 events one write each, a consumer busy after the first piece: what arrived
+    meanwhile is taken as one piece (one client write, one moderation round), bytes intact."""
+    body = b"".join(b'data: {"i": %d}\n\n' % i for i in range(400))
+    async with FakeUpstream() as fake:
+        fake.script("fast", SSE(body, per_event=True))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "fast"}')
+            pieces = []
+            async for data in resp.aiter_bytes():
+                pieces.append(data)
+                if len(pieces) == 1:
+                    await asyncio.sleep(0.5)  # busy: the upstream writes the other events meanwhile
+            assert b"".join(pieces) == body
+            assert len(pieces) <= 3, [len(p) for p in pieces]  # one per event without the read-ahead
+            assert not _reading_tasks()
+        finally:
+            await up.aclose()
+
+
+async def test_closing_mid_body_stops_the_reading_task():
+    async with FakeUpstream() as fake:
+        fake.script("hang", SSE(b"data: {}\n\n", hang=True))  # pings every 50 ms until the client goes away
+        up = Upstream(UpstreamSettings(base_url=fake.base_url))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "hang"}')
+            async for _ in resp.aiter_bytes():
+                break
+            assert len(_reading_tasks()) == 1
+            await resp.aclose()
+            assert not _reading_tasks()
+            await asyncio.sleep(0.3)
+            assert fake.requests[-1].closed_early
+        finally:
+            await up.aclose()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])  # loop steps into the close before the cancellation
+async def test_a_close_cancelled_half_way_still_closes_the_connection(steps):
+    """A handler cancelled while it closes its upstream response (a client that went away) must not leave the
+    connection open: the upstream sees it go away."""
+    async with FakeUpstream() as fake:
+        fake.script("hang", SSE(b"data: {}\n\n", hang=True))
+        up = Upstream(UpstreamSettings(base_url=fake.base_url))
+        try:
+            resp = await up.send("POST", "/v1/chat/completions", headers={}, content=b'{"model": "hang"}')
+            async for _ in resp.aiter_bytes():
+                break
+            closing = asyncio.ensure_future(resp.aclose())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            await asyncio.sleep(0.3)
+            assert fake.requests[-1].closed_early and not _reading_tasks()
+        finally:
+            await up.aclose()
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 64 * 1024), min_size=1, max_size=60), st.lists(st.floats(0, 0.01), max_size=10))
+async def test_read_ahead_holds_at_most_its_bound_and_loses_nothing(sizes, pauses):
+    """A body of pieces of generated sizes, a consumer that pauses (the first time long enough for the reader to
+    read all it may): the reader holds READ_AHEAD_BYTES plus at most one piece, or all that is left once the body
+    ended, and the pieces taken join to the body in order."""
+    made = []
+
+    async def body():
+        for i, n in enumerate(sizes):
+            made.append(bytes([i % 251]) * n)
+            yield made[-1]
+            await asyncio.sleep(0)
+
+    reader = ReadAhead(body())
+    got, pauses = [], list(pauses)
+    while True:
+        await reader.wait()
+        await asyncio.sleep(0.05 if not got else pauses.pop() if pauses else 0)
+        assert sum(map(len, made)) - sum(map(len, got)) == reader.held  # it holds what was made and not taken
+        assert reader.held <= READ_AHEAD_BYTES + max(sizes)
+        if not got:  # after the long first pause it read all it may
+            assert reader.held >= READ_AHEAD_BYTES or reader.ended
+        data = reader.take()
+        if not data and reader.ended:
+            break
+        got.append(data)
+    assert reader.error is None and b"".join(got) == b"".join(made)
+    reader.stop()
+    await reader.ended_wait()
 
 
 async def test_interrupt_ends_waiting_requests_and_body_reads_and_refuses_later_ones():
