@@ -22,6 +22,10 @@ log = logging.getLogger("guardproxy.moderation")  # one logger name for the whol
 OFFLOAD_BYTES = 16 * 1024
 #: Verdict batches larger than this (ids) are applied off the event loop too (the decider is per token).
 OFFLOAD_IDS = 4096
+#: Upstream bytes one moderation round takes at most (``UpstreamResponse.aiter_bytes(limit)``): from a fast
+#: upstream a whole answer can arrive at once, and buffered text waits for its whole round to be scored, so rounds
+#: are bounded; a round no larger than :data:`OFFLOAD_BYTES` is moderated on the event loop, without a thread hop.
+ROUND_BYTES = OFFLOAD_BYTES
 
 
 async def off_loop(size: int, limit: int, fn: Callable[[], T]) -> T:

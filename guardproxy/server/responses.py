@@ -35,7 +35,7 @@ from guardproxy.guard.template import request_messages
 from guardproxy.moderation.responses import ResponsesModerator
 from guardproxy.server.context import RequestContext
 from guardproxy.server.conversations import ConversationStore, fetch_previous
-from guardproxy.server.guard import ChoiceStreams
+from guardproxy.server.guard import ROUND_BYTES, ChoiceStreams
 from guardproxy.server.handler import moderate_request, require_engine
 from guardproxy.server.request import MAX_DEPTH, _too_deep
 from guardproxy.server.relay import ResponsesEnd
@@ -137,7 +137,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     async def respond(resp: UpstreamResponse, streams: ChoiceStreams, out_headers: dict) -> web.StreamResponse:
         mod = ResponsesModerator(ctx.engine.renderer, ctx.policy, whole=not req.stream, shadows=ctx.shadows)
         if req.stream:
-            stream: Any = resp.aiter_bytes()
+            stream: Any = resp.aiter_bytes(ROUND_BYTES)
             if "text/event-stream" not in resp.content_type:
                 stream = await sniff_stream(ctx, resp, stream)
             out = await relay_moderated(ctx, request, resp, mod, streams, out_headers, stream)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from guardproxy.moderation.response import GuardFailure, ResponseModerator
 from guardproxy.server.context import RequestContext
-from guardproxy.server.guard import OFFLOAD_BYTES, ChoiceStreams, off_loop, score_pending
+from guardproxy.server.guard import OFFLOAD_BYTES, ROUND_BYTES, ChoiceStreams, off_loop, score_pending
 from guardproxy.server.request import ParsedRequest
 from guardproxy.server.relay import SHUTDOWN_ERROR
 from guardproxy.server.upstream import ShuttingDown, UpstreamError, UpstreamResponse, read_bounded
@@ -95,7 +95,7 @@ async def stream_moderated(ctx: RequestContext, request: web.Request, req: Parse
                            body: AsyncIterator[bytes] | None = None) -> web.StreamResponse:
     """Relay a chat (or legacy completions) SSE response through the guard (see the module docstring). Always
     ends with ``[DONE]``. ``streams``: the choices' guard streams (closed here); ``body``: the upstream body
-    iterator (default ``resp.aiter_bytes()``)."""
+    iterator (default ``resp.aiter_bytes(ROUND_BYTES)``)."""
     mod = ResponseModerator(ctx.engine.renderer, ctx.policy, n=req.n, max_choices=req.n, shadows=ctx.shadows)
     return await relay_moderated(ctx, request, resp, mod, streams, headers, body)
 
@@ -131,7 +131,7 @@ async def relay_moderated(ctx: RequestContext, request: web.Request, resp: Upstr
     try:
         try:
             eof = True
-            async for data in body if body is not None else resp.aiter_bytes():
+            async for data in body if body is not None else resp.aiter_bytes(ROUND_BYTES):
                 await write(await off_loop(len(data), OFFLOAD_BYTES, lambda: mod.add(dec.feed(data))))
                 await write(await score_pending(ctx, mod, streams))
                 if mod.all_cut or mod.upstream_done:

@@ -162,12 +162,22 @@ class ReadAhead:
         """Bytes gathered and not taken yet."""
         return self._size
 
-    def take(self) -> bytes:
-        """Everything gathered so far, joined (``b""`` when nothing is), and let the reader read on."""
-        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-        self._pieces.clear()
-        self._size = 0
-        if self._room is not None and not self._room.done():
+    def take(self, limit: int | None = None) -> bytes:
+        """What was gathered so far, joined (``b""`` when nothing is): everything, or with ``limit`` the first
+        pieces that together hold at most ``limit`` bytes (at least one piece, whatever its size); the reader then
+        reads on."""
+        pieces = self._pieces
+        if limit is None or len(pieces) == 1 or self._size <= limit:
+            k = len(pieces)
+        else:
+            k, size = 1, len(pieces[0])
+            while k < len(pieces) and size + len(pieces[k]) <= limit:
+                size += len(pieces[k])
+                k += 1
+        data = pieces[0] if k == 1 else b"".join(pieces[:k])
+        del pieces[:k]
+        self._size -= len(data)
+        if self._room is not None and not self._room.done() and self._size < READ_AHEAD_BYTES:
             self._room.set_result(None)
         return data
 
@@ -209,10 +219,12 @@ class UpstreamResponse:
         self.content_length = int(length) if length.isdigit() and not encoded else None
         self.closed = False
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self, limit: int | None = None) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (decoded if gzip), each piece everything that arrived since the previous one
-        (:class:`ReadAhead`: a read-ahead task, at most :data:`READ_AHEAD_BYTES` ahead). The first byte is due by
-        ``first_byte_timeout`` from the request; after that, ``idle_timeout`` bounds each wait for more.
+        (:class:`ReadAhead`: a read-ahead task, at most :data:`READ_AHEAD_BYTES` ahead), or with ``limit`` at most
+        that many bytes of it (unless one piece the upstream sent is larger: :meth:`ReadAhead.take`). The first
+        byte is due by ``first_byte_timeout`` from the request; after that, ``idle_timeout`` bounds each wait for
+        more.
 
         Raises:
             UpstreamError: on timeout or a dropped connection; :class:`ShuttingDown` once the upstream was
@@ -232,7 +244,7 @@ class UpstreamResponse:
                 except ShuttingDown:
                     await self.aclose()
                     raise
-            data = reader.take()
+            data = reader.take(limit)
             if data:
                 first = False
                 yield data

@@ -202,12 +202,14 @@ async def test_a_close_cancelled_half_way_still_closes_the_connection(steps):
             await up.aclose()
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(1, 64 * 1024), min_size=1, max_size=60), st.lists(st.floats(0, 0.01), max_size=10))
-async def test_read_ahead_holds_at_most_its_bound_and_loses_nothing(sizes, pauses):
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 64 * 1024), min_size=1, max_size=60), st.lists(st.floats(0, 0.01), max_size=10),
+       st.one_of(st.none(), st.integers(1, 128 * 1024)))
+async def test_read_ahead_holds_at_most_its_bound_and_loses_nothing(sizes, pauses, limit):
     """A body of pieces of generated sizes, a consumer that pauses (the first time long enough for the reader to
-    read all it may): the reader holds READ_AHEAD_BYTES plus at most one piece, or all that is left once the body
-    ended, and the pieces taken join to the body in order."""
+    read all it may) and takes at most ``limit`` bytes at a time: the reader holds READ_AHEAD_BYTES plus at most
+    one piece, or all that is left once the body ended; every take is whole pieces in order, no more than
+    ``limit`` bytes unless it is one piece; the pieces taken join to the body in order."""
     made = []
 
     async def body():
@@ -225,9 +227,13 @@ async def test_read_ahead_holds_at_most_its_bound_and_loses_nothing(sizes, pause
         assert reader.held <= READ_AHEAD_BYTES + max(sizes)
         if not got:  # after the long first pause it read all it may
             assert reader.held >= READ_AHEAD_BYTES or reader.ended
-        data = reader.take()
+        data = reader.take(limit)
         if not data and reader.ended:
             break
+        k = len(b"".join(got))
+        whole = [i for i in range(len(made) + 1) if len(b"".join(made[:i])) - k == len(data)]
+        assert whole and b"".join(got + [data]) == b"".join(made)[:k + len(data)]  # whole pieces, in order
+        assert limit is None or len(data) <= limit or data in made
         got.append(data)
     assert reader.error is None and b"".join(got) == b"".join(made)
     reader.stop()
