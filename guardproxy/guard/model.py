@@ -384,7 +384,7 @@ class GuardModel:
         """
         N = ids.shape[0]
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
-        pos = torch.cat([torch.arange(c.start, c.start + c.n) for c in chunks]).to(self.device)
+        pos = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.n)], device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         kvd = self.kv_dtype  # attention runs in the cache's dtype (bfloat16 in int8 mode), outputs in self.dtype
         masks = [_chunk_mask(c, kvd, self.device) if not c.segments else

@@ -233,7 +233,7 @@ class UpstreamResponse:
         reader = self._reader = ReadAhead(self._resp.aiter_bytes())
         first = True
         while True:
-            if not reader.ended:
+            if not reader.ended and not reader.held:
                 timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
                 try:
                     await self._upstream.wait(reader.wait(), timeout)
