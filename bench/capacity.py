@@ -1,7 +1,8 @@
 """Guard capacity: how many paced streams (default 30 tokens/s each, chat speed) the proxy moderates in real time.
 
     python bench/capacity.py [--shape tiny|0.6b] [--modes buffered,async] [--streams 8,16,24,32,48,64,96]
-                             [--rate 30] [--tokens 150] [--seconds 8] [--max-streams 64] [--json]
+                             [--rate 30] [--tokens 150] [--seconds 8] [--max-streams 64] [--loop auto|asyncio|uvloop]
+                             [--json]
 
 Processes: ``bench/upstream.py`` (model ``paced-R``: R content chunks per second per stream, on a fixed schedule, one
 Qwen3 token per chunk) and guardproxy with the random ``--shape`` checkpoint (one torch thread), ``guard.max_streams``
@@ -39,7 +40,7 @@ def run(args) -> dict:
     cfg = common.proxy_config(up.url, ckpt, max_streams=args.max_streams,
                               kv_budget_tokens=262144 if args.shape == "tiny" else 65536)
     try:
-        gp = common.start_guardproxy(f"guardproxy-{args.shape}", cfg)
+        gp = common.start_guardproxy(f"guardproxy-{args.shape}", cfg, loop=args.loop)
     except BaseException:
         up.stop()
         raise
@@ -73,13 +74,14 @@ def run(args) -> dict:
         capacity[mode] = max(ok) if ok else 0
     return {"command": " ".join(["python bench/capacity.py", *sys.argv[1:]]), "machine": common.machine(),
             "loadavg_1m_before_after": [load0, common.loadavg()], "shape": args.shape, "rate": args.rate,
-            "tokens": args.tokens, "seconds": args.seconds, "max_streams": args.max_streams, "rows": rows,
+            "tokens": args.tokens, "seconds": args.seconds, "max_streams": args.max_streams, "loop": args.loop, "rows": rows,
             "capacity": capacity}
 
 
 def table(r: dict) -> str:
     f = common.fmt
-    out = [f"{r['machine']}; {r['shape']} random guard, 1 torch thread, max_streams {r['max_streams']}; paced "
+    out = [f"{r['machine']}; {r['shape']} random guard, 1 torch thread, max_streams {r['max_streams']}, "
+           f"--loop {r.get('loop') or 'default'}; paced "
            f"upstream {r['rate']:g} tokens/s per stream, {r['tokens']}-token answers; {r['seconds']} s windows; "
            f"1-min load average before/after: {r['loadavg_1m_before_after'][0]} / {r['loadavg_1m_before_after'][1]}",
            "", "| mode | streams | hold-back p50 / p99 ms | chunks/s | streams/s | refused | broken | "
@@ -97,6 +99,7 @@ def table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tiny", choices=("tiny", "0.6b"))
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), help="the proxy's --loop (default: serve's)")
     p.add_argument("--modes", default="buffered,async")
     p.add_argument("--streams", default="8,16,24,32,48,64,96")
     p.add_argument("--rate", type=float, default=30.0, help="tokens (chunks) per second per stream")

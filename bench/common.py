@@ -179,14 +179,16 @@ def proxy_config(upstream_url: str, checkpoint: Path, *, release: str = "buffere
 
 
 def start_guardproxy(name: str, config: dict, env: dict | None = None, timeout: float = 300,
-                     source: Path | None = None) -> Proc:
+                     source: Path | None = None, loop: str | None = None) -> Proc:
     """``guardproxy serve`` with ``config`` (its ``listen.port`` replaced by a free one), log level WARNING; run from
-    ``source`` (a checkout of another commit, see :func:`baseline_source`) instead of this one when given."""
+    ``source`` (a checkout of another commit, see :func:`baseline_source`) instead of this one when given; ``loop``:
+    its ``--loop`` (None: serve's default)."""
     port = free_port()
     config = {**config, "listen": {"host": "127.0.0.1", "port": port}}
     path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".yaml")[1])
     path.write_text(json.dumps(config))  # JSON is YAML
-    p = Proc(name, [sys.executable, "-m", "guardproxy.cli", "serve", "--config", str(path), "--log-level", "WARNING"],
+    p = Proc(name, [sys.executable, "-m", "guardproxy.cli", "serve", "--config", str(path), "--log-level", "WARNING",
+                    *(["--loop", loop] if loop else [])],
              f"http://127.0.0.1:{port}/v1", "/readyz", env=env, cwd=source)
     p.wait_ready(timeout)
     return p

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import openai
+import pytest
 import yaml
 
 from guardproxy.tenants import hash_api_key
@@ -62,13 +63,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_serve_process_end_to_end(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("loop", [None, "asyncio"])  # None: the default, auto (uvloop, a dependency here)
+async def test_serve_process_end_to_end(tmp_path, tiny_checkpoint, loop):
     async with FakeUpstream(default=SSE(sse_body(content_chunks(["Hi ", "from ", "upstream."])), write_size=7)) as fake:
         port = free_port()
         path = write_config(tmp_path, fake.base_url, "unused-overridden", port=1)
         proc = subprocess.Popen(
             [sys.executable, "-m", "guardproxy.cli", "serve", "--config", path, "--port", str(port),
-             "--guard-model", str(tiny_checkpoint)],
+             "--guard-model", str(tiny_checkpoint), *(["--loop", loop] if loop else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             base = f"http://127.0.0.1:{port}"
@@ -96,6 +98,7 @@ async def test_serve_process_end_to_end(tmp_path, tiny_checkpoint):
             out = proc.communicate(timeout=20)[0]
         assert proc.returncode == 0, out
         assert "sk-cli-test" not in out
+        assert f"event loop: {loop or 'uvloop'}" in out, out
         # watching is on by default, and stops with the server
         assert f"watching {tmp_path}, {tmp_path / 'policies'} for configuration changes" in out, out
         assert "Traceback" not in out, out
