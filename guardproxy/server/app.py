@@ -33,7 +33,9 @@ with ``Retry-After``; requests in flight may finish for ``shutdown.drain_timeout
 interrupted (:meth:`guardproxy.server.upstream.Upstream.interrupt`): each request still waiting on one gets
 :class:`guardproxy.server.upstream.ShuttingDown` from its next upstream wait, so a response not started yet is
 503 ``shutting_down``, an SSE stream of a moderated route ends with an error frame and ``[DONE]`` and any other
-relayed body is aborted. What has not finished :data:`STOP_GRACE` seconds later has its connection closed.
+relayed body is aborted. What has not finished :data:`STOP_GRACE` seconds later has its connection closed. Review
+events of escalations still queued are then delivered in what is left of the drain timeout (at least
+:data:`STOP_GRACE`); those still undelivered are counted ``dropped`` and logged when the sender closes.
 
 Hot reload (:mod:`guardproxy.server.reload`): each request takes the current :class:`~guardproxy.server.reload.Snapshot`
 once, when it starts (tenant, policy, upstream client, limits), and holds its upstream client
@@ -509,16 +511,25 @@ async def drain(app: web.Application, timeout: float, *, cut_short: asyncio.Even
     state = app[STATE]
     lifecycle = state.lifecycle
     lifecycle.draining = True
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
     log.info("draining: %d request(s) in flight, new requests get 503 shutting_down; waiting up to %gs",
              lifecycle.in_flight, timeout)
     if await lifecycle.wait_idle(timeout, cut_short):
         log.info("drained: no request in flight")
-        return 0
-    left = lifecycle.in_flight
-    log.warning("drain timeout: stopping %d request(s) still in flight", left)
-    for up in state.clients.live():
-        up.interrupt()
-    if not await lifecycle.wait_idle(STOP_GRACE):
-        log.warning("%d request(s) still in flight %gs later: closing their connections", lifecycle.in_flight,
-                    STOP_GRACE)
+        left = 0
+    else:
+        left = lifecycle.in_flight
+        log.warning("drain timeout: stopping %d request(s) still in flight", left)
+        for up in state.clients.live():
+            up.interrupt()
+        if not await lifecycle.wait_idle(STOP_GRACE):
+            log.warning("%d request(s) still in flight %gs later: closing their connections", lifecycle.in_flight,
+                        STOP_GRACE)
+    review = state.review
+    if review is not None and review.undelivered and not (cut_short is not None and cut_short.is_set()):
+        # the escalations of the requests that ran: delivered in what is left of the drain timeout (at least the
+        # stop grace); what is still queued then is dropped and counted by ReviewSender.close
+        log.info("draining: %d review event(s) to deliver", review.undelivered)
+        await review.drain(max(STOP_GRACE, end - loop.time()), cut_short)
     return left

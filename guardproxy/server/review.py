@@ -6,7 +6,9 @@ probability of the detection and, for a response, the choice, the decisive token
 the span; it holds no text (prompt or answer) unless the policy sets ``escalation.include_text``. Delivery: one attempt plus ``retries`` more for a connection
 error, a timeout, a 429 or a 5xx, waiting ``backoff`` seconds doubled each time; any other status is final. Every
 outcome is counted in ``guardproxy_review_events_total{outcome}`` (``sent``, ``failed``: retries exhausted or a
-final status, ``dropped``: the queue was full) and failures are logged.
+final status, ``dropped``: the queue was full, or the server stopped before the event was delivered) and failures
+are logged. At shutdown the server's drain waits for the queue (:meth:`ReviewSender.drain`) before
+:meth:`ReviewSender.close`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ReviewSender:
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=settings.queue_size)
         self._client = httpx.AsyncClient(timeout=settings.timeout, headers=settings.headers, transport=transport)
         self._task: Optional[asyncio.Task] = None
+        self._delivering = False
 
     async def start(self) -> None:
         """Start the sender task (in the running loop)."""
@@ -59,17 +62,14 @@ class ReviewSender:
                         event.get("request_id"))
             return False
 
-    @property
-    def pending(self) -> int:
-        """Events queued, not yet taken by the sender."""
-        return self._queue.qsize()
-
     async def _run(self) -> None:
         while True:
             event = await self._queue.get()
+            self._delivering = True
             try:
                 await self._deliver(event)
             finally:
+                self._delivering = False
                 self._queue.task_done()
 
     async def _deliver(self, event: dict) -> None:
@@ -93,15 +93,32 @@ class ReviewSender:
         log.warning("review event of request %s not delivered to the review webhook: %s", event.get("request_id"),
                     last)
 
-    async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the queue to empty (tests, shutdown)."""
+    async def drain(self, timeout: float, cut_short: Optional[asyncio.Event] = None) -> bool:
+        """Wait up to ``timeout`` seconds (less when ``cut_short`` is set meanwhile) until every queued event was
+        delivered or failed. Returns whether that happened."""
+        waits = [asyncio.ensure_future(self._queue.join())]
+        if cut_short is not None:
+            waits.append(asyncio.ensure_future(cut_short.wait()))
         try:
-            await asyncio.wait_for(self._queue.join(), timeout)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.undelivered == 0
+
+    @property
+    def undelivered(self) -> int:
+        """Events queued or in delivery."""
+        return self._queue.qsize() + self._delivering
 
     async def close(self) -> None:
-        """Stop the sender (queued events are dropped) and close its connections."""
+        """Stop the sender and close its connections; events not delivered by then are counted ``dropped`` and
+        logged."""
+        left = self.undelivered
+        if left:
+            for _ in range(left):
+                self._count("dropped")
+            log.warning("stopping with %d review event(s) undelivered: dropped", left)
         if self._task is not None:
             self._task.cancel()
             try:

@@ -153,6 +153,38 @@ async def test_a_hanging_webhook_slows_no_stream(engine):
     await wait_idle(engine)
 
 
+@pytest.mark.parametrize("answers", [True, False])  # the webhook answers during the drain, or never
+async def test_review_events_still_queued_at_shutdown_are_delivered_by_the_drain_or_counted_dropped(engine, answers,
+                                                                                                   caplog):
+    from guardproxy.server.app import drain
+
+    hold = asyncio.Event()
+    async with Receiver(hold=hold) as rx, FakeUpstream() as main:
+        model = main.script("m", SSE(sse_body(PII_ANSWER)))
+        cfg = config({"main": main.base_url}, ESCALATE, {"url": rx.url, "timeout": 30, "queue_size": 16})
+        async with RunningProxy(cfg, engine) as proxy:
+            async with httpx.AsyncClient(timeout=30) as h:
+                for _ in range(3):  # a prompt and a response escalation each
+                    r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+                        "model": model, "stream": True, "messages": [{"role": "user", "content": f"My {PII_TRIGGER}."}]})
+                    assert r.status_code == 200
+            review = proxy.app[_state_key()].review
+            assert len(rx.events) == 1 and review.undelivered == 6  # the first held in delivery, five queued
+            if answers:
+                asyncio.get_running_loop().call_later(0.2, hold.set)
+            await drain(proxy.app, 1.0)
+            sent = len(rx.events) if answers else 0
+            counts = []
+            review._count = counts.append  # what close() reports, as the metric would
+        # RunningProxy's exit ran the app's cleanup: the sender closed
+        if answers:
+            assert sent == 6 and counts == []
+        else:
+            assert counts == ["dropped"] * 6
+            assert any("6 review event(s) undelivered: dropped" in r.getMessage() for r in caplog.records)
+    await wait_idle(engine)
+
+
 async def test_failed_deliveries_are_retried_a_bounded_number_of_times_counted_and_logged(caplog):
     outcomes: list[str] = []
     async with Receiver(status=503) as rx:
