@@ -894,6 +894,19 @@ def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     return out
 
 
+def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """What is wrong with a YAML file and where (``... in "FILE", line N, column M``), without the file's text:
+    PyYAML's own message quotes the offending line, which may hold a secret (an ``api_key`` value)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return type(e).__name__
+    parts = []
+    for what, mark in ((e.context, e.context_mark), (e.problem, e.problem_mark)):
+        if what:
+            where = f' in "{path}", line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ""
+            parts.append(what + where)
+    return "; ".join(parts) or type(e).__name__
+
+
 def _read_yaml_lines(path: Path) -> tuple[dict, dict[tuple, int]]:
     """The top-level mapping of a YAML file and the line of every key in it (see :func:`_key_lines`).
 
@@ -911,7 +924,7 @@ def _read_yaml_lines(path: Path) -> tuple[dict, dict[tuple, int]]:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(path, e)}") from None
     finally:
         loader.dispose()
     if data is None:

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,21 +164,14 @@ def keep_restart_only(loaded: Config, in_force: Config, previous: Config | None)
     return loaded.model_copy(update={"listen": in_force.listen, "guard": in_force.guard, "limits": limits}), changed
 
 
-_YAML_MARK = re.compile(r'^in ".*", line \d+, column \d+:$')
 
 
 def one_line(err: Exception) -> str:
     """A :class:`ConfigError`'s message on one line: a line ending in ``:`` (a file or key that the next lines are
-    about) runs on into the next, other lines are joined with ``; ``. The two lines PyYAML quotes under an
-    ``in "FILE", line N, column M:`` mark (the file's line and a ``^`` under the column) are left out: the quoted line
-    may hold a secret."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    out, i = "", 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if _YAML_MARK.match(line):
-            line, i = line[:-1], i + 2
+    about) runs on into the next, other lines are joined with ``; ``. (It quotes no file text: YAML errors give only
+    the place, see :func:`guardproxy.config.load_config`.)"""
+    out = ""
+    for line in (line.strip() for line in str(err).splitlines()):
         if line:
             out += line if not out else (" " if out.endswith(":") else "; ") + line
     return out
