@@ -74,6 +74,9 @@ log = logging.getLogger("guardproxy.server")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+#: Status counted (``guardproxy_requests_total``) for a request whose client closed the connection before its answer
+#: was complete (nginx's 499 "client closed request"); nothing is sent.
+CLIENT_CLOSED = 499
 #: Seconds the requests stopped at the drain timeout get to write their last bytes before connections close.
 STOP_GRACE = 5.0
 #: ``Retry-After`` (seconds) of the 503 ``shutting_down`` answers: another replica can take the retry.
@@ -232,6 +235,9 @@ async def request_id_and_errors(request: web.Request, handler):
         except UpstreamError as e:
             code = 504 if e.kind == "timeout" else 502
             resp = _error(ProxyError(code, f"Upstream error: {e}", code=f"upstream_{e.kind}"))
+        except ConnectionResetError:  # the client went away (mid-body, mid-stream): nobody to answer, no bug
+            log.info("request %s: the client closed the connection", rid)
+            resp = web.Response(status=CLIENT_CLOSED)
         except Exception:  # a bug: log it server-side, answer a clean 500
             log.exception("request %s failed", rid)
             resp = _error(ProxyError(500, "Internal error in guardproxy.", code="internal_error"))

@@ -248,10 +248,12 @@ class FakeUpstream:
             await resp.write_eof()
             rec.finished_at = time.monotonic()
             return resp
-        except (ConnectionResetError, asyncio.CancelledError):
+        except (ConnectionResetError, asyncio.CancelledError) as e:
             rec.closed_early = True
             rec.finished_at = time.monotonic()
-            raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return resp  # the client (the proxy) went away: nobody to answer, as a real server sees it
         finally:
             self._live -= 1
 

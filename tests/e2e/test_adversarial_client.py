@@ -39,7 +39,7 @@ class SlowOpen:
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("phase", ["prompt_check", "before_first_byte", "mid_stream", "hold_back"])
-async def test_disconnect_at_every_phase_releases_upstream_and_guard(engine, phase):
+async def test_disconnect_at_every_phase_releases_upstream_and_guard(engine, phase, caplog):
     body = sse_body(content_chunks(["Streaming ", "for ", "a ", "while "], finish_reason=None), done=False)
     behaviour = {
         "prompt_check": SSE(body, hang=True),
@@ -79,12 +79,36 @@ async def test_disconnect_at_every_phase_releases_upstream_and_guard(engine, pha
             if phase in ("mid_stream", "hold_back"):
                 assert fake.requests[-1].closed_early
             assert time.monotonic() - t0 < 3.0
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not errors, errors  # a client that leaves is no error of the proxy
             # the proxy is still healthy afterwards
             async with httpx.AsyncClient(timeout=10) as h:
                 fake.script("ok", SSE(sse_body(content_chunks(["fine."]))))
                 r = await h.post(p.base_url + "/chat/completions", headers=AUTH,
                                  json={"model": "ok", "messages": USER, "stream": True})
                 assert content(frames(r.content)) == ("fine.", "stop")
+
+
+async def test_a_client_that_leaves_mid_body_is_counted_499_and_logged_without_a_traceback(engine, caplog):
+    caplog.set_level(logging.INFO)
+    async with FakeUpstream() as fake:
+        async with RunningProxy(proxy_config(fake.base_url), engine) as p:
+            host, port = p.base_url.removeprefix("http://").removesuffix("/v1").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + b"".join(f"{k}: {v}\r\n".encode() for k, v in AUTH.items())
+                         + b'Content-Length: 1000\r\n\r\n{"model": "m", "mess')
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # 970 bytes short
+            async with httpx.AsyncClient(timeout=10) as h:
+                assert await wait_until(lambda: any("client closed the connection" in r.getMessage()
+                                                    for r in caplog.records))
+                m = (await h.get(p.base_url.removesuffix("/v1") + "/metrics")).text
+    assert 'guardproxy_requests_total{route="/v1/chat/completions",status="499"} 1.0' in m
+    assert not fake.requests  # nothing was forwarded
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_fifty_concurrent_streams(engine):
