@@ -43,7 +43,7 @@ from guardproxy.moderation.channels import ChannelSplitter, Piece
 from guardproxy.moderation.choice import ChoiceModerator
 from guardproxy.moderation.decider import Action, Cut, Escalate, Flag, Redact, ShadowDecision
 from guardproxy.moderation.releaser import Releaser
-from guardproxy.wire.chunks import BadChunk, Chunk, choice_index, read_event
+from guardproxy.wire.chunks import BadChunk, Chunk, carries_text, choice_index, read_event
 from guardproxy.wire.errors import content_filter_annotation, error_frame
 from guardproxy.wire.sse import DONE, Event, encode_comment
 
@@ -210,6 +210,7 @@ class ResponseModerator:
                 if self.releaser.upstream_done and ev.kind != "comment":
                     continue  # after [DONE]: ignored, never parsed
                 chunk = read_event(ev, self.max_choices)
+                self._check_finished(chunk)
                 pieces, sendable = hold(self.splitter, self.releaser, chunk)
                 out += sendable
                 self._push(pieces)
@@ -303,6 +304,19 @@ class ResponseModerator:
             elif cm.finished:
                 raise BadChunk(f"text for choice {p.choice} after its finish_reason")
             cm.push(p)
+
+    def _check_finished(self, chunk: Chunk) -> None:
+        """Refuse a chunk with text for a choice the upstream already finished, before anything holds it: held
+        text the guard never reads must not be released by the end of the stream.
+
+        Raises:
+            BadChunk: such a chunk.
+        """
+        for j, ch in enumerate(chunk.choices):
+            c = choice_index(ch, j)
+            cm = self.choices.get(c)
+            if cm is not None and cm.finished and not self.releaser.is_cut(c) and carries_text(ch):
+                raise BadChunk(f"text for choice {c} after its finish_reason")
 
     def _finish_choice(self, c: int) -> list[bytes]:
         """The upstream finished choice ``c``: score it through its end (its finish chunk waits for that), or let

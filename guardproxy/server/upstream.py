@@ -233,6 +233,9 @@ class UpstreamResponse:
         reader = self._reader = ReadAhead(self._resp.aiter_bytes())
         first = True
         while True:
+            if self._upstream.interrupted:  # a consumer that always finds bytes held never waits below
+                await self.aclose()
+                raise ShuttingDown()
             if not reader.ended and not reader.held:
                 timeout = max(0.0, self._deadline - time.monotonic()) if first else self._settings.idle_timeout
                 try:
@@ -359,6 +362,11 @@ class Upstream:
         if raw != self._base_path and not raw.startswith(self._base_path + "/"):
             return None
         return "/v1" + raw[len(self._base_path):]
+
+    @property
+    def interrupted(self) -> bool:
+        """:meth:`interrupt` was called."""
+        return self._interrupted
 
     def interrupt(self) -> None:
         """Stop this upstream for good: waiting and later requests and body reads raise :class:`ShuttingDown`."""

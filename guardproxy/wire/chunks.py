@@ -111,6 +111,20 @@ def text_values(obj: dict, path: tuple[str, ...], *, strict: bool = False):
         raise BadChunk(f"'{head}' is not an object")
 
 
+def carries_text(choice: dict) -> bool:
+    """Does a (normalised) choice of a chunk or completion hold client text: a non-empty string at a
+    :data:`TEXT_FIELDS` place of its ``delta`` / ``message``, or a legacy ``text``?"""
+    if any(isinstance(choice.get(k), str) and choice[k] for k in CHOICE_TEXT_FIELDS):
+        return True
+    for container in (choice.get("delta"), choice.get("message")):
+        if isinstance(container, dict):
+            for f in TEXT_FIELDS:
+                for _, parent, key in text_values(container, f.path):
+                    if isinstance(parent, dict) and isinstance(parent.get(key), str) and parent[key]:
+                        return True
+    return False
+
+
 def _is_index(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guardproxy.moderation.channels import ChannelSplitter
-from guardproxy.wire.chunks import TEXT_FIELDS, BadChunk, TextField, normalize_chunk, text_values
+from guardproxy.wire.chunks import TEXT_FIELDS, BadChunk, TextField, carries_text, normalize_chunk, text_values
 
 
 def build(path: tuple, value) -> dict:
@@ -68,3 +68,22 @@ def test_the_table_has_each_field_the_sdk_types_carry():
     assert {"content", "refusal", "audio", "function_call", "tool_calls"} <= set(ChatCompletionMessage.model_fields)
     assert "transcript" in ChoiceDeltaAudio.model_fields and "arguments" in ChoiceDeltaFunctionCall.model_fields
     assert "input" in Custom.model_fields
+
+
+def _at(path: tuple, value) -> dict:
+    """A delta holding ``value`` at a TEXT_FIELDS ``path`` (``"*"``: a one-item list)."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {head: value}
+    if rest[0] == "*":
+        return {head: [_at(rest[1:], value)]}
+    return {head: _at(rest, value)}
+
+
+@pytest.mark.parametrize("field", TEXT_FIELDS, ids=lambda f: ".".join(f.path))
+@pytest.mark.parametrize("container", ["delta", "message"])
+def test_carries_text_sees_every_text_field_and_only_non_empty_text(field, container):
+    assert carries_text({"index": 0, container: _at(field.path, "x")})
+    assert not carries_text({"index": 0, container: _at(field.path, "")})
+    assert not carries_text({"index": 0, container: {"role": "assistant"}, "finish_reason": "stop"})
+    assert carries_text({"index": 0, "text": "legacy"}) and not carries_text({"index": 0, "text": ""})
