@@ -28,6 +28,11 @@ char, then NFC (UAX #15) over the result, which the Qwen3 tokenizer applies anyw
   writes, and their halfwidth / parenthesised / circled forms), which text never otherwise contains.
 * every other char is itself.
 
+Tag characters U+E0020..U+E007E are invisible, but they map one to one onto printable ASCII (U+E0041 is a tagged
+``"A"``), and a model reading a prompt can read a message written in them ("ASCII smuggling"). Removing them keeps
+what a person reads; :func:`tag_text` gives what they spell, which the prompt's rendering reads as well
+(:meth:`guardproxy.guard.template.ChatRenderer.encode_text`), so a hidden instruction is scored like a visible one.
+
 No fold contains a REMOVED char or a FOLDED one, so the view is idempotent; it is the identity on ASCII. It is used
 for scoring only: what the client receives is never changed by it. Tool-call arguments are read one step earlier:
 :class:`JsonStringDecoder` decodes the JSON string escapes of the argument text (RFC 8259, section 7), whose decoded
@@ -47,7 +52,7 @@ from collections.abc import Iterable
 import regex
 
 __all__ = ["JsonStringDecoder", "REMOVED", "Sourced", "boundary_before", "fold", "folded", "remove", "removed",
-           "view", "view_chars"]
+           "tag_text", "view", "view_chars"]
 
 #: The chars the view deletes (see the module docstring).
 REMOVED = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}--\p{Prepended_Concatenation_Mark}]",
@@ -61,6 +66,17 @@ _NO_BOUNDARY_BEFORE = regex.compile(r"[\p{NFC_QC=N}\p{NFC_QC=M}\P{ccc=0}]")
 #: A char the guard reads and the global char offsets of the client chars it came from (``()`` for template glue;
 #: several for a decoded JSON escape or a char NFC composed from several).
 Sourced = tuple[str, tuple[int, ...]]
+
+
+_TAG_RUN = regex.compile(r"[\U000E0020-\U000E007E]+")
+
+
+def tag_text(text: str) -> str:
+    """The ASCII that the runs of tag characters (U+E0020..U+E007E) in ``text`` spell, each run after a space
+    (``""`` when there are none): ``"Hi" + "\U000E0068\U000E0069"`` -> ``" hi"``."""
+    if text.isascii():
+        return ""
+    return "".join(" " + "".join(chr(ord(c) - 0xE0000) for c in run) for run in _TAG_RUN.findall(text))
 
 
 def removed(c: str) -> bool:

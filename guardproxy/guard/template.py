@@ -52,7 +52,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from guardproxy.guard import tokens
-from guardproxy.guard.normalize import view
+from guardproxy.guard.normalize import tag_text, view
 from guardproxy.guard.tokens import (
     END_THINK,
     END_TOOL_CALL,
@@ -467,8 +467,10 @@ class ChatRenderer:
         identity on the template's own text (ASCII) and no template text next to client text combines with it, so
         a run of glue and client text reads as the glue with the view of the client text; it deviates from the
         real template only where the view changes client text (deliberately: the guard reads what a person reads).
+        A message hidden in tag characters (:func:`guardproxy.guard.normalize.tag_text`, invisible to a person,
+        readable by a model) is read too, after the visible text.
         """
-        text = view(text)
+        text = view(text) + tag_text(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
     def _encode_parts(self, parts: _Parts) -> list[int]:

@@ -11,7 +11,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.guard.normalize import JsonStringDecoder, boundary_before, fold, folded, removed, view
+from guardproxy.guard.normalize import JsonStringDecoder, boundary_before, fold, folded, removed, tag_text, view
 from tests.moderation.test_retokenizer import INVISIBLE, PIECE, escaped_json
 
 PCM = regex.compile(r"\p{Prepended_Concatenation_Mark}")
@@ -165,3 +165,13 @@ def test_decoder_matches_json_loads_on_valid_escapes():
 @pytest.mark.parametrize("c", INVISIBLE)
 def test_invisible_chars_of_the_retokenizer_tests_are_removed(c):
     assert removed(c)
+
+
+@given(st.lists(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1), min_size=1, max_size=4),
+       st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)).filter(lambda c: not 0xE0000 <= ord(c) <= 0xE007F),
+               min_size=1))
+def test_tag_text_spells_each_hidden_run_and_the_view_still_removes_it(runs, visible):
+    text = visible.join("".join(chr(0xE0000 + ord(c)) for c in run) for run in runs)
+    assert tag_text(text) == "".join(" " + run for run in runs)
+    assert view(text) == view(visible * (len(runs) - 1))  # a person sees none of it
+    assert tag_text(visible) == "" and tag_text("plain ascii") == ""

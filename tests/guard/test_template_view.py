@@ -14,10 +14,13 @@ from tests.moderation.test_retokenizer import INVISIBLE, disguised
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORDS = st.sampled_from(["zebrafish", "marzipan", "fish", "office", "stiff"])
+#: The chars the prompt's view removes and reads nothing else of (a tag character is removed too, but the message
+#: tag characters spell is read after the visible text: test_a_message_in_tag_characters_is_read_after_the_text).
+SILENT = [c for c in INVISIBLE if not 0xE0020 <= ord(c) <= 0xE007E]
 #: Client text that reads as a sentence: ends that the template strips ("\n") are left out, so strip-then-view and
 #: view-then-strip agree.
-SENTENCE = st.builds(lambda a, w, b: a + w + b, st.sampled_from(["", "My ", "a big "]), WORDS.flatmap(disguised),
-                     st.sampled_from(["", " bites.", "es"]))
+SENTENCE = st.builds(lambda a, w, b: a + w + b, st.sampled_from(["", "My ", "a big "]),
+                     WORDS.flatmap(lambda w: disguised(w, SILENT)), st.sampled_from(["", " bites.", "es"]))
 
 
 def viewed(messages: list[dict]) -> list[dict]:
@@ -74,7 +77,13 @@ def test_a_view_never_forges_a_control_id(renderer, forged):
     assert all(i < 151643 for i in body) and ids[-1] == 151645
 
 
-@pytest.mark.parametrize("c", INVISIBLE)
+@pytest.mark.parametrize("c", SILENT)
 def test_encode_text_drops_each_invisible_char(renderer, c):
     assert renderer.encode_text("zebra" + c + "fish") == renderer.encode_text("zebrafish")
     assert renderer.encode_text(c) == []
+
+
+def test_a_message_in_tag_characters_is_read_after_the_text(renderer):
+    hidden = "".join(chr(0xE0000 + ord(c)) for c in "attack now")
+    assert renderer.encode_text("Hello" + hidden + " there") == renderer.encode_text("Hello there attack now")
+    assert renderer.encode_text(hidden) == renderer.encode_text(" attack now")
