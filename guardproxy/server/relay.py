@@ -330,6 +330,12 @@ async def relay_unmoderated(ctx: RequestContext, request: web.Request, resp: Ups
             if tail:
                 await out.write(tail)
     except (UpstreamError, SSEError, ProxyError) as e:
+        if isinstance(e, SSEError) and not end.ended:
+            for ev in e.events:  # the events of the failing read before the failure (all written already)
+                end.feed(ev)
+        if is_sse and end.ended:  # what failed came after the stream's end ([DONE] in the same read): complete
+            await out.write_eof()
+            return out
         kind = getattr(e, "kind", "too_large" if isinstance(e, ProxyError) else "bad_sse")
         if not isinstance(e, ShuttingDown):
             ctx.metrics.upstream_errors.labels(kind=kind).inc()

@@ -145,11 +145,14 @@ async def relay_moderated(ctx: RequestContext, request: web.Request, resp: Upstr
             await write(await drain([], SHUTDOWN_ERROR))
         except (UpstreamError, SSEError, BadChunk) as e:
             await resp.aclose()
-            kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")
-            ctx.metrics.upstream_errors.labels(kind=kind).inc()
-            log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
             await write(_before_failure(mod, e))
-            await write(await drain([], (f"Upstream error: {e}", "server_error", f"upstream_{kind}")))
+            if mod.upstream_done:  # what failed came after the upstream's end ([DONE] in the same read): complete
+                await write(await drain([]))
+            else:
+                kind = getattr(e, "kind", "bad_event" if isinstance(e, BadChunk) else "bad_sse")
+                ctx.metrics.upstream_errors.labels(kind=kind).inc()
+                log.warning("request %s: upstream stream failed: %s", ctx.request_id, e)
+                await write(await drain([], (f"Upstream error: {e}", "server_error", f"upstream_{kind}")))
         except GuardFailure as e:
             await resp.aclose()
             await write(mod.abort(*_guard_error(e)))

@@ -95,6 +95,8 @@ def response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
 #: Body bytes :class:`ReadAhead` gathers before it stops reading until they are taken (the upstream's TCP window
 #: then holds the rest back).
 READ_AHEAD_BYTES = 256 * 1024
+#: Pieces it gathers at most, whatever their size (an upstream of 1-byte chunks costs a ``bytes`` object each).
+READ_AHEAD_PIECES = 4096
 
 
 class ReadAhead:
@@ -104,7 +106,8 @@ class ReadAhead:
     together, the pieces that arrived since the consumer last took (at least all those parsed from one network
     read) leave as one ``bytes``: a fast upstream then costs one client write, one event-decoder call and one
     moderation round per read instead of per event, and a consumer busy with the guard finds everything that came
-    meanwhile. At most about :data:`READ_AHEAD_BYTES` are held; the reader then waits until they are taken.
+    meanwhile. At most about :data:`READ_AHEAD_BYTES` in at most :data:`READ_AHEAD_PIECES` pieces are held; the
+    reader then waits until they are taken.
 
     The reading task is never cancelled: a cancellation inside httpx's read can leave the connection open for good
     (httpcore closes it under a lock that the same cancellation interrupts). To end it, :meth:`stop` it, close the
@@ -136,7 +139,7 @@ class ReadAhead:
                     self._pieces.append(data)
                     self._size += len(data)
                     self._wake()
-                    if self._size >= READ_AHEAD_BYTES:
+                    if self._size >= READ_AHEAD_BYTES or len(self._pieces) >= READ_AHEAD_PIECES:
                         self._room = asyncio.get_running_loop().create_future()
                         await self._room
                         if self._stopped:
@@ -177,7 +180,8 @@ class ReadAhead:
         data = pieces[0] if k == 1 else b"".join(pieces[:k])
         del pieces[:k]
         self._size -= len(data)
-        if self._room is not None and not self._room.done() and self._size < READ_AHEAD_BYTES:
+        if (self._room is not None and not self._room.done() and self._size < READ_AHEAD_BYTES
+                and len(pieces) < READ_AHEAD_PIECES):
             self._room.set_result(None)
         return data
 

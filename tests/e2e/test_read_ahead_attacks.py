@@ -3,13 +3,13 @@ and on what a read that joins many events releases (``SSEError.events``, ``BadCh
 ``streamed._before_failure``): hostile upstreams (fast, endless, stalled, reset, malformed after some data) and
 hostile clients (stop reading, go away at every stage), through the real proxy on loopback with the planted guard.
 
-Each test says above it whether it PASSES on the reviewed commit (a property that holds: keep it) or FAILS (a
-finding: the test shows the bug).
+Each test says above it the property it holds the proxy to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -152,9 +152,8 @@ async def post(proxy, model: str, *, timeout: float = 20, **body) -> httpx.Respo
 # Shutdown: the drain timeout must stop a stream even when the read-ahead always holds bytes
 # ---------------------------------------------------------------------------------------------------------------------
 
-# FAILS (finding 1): Upstream.interrupt() is only seen by UpstreamResponse.aiter_bytes when it waits on the reader
-# (nothing held); a consumer slower than its upstream (a guard, a slow client) always finds bytes held and never
-# waits, so the body goes on for good after the interrupt.
+# The drain's interrupt ends a body even when the consumer is slower than its upstream (a guard, a slow client),
+# so it always finds bytes held and never waits on the reader.
 async def test_interrupt_ends_a_body_whose_read_ahead_always_holds_bytes():
     async with EndlessUpstream(content_event("the otters play in the river " * 8)) as fast:
         up = Upstream(UpstreamSettings(base_url=fast.base_url, idle_timeout=30))
@@ -179,8 +178,8 @@ async def test_interrupt_ends_a_body_whose_read_ahead_always_holds_bytes():
         assert not reading_tasks()
 
 
-# FAILS (finding 1, end to end): a moderated stream from an upstream faster than the guard outlives the drain
-# timeout and its grace; it never gets the shutting_down frame and is killed by the runner's cleanup instead.
+# End to end: a moderated stream from an upstream faster than the guard ends within the drain timeout and its
+# grace, with the shutting_down frame, not by the runner's cleanup.
 async def test_drain_timeout_stops_a_moderated_stream_from_a_fast_upstream(engine, monkeypatch):
     monkeypatch.setattr(app_module, "STOP_GRACE", 1.5)
     first = encode_data(chunk({"role": "assistant", "content": ""}))
@@ -193,11 +192,15 @@ async def test_drain_timeout_stops_a_moderated_stream_from_a_fast_upstream(engin
             assert await wait_until(lambda: fast.written > 256 * 1024, 5)
             left = await drain(proxy.app, 0.2)
             in_flight = proxy.app[STATE].lifecycle.in_flight
-            live.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await live
+            if in_flight:
+                live.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await live
             assert left == 1
             assert in_flight == 0, "the stream is still running after the drain timeout and its grace"
+            r = await live
+    fs = frames(r.body)
+    assert fs[-1] == "[DONE]" and fs[-2]["error"]["code"] == "shutting_down", r.body[-300:]
     await wait_idle(engine, 3)
 
 
@@ -205,7 +208,7 @@ async def test_drain_timeout_stops_a_moderated_stream_from_a_fast_upstream(engin
 # Memory: a client that stops reading holds the upstream back (moderation cannot be the bottleneck: pure relay)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# PASSES: with a client that reads nothing, what the upstream manages to write is bounded by the socket buffers
+# With a client that reads nothing, what the upstream manages to write is bounded by the socket buffers
 # plus the read-ahead (256 KiB) and the client transport's buffer, and reading resumes when the client reads; a
 # client that then goes away ends the upstream stream and the reading task.
 async def test_client_that_stops_reading_bounds_what_the_upstream_writes_and_leaves_no_reader(engine):
@@ -232,7 +235,7 @@ async def test_client_that_stops_reading_bounds_what_the_upstream_writes_and_lea
 # Client disconnects at every stage of a moderated stream
 # ---------------------------------------------------------------------------------------------------------------------
 
-# PASSES: a client that leaves before the first byte, while the guard scores (the read-ahead full behind it), or
+# A client that leaves before the first byte, while the guard scores (the read-ahead full behind it), or
 # right after [DONE] (the upstream still sending keep-alives) leaves no reading task, no pending close, no guard
 # stream, and the upstream sees its connection go away.
 @pytest.mark.parametrize("stage", ["before_first_byte", "while_scoring", "after_done"])
@@ -272,7 +275,7 @@ async def test_client_disconnect_at_every_stage_leaves_nothing_behind(engine, st
             await wait_idle(engine, 3)
 
 
-# PASSES: a cut stream closes the upstream connection promptly (the upstream goes on sending keep-alives).
+# A cut stream closes the upstream connection promptly (the upstream goes on sending keep-alives).
 async def test_a_cut_stream_closes_the_upstream_promptly(engine):
     body = sse_body(content_chunks(["We ", "saw ", "a ", "zebra", "fish ", "near ", "the ", "reef."],
                                    finish_reason=None), done=False)
@@ -292,7 +295,7 @@ async def test_a_cut_stream_closes_the_upstream_promptly(engine):
 # Timeouts with a slow consumer
 # ---------------------------------------------------------------------------------------------------------------------
 
-# PASSES: a client that reads nothing for three idle timeouts does not make the proxy report an upstream timeout
+# A client that reads nothing for three idle timeouts does not make the proxy report an upstream timeout
 # (the read-ahead holds bytes, the relay waits on the client, not on the upstream).
 async def test_a_slow_client_is_not_an_upstream_timeout(engine):
     body = sse_body(content_chunks(["x" * 4000] * 400))  # ~1.6 MiB, written at once
@@ -312,7 +315,7 @@ async def test_a_slow_client_is_not_an_upstream_timeout(engine):
     assert b"upstream_timeout" not in raw and raw.count(b"data: [DONE]") == 1
 
 
-# PASSES: an upstream that stalls after some data is still detected while the consumer is slow (a busy guard):
+# An upstream that stalls after some data is still detected while the consumer is slow (a busy guard):
 # the stream ends with upstream_timeout once what arrived is moderated, not never.
 async def test_a_stalled_upstream_is_detected_behind_a_slow_guard(engine):
     body = sse_body(content_chunks(["The ", "otters ", "play."] * 20, finish_reason=None), done=False)
@@ -333,7 +336,7 @@ async def test_a_stalled_upstream_is_detected_behind_a_slow_guard(engine):
 # Buffered release when one read joins many events: nothing unmoderated at the client socket
 # ---------------------------------------------------------------------------------------------------------------------
 
-# PASSES: a trigger split across events that arrive in one read, a trigger in the events just before an oversized
+# A trigger split across events that arrive in one read, a trigger in the events just before an oversized
 # line of the same read (SSEError.events), before an unreadable event (BadChunk.sendable), or before a reset: cut,
 # never at the socket.
 @pytest.mark.parametrize("tail", ["none", "oversized", "unreadable", "reset", "unterminated_unreadable"])
@@ -358,9 +361,8 @@ async def test_a_trigger_in_a_joined_read_never_reaches_the_socket(engine, tail)
     await wait_idle(engine)
 
 
-# FAILS (finding 2): text for a choice after its finish_reason raises BadChunk in ResponseModerator._push after the
-# releaser already holds that chunk; the error path then drains and Releaser.finish() releases every held chunk
-# of the choices not cut, so the unscored text reaches the client raw (here with the trigger in it).
+# Text for a choice after its finish_reason is refused before the releaser holds it: the error path's drain would
+# otherwise release that unscored text (here with the trigger in it) to the client raw.
 @pytest.mark.parametrize("how", ["one_read", "per_event", "unterminated_at_eof"])
 async def test_text_after_finish_reason_is_never_relayed_unscored(engine, how):
     body = sse_body([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello."}, finish_reason="stop"),
@@ -381,9 +383,9 @@ async def test_text_after_finish_reason_is_never_relayed_unscored(engine, how):
 # Leaks after many requests of every kind
 # ---------------------------------------------------------------------------------------------------------------------
 
-# PASSES: after requests of every kind (relay route, chat streamed and not, Responses API streamed and not, cut
-# streams, blocked prompts, an upstream reset mid-stream, an upstream idle timeout), no reading task, no pending
-# close and no socket is left behind.
+# After requests of every kind (relay route, chat streamed and not, a JSON answer to a stream request, an
+# upstream 500, Responses API streamed and not, cut streams, blocked prompts, an upstream reset mid-stream, an
+# upstream idle timeout), no reading task, no pending close and no socket is left behind.
 async def test_no_reader_close_or_socket_is_left_after_every_kind_of_request(engine):
     sockets0 = open_sockets()
     completion = {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [
@@ -392,6 +394,7 @@ async def test_no_reader_close_or_socket_is_left_after_every_kind_of_request(eng
         fake.script("safe", SSE(sse_body(content_chunks(["All ", "fine."])), per_event=True))
         fake.script("cut", SSE(sse_body(content_chunks(["a ", "zebra", "fish ", "b"] * 3)), write_size=7))
         fake.script("json", JSON(completion))
+        fake.script("err", JSON({"error": {"message": "boom", "type": "server_error"}}, status=500))
         fake.script("reset", SSE(sse_body(content_chunks(["Half ", "way"], finish_reason=None), done=False),
                                  abort=True))
         fake.script("stall", SSE(sse_body(content_chunks(["Then "], finish_reason=None), done=False),
@@ -410,13 +413,17 @@ async def test_no_reader_close_or_socket_is_left_after_every_kind_of_request(eng
                                  json={"model": m, "messages": USER, "stream": True})
                           for m in ("safe", "cut", "reset", "stall")),
                         h.post(url + "/chat/completions", headers=AUTH, json={"model": "json", "messages": USER}),
+                        h.post(url + "/chat/completions", headers=AUTH,  # JSON for a stream: sniffed, refused
+                               json={"model": "json", "messages": USER, "stream": True}),
+                        h.post(url + "/chat/completions", headers=AUTH,
+                               json={"model": "err", "messages": USER, "stream": True}),
                         h.post(url + "/chat/completions", headers=AUTH, json={
                             "model": "safe", "stream": True,
                             "messages": [{"role": "user", "content": f"a {TRIGGER}"}]}),
                         h.post(url + "/responses", headers=AUTH, json={"model": "resp", "input": "hi", "stream": True}),
                         h.post(url + "/responses", headers=AUTH, json={"model": "respjson", "input": "hi"}),
                     )
-                    assert [r.status_code for r in rs] == [200, 200, 200, 200, 200, 200, 400, 200, 200], \
+                    assert [r.status_code for r in rs] == [200, 200, 200, 200, 200, 200, 502, 500, 400, 200, 200], \
                         [(r.status_code, r.text[:200]) for r in rs]
                     await asyncio.sleep(0.05)
                     assert not reading_tasks() and not upstream_module._CLOSING, reading_tasks()
@@ -426,7 +433,7 @@ async def test_no_reader_close_or_socket_is_left_after_every_kind_of_request(eng
     assert not reading_tasks()
 
 
-# PASSES: the server stopping (runner cleanup, no drain) with moderated streams in flight, one behind a full
+# The server stopping (runner cleanup, no drain) with moderated streams in flight, one behind a full
 # read-ahead and one on a silent upstream, leaves no reading task and closes both upstream connections.
 async def test_server_stop_with_streams_in_flight_leaves_no_reader(engine):
     pieces = ["The ", "otters ", "play ", "all ", "day ", "long."]
@@ -448,7 +455,7 @@ async def test_server_stop_with_streams_in_flight_leaves_no_reader(engine):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The read-ahead's bound is in payload bytes: an upstream of tiny chunks
+# The read-ahead's bound holds for an upstream of tiny chunks
 # ---------------------------------------------------------------------------------------------------------------------
 
 class TinyChunkUpstream:
@@ -465,13 +472,17 @@ class TinyChunkUpstream:
             length = next((int(ln.split(b":")[1]) for ln in head.split(b"\r\n")
                            if ln.lower().startswith(b"content-length:")), 0)
             await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
-            block = b"1\r\nx\r\n" * 20000
+            text = "the otters play "
+            while len(content_event(text)) % 4:
+                text += " "
+            body = content_event(text) * (80000 // len(content_event(text)))
+            block = b"".join(b"4\r\n" + body[i:i + 4] + b"\r\n" for i in range(0, len(body), 4))
             while True:
                 writer.write(block)
                 await writer.drain()
-                self.written += 20000
+                self.written += len(body)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -487,25 +498,81 @@ class TinyChunkUpstream:
         await self._server.wait_closed()
 
 
-# FAILS (finding 3): ReadAhead counts only payload bytes against READ_AHEAD_BYTES, so an upstream that sends
-# one-byte chunks (6 bytes on the wire each) makes one stalled stream hold ~256 Ki bytes objects: ~9 MiB of Python
-# objects instead of ~256 KiB (more than 30x the documented bound, per stream; before the read-ahead the proxy held
-# one piece).
+# The read-ahead bounds pieces as well as bytes: an upstream of four-byte chunks must not make one stalled stream
+# hold 64 Ki bytes objects (~3.3 MiB of Python objects instead of ~256 KiB).
 async def test_read_ahead_memory_is_bounded_for_an_upstream_of_tiny_chunks(engine):
     import sys
 
     async with TinyChunkUpstream() as tiny:
-        async with RunningProxy(proxy_config(tiny.base_url, PURE), engine) as proxy:
+        async with RunningProxy(proxy_config(tiny.base_url), SlowFeed(engine, 1.0)) as proxy:  # a busy guard
             reader, writer = await raw_stream_request(port_of(proxy.base_url),
                                                       {"model": "m", "messages": USER, "stream": True})
-            await until_stalled(lambda: tiny.written, limit=8)
-            tasks = reading_tasks()
-            assert len(tasks) == 1
-            ahead = tasks[0].get_coro().cr_frame.f_locals["self"]
+            assert await wait_until(lambda: len(reading_tasks()) == 1, 3)
+            ahead = reading_tasks()[0].get_coro().cr_frame.f_locals["self"]
+            # the reader is full: it waits for room (whatever its bound is)
+            full = await wait_until(lambda: ahead._room is not None and not ahead._room.done(), 10)
             held = sys.getsizeof(ahead._pieces) + sum(sys.getsizeof(p) for p in ahead._pieces)
-            print("DEBUG", tiny.written, ahead.held, len(ahead._pieces), held)
             writer.transport.abort()
             assert await wait_until(lambda: not reading_tasks(), 3)
-    assert ahead.held <= upstream_module.READ_AHEAD_BYTES + 65536
+            await wait_idle(engine, 3)
+    assert full and ahead.held <= upstream_module.READ_AHEAD_BYTES + 65536, ahead.held
     assert held <= 2 * upstream_module.READ_AHEAD_BYTES, \
         f"{len(ahead._pieces)} pieces of {ahead.held} bytes take {held / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bytes after [DONE] in the read that holds [DONE]
+# ---------------------------------------------------------------------------------------------------------------------
+
+# An upstream that writes its events one chunk each, [DONE] and then junk (a line longer than max_sse_event_bytes,
+# or garbage): the chunks arrive joined, the decoder fails at the junk, and the complete answer still ends cleanly
+# (the junk lies after [DONE]), not with an upstream_bad_sse frame the SDKs raise on.
+@pytest.mark.parametrize("junk", [b": " + b"x" * 8000 + b"\n\n", b"\xff\xfe garbage\n\n"], ids=["oversized", "garbage"])
+async def test_junk_after_done_in_the_same_read_does_not_fail_a_complete_stream(engine, junk):
+    body = sse_body(content_chunks(["All ", "fine ", "here."])) + junk
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, per_event=True))  # one chunk per event, arriving in one read
+        cfg = proxy_config(fake.base_url)
+        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_sse_event_bytes": 4096})})
+        async with RunningProxy(cfg, engine) as proxy:
+            r = await post(proxy, model)
+    fs = well_formed(r.content)
+    assert texts(fs) == ({0: "All fine here."}, {0: "stop"}), r.content[-300:]
+    assert not any(isinstance(f, dict) and "error" in f for f in fs), r.content[-300:]
+    await wait_idle(engine)
+
+
+# The pure relay (a policy that moderates nothing) of the same upstream ends with the upstream's one [DONE]: the
+# events of the failing read tell it that [DONE] went out.
+async def test_pure_relay_junk_after_done_in_the_same_read_ends_once(engine):
+    body = sse_body(content_chunks(["All ", "fine ", "here."])) + b": " + b"x" * 8000 + b"\n\n"
+    async with FakeUpstream() as fake:
+        model = fake.script("m", SSE(body, per_event=True))
+        cfg = proxy_config(fake.base_url, PURE)
+        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_sse_event_bytes": 4096})})
+        async with RunningProxy(cfg, engine) as proxy:
+            r = await post(proxy, model)
+    fs = frames(r.content)
+    assert fs.count("[DONE]") == 1 and fs[-1] == "[DONE]", r.content[-300:]
+    assert not any(isinstance(f, dict) and "error" in f for f in fs), r.content[-300:]
+
+
+# The same junk on /v1/responses, after response.completed in the read that holds it: the Responses
+# moderator's finish(error) adds nothing after a terminal event, so the complete response stays complete.
+async def test_responses_junk_after_completed_in_the_same_read_does_not_fail_it(engine):
+    from guardproxy.testing.harness import typed_events
+
+    events = response_events([{"type": "message", "deltas": ["Cats", " purr", "."]}])
+    body = responses_sse(events) + b": " + b"x" * 8000 + b"\n\n"
+    async with FakeUpstream() as fake:
+        fake.script("m", SSE(body, per_event=True))
+        cfg = proxy_config(fake.base_url)
+        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_sse_event_bytes": 4096})})
+        async with RunningProxy(cfg, engine) as proxy:
+            async with httpx.AsyncClient(timeout=20) as h:
+                r = await h.post(proxy.base_url + "/responses", headers=AUTH,
+                                 json={"model": "m", "input": "hi", "stream": True})
+    got = typed_events(r.content)
+    assert [t for t, _ in got][-1] == "response.completed", r.content[-300:]
+    assert not any(t == "error" for t, _ in got), r.content[-300:]
+    await wait_idle(engine)
