@@ -51,7 +51,7 @@ def _serve_parser(sub) -> None:
 def loop_runner(kind: str = "auto") -> Callable[[Coroutine], Any]:
     """What runs a coroutine to its end on a new event loop of ``kind``: ``uvloop.run`` (``uvloop``, and ``auto``
     when uvloop is installed) or ``asyncio.run``. uvloop runs the same asyncio code on libuv; the proxy benchmarks
-    measured its hold-back delay at 96-128 paced streams 15-30% lower (bench/README.md).
+    measured its hold-back p50 at 96-128 paced streams 20-30% lower (bench/README.md).
 
     Raises:
         RuntimeError: ``kind`` is ``uvloop`` and uvloop is not installed.
