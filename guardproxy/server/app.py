@@ -64,6 +64,7 @@ from guardproxy.server.conversations import ConversationStore
 from guardproxy.server import relay as relays
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import error_response, json_response
+from guardproxy.server.waits import wait_or_cut
 from guardproxy.server.metrics import Metrics
 from guardproxy.server.reload import Snapshot, UpstreamClients
 from guardproxy.server.relay import MODERATED, shutting_down
@@ -106,14 +107,7 @@ class Lifecycle:
     async def wait_idle(self, timeout: float, cut_short: asyncio.Event | None = None) -> bool:
         """Wait until no request is in flight, for at most ``timeout`` seconds or until ``cut_short`` is set.
         Returns whether none is in flight."""
-        waits = [asyncio.ensure_future(self._idle.wait())]
-        if cut_short is not None:
-            waits.append(asyncio.ensure_future(cut_short.wait()))
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_or_cut(self._idle.wait(), timeout, cut_short)
         return self.in_flight == 0
 
 

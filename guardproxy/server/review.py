@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 import httpx
 
+from guardproxy.server.waits import wait_or_cut
+
 log = logging.getLogger("guardproxy.review")
 
 __all__ = ["ReviewSender"]
@@ -96,14 +98,7 @@ class ReviewSender:
     async def drain(self, timeout: float, cut_short: Optional[asyncio.Event] = None) -> bool:
         """Wait up to ``timeout`` seconds (less when ``cut_short`` is set meanwhile) until every queued event was
         delivered or failed. Returns whether that happened."""
-        waits = [asyncio.ensure_future(self._queue.join())]
-        if cut_short is not None:
-            waits.append(asyncio.ensure_future(cut_short.wait()))
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_or_cut(self._queue.join(), timeout, cut_short)
         return self.undelivered == 0
 
     @property

@@ -133,6 +133,12 @@ def _state_key():
     return STATE
 
 
+async def escalating_stream(h: httpx.AsyncClient, proxy, model: str) -> httpx.Response:
+    """One streamed request whose prompt and answer each escalate (PII), within 20 s."""
+    return await asyncio.wait_for(h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
+        "model": model, "stream": True, "messages": [{"role": "user", "content": f"My {PII_TRIGGER}."}]}), 20)
+
+
 async def test_a_hanging_webhook_slows_no_stream(engine):
     hold = asyncio.Event()
     async with Receiver(hold=hold) as rx, FakeUpstream() as main:
@@ -141,9 +147,7 @@ async def test_a_hanging_webhook_slows_no_stream(engine):
         async with RunningProxy(cfg, engine) as proxy:
             async with httpx.AsyncClient(timeout=30) as h:
                 for _ in range(3):  # the receiver holds the first event until every stream is done
-                    r = await asyncio.wait_for(h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
-                        "model": model, "stream": True,
-                        "messages": [{"role": "user", "content": f"My {PII_TRIGGER}."}]}), 20)
+                    r = await escalating_stream(h, proxy, model)
                     assert texts(well_formed(r.content))[0] == {0: "I like marzipan a lot."}
                 assert len(rx.events) == 1  # still held: no stream waited for it
                 m = (await h.get(proxy.base_url.removesuffix("/v1") + "/metrics")).text
@@ -165,9 +169,7 @@ async def test_review_events_still_queued_at_shutdown_are_delivered_by_the_drain
         async with RunningProxy(cfg, engine) as proxy:
             async with httpx.AsyncClient(timeout=30) as h:
                 for _ in range(3):  # a prompt and a response escalation each
-                    r = await h.post(proxy.base_url + "/chat/completions", headers=AUTH, json={
-                        "model": model, "stream": True, "messages": [{"role": "user", "content": f"My {PII_TRIGGER}."}]})
-                    assert r.status_code == 200
+                    assert (await escalating_stream(h, proxy, model)).status_code == 200
             review = proxy.app[_state_key()].review
             assert len(rx.events) == 1 and review.undelivered == 6  # the first held in delivery, five queued
             if answers:
