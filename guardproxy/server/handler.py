@@ -29,11 +29,11 @@ from aiohttp import web
 
 from guardproxy.server.context import RequestContext
 from guardproxy.server.http import json_response
-from guardproxy.server.guard import ROUND_BYTES, ChoiceStreams
+from guardproxy.server.guard import ChoiceStreams
 from guardproxy.server.prompt import PromptOutcome, check_prompt, guard_headers, guard_unavailable
 from guardproxy.server.relay import ChatEnd, ResponsesEnd, relay_unmoderated
 from guardproxy.server.request import parse_request
-from guardproxy.server.streamed import sniff_stream, stream_moderated
+from guardproxy.server.streamed import moderated_body, stream_moderated
 from guardproxy.server.unary import json_moderated
 from guardproxy.server.upstream import Upstream, UpstreamError, UpstreamResponse
 from guardproxy.wire.errors import ProxyError, prompt_blocked
@@ -57,10 +57,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
 
     async def respond(resp: UpstreamResponse, streams: ChoiceStreams, headers: dict[str, str]) -> web.StreamResponse:
         if req.stream:
-            body = resp.aiter_bytes(ROUND_BYTES)
-            if "text/event-stream" not in resp.content_type:
-                body = await sniff_stream(ctx, resp, body)
-            return await stream_moderated(ctx, request, req, resp, streams, headers, body)
+            return await stream_moderated(ctx, request, req, resp, streams, headers, await moderated_body(ctx, resp))
         return await json_moderated(ctx, req, resp, streams, headers)
     return await moderate_request(ctx, request, raw, req.conversations, req.n, respond)
 

@@ -27,7 +27,6 @@ for the next turn (unless the request said ``store: false``).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiohttp import web
 
@@ -35,11 +34,11 @@ from guardproxy.guard.template import request_messages
 from guardproxy.moderation.responses import ResponsesModerator
 from guardproxy.server.context import RequestContext
 from guardproxy.server.conversations import ConversationStore, fetch_previous
-from guardproxy.server.guard import ROUND_BYTES, ChoiceStreams
+from guardproxy.server.guard import ChoiceStreams
 from guardproxy.server.handler import moderate_request, require_engine
 from guardproxy.server.request import MAX_DEPTH, _too_deep
 from guardproxy.server.relay import ResponsesEnd
-from guardproxy.server.streamed import relay_moderated, sniff_stream
+from guardproxy.server.streamed import moderated_body, relay_moderated
 from guardproxy.server.unary import moderate_body, read_json
 from guardproxy.server.upstream import UpstreamResponse
 from guardproxy.wire.errors import ProxyError
@@ -137,10 +136,7 @@ async def handle(ctx: RequestContext, request: web.Request, body: dict, raw: byt
     async def respond(resp: UpstreamResponse, streams: ChoiceStreams, out_headers: dict) -> web.StreamResponse:
         mod = ResponsesModerator(ctx.engine.renderer, ctx.policy, whole=not req.stream, shadows=ctx.shadows)
         if req.stream:
-            stream: Any = resp.aiter_bytes(ROUND_BYTES)
-            if "text/event-stream" not in resp.content_type:
-                stream = await sniff_stream(ctx, resp, stream)
-            out = await relay_moderated(ctx, request, resp, mod, streams, out_headers, stream)
+            out = await relay_moderated(ctx, request, resp, mod, streams, out_headers, await moderated_body(ctx, resp))
         else:
             out = await _json(ctx, resp, mod, streams, out_headers)
         remember(ctx, store, req, earlier, mod)

@@ -67,6 +67,20 @@ async def sniff_stream(ctx: RequestContext, resp: UpstreamResponse, body: AsyncI
                      code="upstream_bad_stream")
 
 
+async def moderated_body(ctx: RequestContext, resp: UpstreamResponse) -> AsyncIterator[bytes]:
+    """The body of a stream request's upstream response as the moderated loop reads it: at most
+    :data:`~guardproxy.server.guard.ROUND_BYTES` per round, through :func:`sniff_stream` when it is not
+    ``text/event-stream``.
+
+    Raises:
+        ProxyError: from :func:`sniff_stream`.
+    """
+    body = resp.aiter_bytes(ROUND_BYTES)
+    if "text/event-stream" not in resp.content_type:
+        body = await sniff_stream(ctx, resp, body)
+    return body
+
+
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield first
     async for data in rest:
