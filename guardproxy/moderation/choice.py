@@ -53,6 +53,7 @@ class ChoiceModerator:
         self.policy = policy
         self.decider = Decider(policy, buffered=buffered)
         self.shadows = [(name, Decider(p, buffered=b)) for name, p, b in shadows]
+        self._deciders = [self.decider] + [d for _, d in self.shadows]  # all read the same text
         self.shadow_actions: list[tuple[str, Action]] = []
         self._retok = Retokenizer(renderer)
         self._pending: list[TokenSpan] = [TokenSpan(i, 0, 0) for i in ASSISTANT_HEADER]
@@ -64,7 +65,7 @@ class ChoiceModerator:
         but is never read by the guard."""
         read = moderated(self.policy, piece.kind)
         unit = piece.kind if isinstance(piece.kind, tuple) else None
-        for d in [self.decider] + [d for _, d in self.shadows]:
+        for d in self._deciders:
             d.text(piece.text, unit=unit, channel=channel_of(piece.kind), segment=piece.kind if read else None)
         kind = piece.kind if read else "unmoderated"
         self._pending += self._retok.push(kind, piece.text, name=piece.name)
@@ -73,7 +74,7 @@ class ChoiceModerator:
         """End of the choice: the rest of its ids and the closing ``<|im_end|>`` become pending. Idempotent."""
         if not self.finished:
             self.finished = True
-            for d in [self.decider] + [d for _, d in self.shadows]:
+            for d in self._deciders:
                 d.text_end()
             self._pending += self._retok.finish()
 

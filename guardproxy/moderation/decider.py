@@ -806,6 +806,11 @@ class PromptDetection:
     def probs(self) -> dict[str, float]:
         return {DETECTOR_LEVEL: 1.0}
 
+    @property
+    def decision(self) -> PromptDecision:
+        """The detection as the prompt stage's decision (its action, level and category; probability 1.0)."""
+        return PromptDecision(self.action, self.risk_level, self.category, self.category_prob)
+
 
 def detect_prompt(policy: Policy, conversations: Iterable[Iterable[Mapping]]) -> Optional[PromptDetection]:
     """The most severe prompt action of the policy's detectors over every text of ``conversations`` (the first

@@ -90,11 +90,16 @@ class RequestContext:
         return out
 
     @property
+    def deciding(self) -> list[Policy]:
+        """The acting policy and every shadow: each decides on what is scored."""
+        return [self.policy] + [p for _, p in self.shadows]
+
+    @property
     def moderates_prompt(self) -> bool:
         """Is the prompt scored (the acting policy or a shadow can decide something on it)?"""
-        return any(p.moderates_prompt for p in [self.policy] + [p for _, p in self.shadows])
+        return any(p.moderates_prompt for p in self.deciding)
 
     @property
     def moderates_response(self) -> bool:
         """Is the response scored (the acting policy or a shadow can decide something on it)?"""
-        return any(p.moderates_response for p in [self.policy] + [p for _, p in self.shadows])
+        return any(p.moderates_response for p in self.deciding)

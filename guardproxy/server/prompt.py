@@ -28,7 +28,7 @@ from guardproxy.guard.labels import RISK_LEVELS
 from guardproxy.guard.template import prompt_windows
 from guardproxy.server.context import RequestContext
 from guardproxy.server.guard import record_shadow
-from guardproxy.moderation.decider import PromptDecision, ShadowDecision, decide_prompt, detect_prompt
+from guardproxy.moderation.decider import ShadowDecision, decide_prompt, detect_prompt
 from guardproxy.moderation.response import guard_failure
 from guardproxy.wire.errors import ProxyError
 
@@ -193,8 +193,7 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
                                            category=detected.category).inc()
         log.info("request %s tenant %s: prompt block (detector %s)", ctx.request_id, ctx.tenant.name,
                  detected.category)
-        return PromptOutcome(None, detected, "block", None,
-                             PromptDecision("block", detected.risk_level, detected.category, 1.0))
+        return PromptOutcome(None, detected, "block", None, detected.decision)
     t0 = time.monotonic()
     try:
         admission = ctx.engine.admit(n)
@@ -221,8 +220,8 @@ async def check_prompt(ctx: RequestContext, conversations: list[list[dict]], n: 
         sd = decide_prompt(shadow, verdict)
         record_shadow(ctx, ShadowDecision(name, "prompt", 0, sd.action, sd.level, sd.category, sd.probability))
     if detected is not None and ACTION_SEVERITY[detected.action] > ACTION_SEVERITY[action]:
-        action, verdict = detected.action, detected  # a detector's flag over a model verdict that allows
-        decision = PromptDecision(action, detected.risk_level, detected.category, 1.0)
+        # a detector's flag over a model verdict that allows
+        action, verdict, decision = detected.action, detected, detected.decision
         log.info("request %s tenant %s: prompt %s (detector %s)", ctx.request_id, ctx.tenant.name, action,
                  detected.category)
     if action == "escalate":
