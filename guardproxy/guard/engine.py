@@ -51,6 +51,7 @@ import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -114,8 +115,7 @@ class _Reply:
 
     def fail(self, exc: BaseException) -> None:
         """Fail the job now (any thread); its waiter gets the error on its own loop."""
-        if not self.future.done():
-            self.future.set_exception(exc)
+        _settle(self.future, None, exc)
         if self.waiter is not None:
             _post(self.waiter.get_loop(), [(self.waiter, None, exc)])
 
@@ -533,8 +533,7 @@ class GuardEngine:
                 done = self._commit(plan, chunks, logits, err)
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for reply, value, exc in done:
-                if not reply.future.done():
-                    reply.future.set_exception(exc) if exc is not None else reply.future.set_result(value)
+                _settle(reply.future, value, exc)
                 if reply.waiter is not None:
                     by_loop.setdefault(reply.waiter.get_loop(), []).append((reply.waiter, value, exc))
             for loop, items in by_loop.items():
@@ -587,5 +586,11 @@ def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
 def _deliver(items: list) -> None:
     """On the waiters' loop: set each ``(waiter, value, error)`` (a waiter cancelled meanwhile is skipped)."""
     for waiter, value, exc in items:
-        if not waiter.done():
-            waiter.set_exception(exc) if exc is not None else waiter.set_result(value)
+        _settle(waiter, value, exc)
+
+
+def _settle(fut: concurrent.futures.Future | asyncio.Future, value: Any, exc: BaseException | None) -> None:
+    """Set ``fut`` (a concurrent or an asyncio future) to ``exc`` when given, else to ``value``; a future already
+    done (cancelled meanwhile) is left as it is."""
+    if not fut.done():
+        fut.set_exception(exc) if exc is not None else fut.set_result(value)
