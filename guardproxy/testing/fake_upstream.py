@@ -72,6 +72,17 @@ def sse_body(chunks: list[dict | str | bytes], *, done: bool = True, eol: str = 
     return b"".join(parts)
 
 
+async def serve_loopback(app: web.Application | web.Server, **runner_kw: Any) -> tuple[web.BaseRunner, int]:
+    """Serve ``app`` (an aiohttp application, or a low-level ``web.Server``) on 127.0.0.1 at a free port; returns
+    the runner (``await runner.cleanup()`` to stop) and the port. ``runner_kw`` go to the runner (e.g.
+    ``shutdown_timeout``)."""
+    runner = (web.ServerRunner if isinstance(app, web.Server) else web.AppRunner)(app, **runner_kw)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 @dataclass
 class SSE:
     """Stream ``body`` with Content-Type text/event-stream.
@@ -171,11 +182,7 @@ class FakeUpstream:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_route("*", "/v1/echo/{tail:.*}", self._echo)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_loopback(app, handle_signals=False, shutdown_timeout=0.5)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return self.base_url
 

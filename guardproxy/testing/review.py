@@ -7,6 +7,8 @@ import json
 
 from aiohttp import web
 
+from guardproxy.testing.fake_upstream import serve_loopback
+
 __all__ = ["Receiver"]
 
 
@@ -31,11 +33,8 @@ class Receiver:
             return web.Response(status=self.status)
         app = web.Application()
         app.router.add_post("/review", post)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/review"
+        self._runner, port = await serve_loopback(app)
+        self.url = f"http://127.0.0.1:{port}/review"
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from guardproxy.testing.harness import AUTH, USER, content, frames, wait_until
 from guardproxy.testing.fake_upstream import (
-    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, content_chunks, proxy_config, sse_body,
+    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, content_chunks, proxy_config, serve_loopback, sse_body,
 )
 
 
@@ -170,11 +170,8 @@ async def test_non_stream_huge_upstream_body_is_refused_without_reading_it_all()
                                        "category_prob": 1.0})()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+    runner, port = await serve_loopback(app, handle_signals=False, shutdown_timeout=0.2)
+    url = f"http://127.0.0.1:{port}/v1"
     try:
         cfg = proxy_config(url)
         cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_upstream_body_bytes": 1 << 20})})

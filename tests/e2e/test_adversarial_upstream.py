@@ -23,7 +23,7 @@ from guardproxy.wire.jsonio import dumps, loads
 from guardproxy.testing.harness import AUTH, TRIGGER, USER, texts, well_formed
 from guardproxy.testing.fake_upstream import (
     wait_idle,
-    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body,
+    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, serve_loopback, sse_body,
 )
 
 
@@ -224,11 +224,8 @@ async def test_200_json_error_body_for_a_stream_is_passed_on_as_an_error(engine)
 async def _custom_upstream(handler) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+    runner, port = await serve_loopback(app, handle_signals=False, shutdown_timeout=0.2)
+    return runner, f"http://127.0.0.1:{port}/v1"
 
 
 async def test_sse_with_wrong_content_type_is_moderated(engine):

@@ -24,7 +24,8 @@ from guardproxy.server import upstream as upstream_module
 from guardproxy.server.app import STATE, drain
 from guardproxy.server.upstream import ShuttingDown, Upstream
 from guardproxy.testing.fake_upstream import (
-    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, sse_body, wait_idle,
+    JSON, SSE, TEST_KEY, FakeUpstream, RunningProxy, chunk, content_chunks, proxy_config, serve_loopback, sse_body,
+    wait_idle,
 )
 from guardproxy.testing.harness import AUTH, TRIGGER, USER, frames, leaked, texts, wait_until, well_formed
 from guardproxy.testing.responses import response_events, sse as responses_sse
@@ -79,11 +80,8 @@ class EndlessUpstream:
     async def __aenter__(self) -> "EndlessUpstream":
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self._runner, port = await serve_loopback(app, handle_signals=False, shutdown_timeout=0.2)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         return self
 
     async def __aexit__(self, *exc) -> None:

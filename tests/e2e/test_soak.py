@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from guardproxy.testing.fake_upstream import (
-    SSE, TEST_KEY, FakeUpstream, RunningProxy, content_chunks, proxy_config, sse_body, wait_idle,
+    SSE, TEST_KEY, FakeUpstream, RunningProxy, content_chunks, proxy_config, serve_loopback, sse_body, wait_idle,
 )
 from guardproxy.testing.harness import AUTH, PII_TRIGGER, TRIGGER, USER, leaked, texts, well_formed
 from guardproxy.wire.sse import encode_data
@@ -141,11 +141,7 @@ async def test_client_that_stops_reading_holds_the_upstream_back(engine):
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve_loopback(app)
     policy = {"prompt": {"controversial": "allow", "unsafe": "allow"},
               "response": {"controversial": "allow", "unsafe": "allow"}}
     try:

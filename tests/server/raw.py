@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from guardproxy.testing.fake_upstream import TEST_KEY
+from guardproxy.testing.fake_upstream import TEST_KEY, serve_loopback
 
 
 @dataclass
@@ -145,11 +145,8 @@ class RecordingUpstream:
         return await self.behaviour(request, seen)
 
     async def __aenter__(self) -> "RecordingUpstream":
-        self._runner = web.ServerRunner(web.Server(self._handle), shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self._runner, port = await serve_loopback(web.Server(self._handle), shutdown_timeout=0.2)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         return self
 
     async def __aexit__(self, *exc) -> None:
